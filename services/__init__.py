@@ -1,0 +1,3 @@
+"""streamcrawl: a Kafka-native web-crawl pipeline."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,123 @@
+"""All configuration, read from ``STREAMCRAWL_*`` environment variables.
+
+This module is the one place settings are defined; ``docs`` in the README is
+generated from :data:`SETTINGS_DOC` so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+PREFIX = "STREAMCRAWL_"
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Runtime settings shared by every service; each field maps to ``STREAMCRAWL_<NAME>``."""
+
+    kafka_bootstrap: str = field(default="127.0.0.1:19092", metadata={
+        "doc": "Kafka bootstrap servers, comma separated."})
+    topic_prefix: str = field(default="crawl.", metadata={
+        "doc": "Prefix of every topic name (crawl.seeds, crawl.fetch, ...)."})
+    mongo_uri: str = field(default="mongodb://127.0.0.1:27027/", metadata={
+        "doc": "MongoDB connection string used by the sink."})
+    mongo_database: str = field(default="streamcrawl", metadata={"doc": "MongoDB database."})
+    mongo_collection: str = field(default="pages", metadata={"doc": "MongoDB collection."})
+    user_agent: str = field(
+        default="streamcrawl/0.1 (+https://github.com/streamcrawl/streamcrawl)",
+        metadata={"doc": "User-Agent sent with every request; keep a contact URL in it."})
+    allow_domains: tuple[str, ...] = field(default=(), metadata={
+        "doc": "Default crawl scope (comma separated registrable domains or hosts). "
+               "Empty: each seed's own host."})
+    max_depth: int = field(default=5, metadata={"doc": "Default maximum link depth from a seed."})
+    max_pages: int = field(default=0, metadata={
+        "doc": "Default maximum pages admitted per crawl id (0: unlimited)."})
+    max_url_length: int = field(default=2048, metadata={"doc": "Longer URLs are dropped."})
+    allow_networks: tuple[str, ...] = field(default=(), metadata={
+        "doc": "Private/loopback networks the fetcher may reach (CIDR, comma separated). "
+               "Empty: only public addresses."})
+    fetch_concurrency: int = field(default=512, metadata={
+        "doc": "Requests in flight per fetcher process."})
+    fetch_per_host_concurrency: int = field(default=2, metadata={
+        "doc": "Requests in flight per host per fetcher process."})
+    fetch_timeout: float = field(default=30.0, metadata={"doc": "Total seconds per request."})
+    fetch_connect_timeout: float = field(default=10.0, metadata={"doc": "Connect timeout, s."})
+    fetch_read_timeout: float = field(default=15.0, metadata={
+        "doc": "Seconds allowed between two chunks of a body."})
+    max_body_bytes: int = field(default=2 * 1024 * 1024, metadata={
+        "doc": "Body cap; a larger body is cut and marked truncated."})
+    dns_cache_ttl: int = field(default=300, metadata={"doc": "Seconds DNS answers are cached."})
+    bloom_capacity: int = field(default=1_000_000, metadata={
+        "doc": "Initial Bloom filter capacity per partition (it grows as needed)."})
+    bloom_error_rate: float = field(default=1e-6, metadata={
+        "doc": "Target false-positive rate of the dedup Bloom filters."})
+    batch_size: int = field(default=500, metadata={"doc": "Records per consumer batch."})
+    metrics_port: int = field(default=0, metadata={
+        "doc": "Port for /metrics, /healthz, /readyz (0: disabled)."})
+    log_level: str = field(default="INFO", metadata={"doc": "Python log level."})
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        source = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            raw = source.get(PREFIX + spec.name.upper())
+            if raw is None:
+                continue
+            values[spec.name] = _coerce(spec.name, raw, spec.type)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        for network in self.allow_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{PREFIX}ALLOW_NETWORKS: {network!r} is not a network") from exc
+        if not 0 < self.bloom_error_rate < 1:
+            raise ValueError(f"{PREFIX}BLOOM_ERROR_RATE must be between 0 and 1")
+        if self.fetch_concurrency < 1 or self.fetch_per_host_concurrency < 1:
+            raise ValueError("fetch concurrency settings must be >= 1")
+
+    def as_env(self) -> dict[str, str]:
+        """The settings as environment variables, for child processes."""
+        env = {}
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            text = ",".join(value) if isinstance(value, tuple) else str(value)
+            env[PREFIX + spec.name.upper()] = text
+        return env
+
+
+def _coerce(name: str, raw: str, kind: Any) -> Any:
+    kind_name = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    try:
+        if kind_name.startswith("tuple"):
+            return _split(raw)
+        if kind_name == "int":
+            return int(raw)
+        if kind_name == "float":
+            return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{PREFIX}{name.upper()}={raw!r}: expected {kind_name}") from exc
+    return raw
+
+
+def settings_doc() -> str:
+    """A Markdown table of every setting, its default and meaning."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    defaults = Settings()
+    for spec in fields(Settings):
+        value = getattr(defaults, spec.name)
+        shown = ",".join(value) if isinstance(value, tuple) else str(value)
+        rows.append(f"| `{PREFIX}{spec.name.upper()}` | `{shown}` | {spec.metadata['doc']} |")
+    return "\n".join(rows)

@@ -1,0 +1,54 @@
+"""The public Kafka contract: topic names, partition counts and consumer groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# crawl.discovered and crawl.fetch MUST have the same partition count: dedup
+# writes each admitted URL to the fetch partition with the number of the
+# discovered partition it came from, so crawl.fetch partition p is the exact
+# changelog of dedup's Bloom filter for partition p.
+HOST_PARTITIONS = 12
+
+# Large bodies travel on crawl.fetched; the topic limit must exceed the body cap
+# after compression and base64 (4/3) plus headers.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    suffix: str
+    partitions: int
+    config: tuple[tuple[str, str], ...] = ()
+
+
+TOPIC_SPECS: tuple[TopicSpec, ...] = (
+    TopicSpec("seeds", 3),
+    TopicSpec("discovered", HOST_PARTITIONS),
+    TopicSpec("fetch", HOST_PARTITIONS),
+    TopicSpec("fetched", HOST_PARTITIONS, (("max.message.bytes", str(MAX_MESSAGE_BYTES)),)),
+    TopicSpec("pages", HOST_PARTITIONS, (("max.message.bytes", str(MAX_MESSAGE_BYTES)),)),
+    TopicSpec("dlq", 3, (("max.message.bytes", str(MAX_MESSAGE_BYTES)),)),
+)
+
+SEEDS, DISCOVERED, FETCH, FETCHED, PAGES, DLQ = (spec.suffix for spec in TOPIC_SPECS)
+
+# Consumer groups, one per service. KEDA watches FETCHER_GROUP on crawl.fetch.
+FRONTIER_GROUP = "streamcrawl-frontier"
+DEDUP_GROUP = "streamcrawl-dedup"
+FETCHER_GROUP = "streamcrawl-fetcher"
+PARSER_GROUP = "streamcrawl-parser"
+SINK_GROUP = "streamcrawl-sink"
+
+# Which group reads which topics: the pipeline in one table.
+GROUP_INPUTS: dict[str, tuple[str, ...]] = {
+    FRONTIER_GROUP: (SEEDS, PAGES),
+    DEDUP_GROUP: (DISCOVERED,),
+    FETCHER_GROUP: (FETCH,),
+    PARSER_GROUP: (FETCHED,),
+    SINK_GROUP: (PAGES,),
+}
+
+
+def topic_name(prefix: str, suffix: str) -> str:
+    return f"{prefix}{suffix}"
