@@ -1,0 +1,173 @@
+"""Kafka plumbing shared by every service: clients with safe settings, topics, lag."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from .config import Settings
+from .topics import MAX_MESSAGE_BYTES, TOPIC_SPECS, topic_name
+
+log = logging.getLogger(__name__)
+
+
+def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
+    """An idempotent producer: a retried send never duplicates a record."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap,
+        "enable_idempotence": True,
+        "acks": "all",
+        "linger_ms": 5,
+        "max_batch_size": 1024 * 1024,
+        "max_request_size": MAX_MESSAGE_BYTES,
+        "compression_type": None,
+        "request_timeout_ms": 30000,
+    }
+    options.update(overrides)
+    return AIOKafkaProducer(**options)
+
+
+def make_consumer(settings: Settings, group: str, *topics: str, **overrides: Any) -> AIOKafkaConsumer:
+    """A group consumer that never commits on its own: stages commit after downstream acks."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap,
+        "group_id": group,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "isolation_level": "read_committed",
+        "max_partition_fetch_bytes": MAX_MESSAGE_BYTES,
+        "fetch_max_bytes": 4 * MAX_MESSAGE_BYTES,
+        "max_poll_interval_ms": 300000,
+        "session_timeout_ms": 30000,
+        "heartbeat_interval_ms": 3000,
+    }
+    options.update(overrides)
+    return AIOKafkaConsumer(*topics, **options)
+
+
+def make_admin(settings: Settings) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=15000)
+
+
+async def create_topics(settings: Settings, replication: int = 1) -> list[str]:
+    """Create every pipeline topic that does not exist yet; return the names created."""
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(topic_name(settings.topic_prefix, spec.suffix), spec.partitions, replication,
+                     topic_configs=dict(spec.config))
+            for spec in TOPIC_SPECS
+            if topic_name(settings.topic_prefix, spec.suffix) not in existing
+        ]
+        created = []
+        for topic in wanted:
+            try:
+                await admin.create_topics([topic])
+                created.append(topic.name)
+            except TopicAlreadyExistsError:
+                pass
+        if created:
+            await _wait_for_leaders(admin, created)
+        return created
+    finally:
+        await admin.close()
+
+
+async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str],
+                            timeout: float = 30) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        described = await admin.describe_topics(topics)
+        ready = all(
+            not topic["error_code"] and topic["partitions"]
+            and all(partition["leader"] >= 0 for partition in topic["partitions"])
+            for topic in described
+        )
+        if ready:
+            return
+        if loop.time() > deadline:
+            raise TimeoutError(f"topics {topics} have no leaders after {timeout}s")
+        await asyncio.sleep(0.2)
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    group: str
+    topic: str
+    partition: int
+    end_offset: int
+    committed: int | None
+
+    @property
+    def lag(self) -> int:
+        # A group with no commit yet reads from the beginning (auto_offset_reset=earliest).
+        return self.end_offset - (self.committed or 0)
+
+
+async def group_lag(settings: Settings, group: str, topics: Iterable[str]) -> list[PartitionLag]:
+    """Lag of ``group`` per partition of ``topics``: log-end offset minus committed offset."""
+    admin = make_admin(settings)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    await consumer.start()
+    try:
+        partitions = []
+        for topic in topics:
+            for number in sorted(consumer.partitions_for_topic(topic) or ()):
+                partitions.append(TopicPartition(topic, number))
+        if not partitions:
+            return []
+        ends = await consumer.end_offsets(partitions)
+        committed = await admin.list_consumer_group_offsets(group, partitions=partitions)
+        return [
+            PartitionLag(group, tp.topic, tp.partition, ends[tp],
+                         committed[tp].offset if tp in committed and committed[tp].offset >= 0
+                         else None)
+            for tp in partitions
+        ]
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+async def topic_end_offsets(settings: Settings, topics: Iterable[str]) -> dict[str, int]:
+    """Sum of log-end offsets per topic (how many records were ever written)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, number) for topic in topics
+                      for number in sorted(consumer.partitions_for_topic(topic) or ())]
+        ends = await consumer.end_offsets(partitions) if partitions else {}
+        totals: dict[str, int] = {}
+        for tp, end in ends.items():
+            totals[tp.topic] = totals.get(tp.topic, 0) + end
+        return totals
+    finally:
+        await consumer.stop()
+
+
+def keda_replicas(total_lag: int, partitions: int, lag_threshold: int, activation_threshold: int,
+                  min_replicas: int, max_replicas: int,
+                  allow_idle_consumers: bool = False) -> int:
+    """The replica count KEDA's Kafka scaler and the HPA would settle on.
+
+    The scaler caps the metric at partitions x lagThreshold (unless idle consumers
+    are allowed); the HPA asks for ceil(metric / lagThreshold), clamped to
+    [max(1, min), max]; 0 <-> 1 is decided by the activation threshold alone.
+    """
+    metric = total_lag if allow_idle_consumers else min(total_lag, partitions * lag_threshold)
+    if metric <= activation_threshold and min_replicas == 0:
+        return 0
+    wanted = math.ceil(metric / lag_threshold) if lag_threshold > 0 else max_replicas
+    return max(max(1, min_replicas), min(wanted, max_replicas))

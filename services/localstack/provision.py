@@ -1,0 +1,165 @@
+"""Fetch and build the local servers from the package registries, once, into a cache.
+
+- Apache Kafka: its runtime class path from Maven Central (``mvn
+  dependency:copy-dependencies`` over a throwaway POM), plus the log4j2 backend
+  that Kafka 4 does not ship as a runtime dependency.
+- FerretDB v1 (MongoDB wire protocol over SQLite): the module from the Go module
+  proxy, built locally. ``go install pkg@version`` cannot be used: the proxy
+  refuses the version-list request it makes for the deprecation check, while
+  ``go mod download`` of the exact version works.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+KAFKA_VERSION = "4.1.1"
+LOG4J_VERSION = "2.24.3"
+FERRETDB_MODULE = "github.com/FerretDB/FerretDB"
+FERRETDB_VERSION = "v1.24.2"
+
+_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>streamcrawl.local</groupId>
+  <artifactId>kafka-runtime</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency>
+      <groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId>
+      <version>{kafka}</version>
+    </dependency>
+    <!-- Kafka 4 logs through slf4j 1.7 but ships no backend. -->
+    <dependency>
+      <groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId>
+      <version>{log4j}</version>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId>
+      <version>{log4j}</version>
+    </dependency>
+  </dependencies>
+</project>
+"""
+
+
+class ProvisionError(RuntimeError):
+    """A one-line, user-facing reason the local stack cannot be provisioned."""
+
+
+def default_cache_dir() -> Path:
+    override = os.environ.get("STREAMCRAWL_CACHE_DIR")
+    if override:
+        return Path(override)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "streamcrawl"
+
+
+def require_tool(name: str, purpose: str, package_hint: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise ProvisionError(f"'{name}' is not installed; it is needed {purpose} ({package_hint})")
+    return path
+
+
+def _run(cmd: list[str], what: str, cwd: Path | None = None,
+         env: dict[str, str] | None = None, timeout: float = 1200) -> None:
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise ProvisionError(f"{what} timed out after {timeout:.0f}s") from exc
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise ProvisionError(f"{what} failed (exit {proc.returncode}): {' | '.join(tail)}")
+
+
+@dataclass(frozen=True)
+class KafkaDistribution:
+    libs: Path
+    version: str = KAFKA_VERSION
+
+    @property
+    def classpath(self) -> str:
+        return str(self.libs / "*")
+
+
+def ensure_kafka(cache: Path | None = None) -> KafkaDistribution:
+    """Return the cached Kafka class path, downloading it from Maven Central if absent."""
+    home = (cache or default_cache_dir()) / f"kafka-{KAFKA_VERSION}"
+    libs = home / "libs"
+    marker = home / ".complete"
+    if marker.exists():
+        return KafkaDistribution(libs)
+    require_tool("java", "to run the Kafka broker", "apt-get install openjdk-17-jre-headless")
+    mvn = require_tool("mvn", "to fetch Kafka from Maven Central", "apt-get install maven")
+    home.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="libs.", dir=home))
+    (home / "pom.xml").write_text(_POM.format(kafka=KAFKA_VERSION, log4j=LOG4J_VERSION))
+    log.info("downloading Kafka %s from Maven Central", KAFKA_VERSION)
+    _run([mvn, "-B", "-q", "-f", str(home / "pom.xml"), "dependency:copy-dependencies",
+          "-DincludeScope=runtime", f"-DoutputDirectory={staging}"],
+         f"downloading Kafka {KAFKA_VERSION} with Maven")
+    if not any(staging.glob(f"kafka_2.13-{KAFKA_VERSION}.jar")):
+        raise ProvisionError(f"Maven finished but kafka_2.13-{KAFKA_VERSION}.jar is missing")
+    shutil.rmtree(libs, ignore_errors=True)
+    staging.rename(libs)
+    marker.touch()
+    return KafkaDistribution(libs)
+
+
+def ensure_ferretdb(cache: Path | None = None) -> Path:
+    """Return the path of a FerretDB binary, building it from the Go module proxy if absent."""
+    home = (cache or default_cache_dir()) / f"ferretdb-{FERRETDB_VERSION}"
+    binary = home / "ferretdb"
+    if binary.exists():
+        return binary
+    go = require_tool("go", "to build FerretDB (the MongoDB-wire server)", "a Go toolchain >= 1.24")
+    home.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="build.", dir=home))
+    try:
+        source = _download_module(go, work)
+        # FerretDB embeds its version from a file its release tooling generates.
+        (source / "build" / "version" / "version.txt").write_text(FERRETDB_VERSION + "\n")
+        log.info("building FerretDB %s", FERRETDB_VERSION)
+        env = {**os.environ, "GOFLAGS": "-mod=mod -buildvcs=false", "GOTOOLCHAIN": "local"}
+        staged = home / "ferretdb.tmp"
+        _run([go, "build", "-trimpath", "-o", str(staged), "./cmd/ferretdb"],
+             f"building FerretDB {FERRETDB_VERSION}", cwd=source, env=env)
+        staged.rename(binary)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return binary
+
+
+def _download_module(go: str, work: Path) -> Path:
+    module_home = work / "mod"
+    module_home.mkdir()
+    (module_home / "go.mod").write_text("module streamcrawl.local/ferretdb\n\ngo 1.24\n")
+    env = {**os.environ, "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local"}
+    proc = subprocess.run(
+        [go, "mod", "download", "-json", f"{FERRETDB_MODULE}@{FERRETDB_VERSION}"],
+        cwd=module_home, env=env, capture_output=True, text=True, timeout=900, check=False)
+    if proc.returncode != 0:
+        raise ProvisionError(
+            f"downloading {FERRETDB_MODULE}@{FERRETDB_VERSION} failed: "
+            f"{(proc.stdout + proc.stderr).strip().splitlines()[-1:]}")
+    info = json.loads(proc.stdout)
+    source = work / "src"
+    # The module cache is read-only; build from a writable copy.
+    shutil.copytree(info["Dir"], source)
+    for path in source.rglob("*"):
+        if path.is_dir():
+            path.chmod(0o755)
+        else:
+            path.chmod(0o644)
+    return source
