@@ -9,9 +9,11 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .core.config import Settings
-from .core.kafka import create_topics
+from .core.kafka import create_topics, group_lag, keda_replicas
+from .core.topics import FETCH, FETCHER_GROUP, GROUP_INPUTS, HOST_PARTITIONS
 from .localstack.provision import ProvisionError
 from .localstack.stack import LocalStack, StackConfig, StackError
+from .orchestrate import STAGES
 
 log = logging.getLogger("streamcrawl")
 
@@ -49,6 +51,62 @@ def _topics_create(_: argparse.Namespace) -> int:
     return 0
 
 
+def _run_stage(args: argparse.Namespace) -> int:
+    from .runner import run_stage
+
+    settings = Settings.from_env()
+    logging.getLogger().setLevel(settings.log_level.upper())
+    run_stage(args.stage, settings)
+    return 0
+
+
+def _seed(args: argparse.Namespace) -> int:
+    from .orchestrate import produce_seeds
+
+    urls = [line.strip() for line in sys.stdin] if args.urls == ["-"] else list(args.urls)
+    urls = [url for url in urls if url]
+    options = {key: value for key, value in (
+        ("crawl_id", args.crawl_id), ("priority", args.priority)) if value is not None}
+    scope = {key: value for key, value in (
+        ("max_depth", args.max_depth), ("max_pages", args.max_pages),
+        ("allow_domains", args.allow_domain)) if value}
+    values: list[dict[str, object] | str] = []
+    for url in urls:
+        if options or scope:
+            values.append({"url": url, **options, **({"scope": scope} if scope else {})})
+        else:
+            values.append(url)  # the plain-text form, exactly what kcat would send
+    sent = asyncio.run(produce_seeds(Settings.from_env(), values))
+    print(f"produced {sent} seed(s)")
+    return 0
+
+
+def _lag(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    groups = [args.group] if args.group else list(GROUP_INPUTS)
+    fetch_lag = 0
+    for group in groups:
+        topics = [settings.topic_prefix + suffix for suffix in GROUP_INPUTS.get(group, (FETCH,))]
+        for row in asyncio.run(group_lag(settings, group, topics)):
+            committed = "-" if row.committed is None else str(row.committed)
+            print(f"{row.group:22} {row.topic:18} {row.partition:3} end={row.end_offset:<8} "
+                  f"committed={committed:<8} lag={row.lag}")
+            if row.group == FETCHER_GROUP:
+                fetch_lag += row.lag
+    replicas = keda_replicas(fetch_lag, HOST_PARTITIONS, args.lag_threshold,
+                             args.activation_threshold, args.min_replicas, args.max_replicas)
+    print(f"fetcher lag {fetch_lag}: KEDA would run {replicas} fetcher replica(s) "
+          f"(lagThreshold={args.lag_threshold}, activation={args.activation_threshold}, "
+          f"min={args.min_replicas}, max={args.max_replicas}, partitions={HOST_PARTITIONS})")
+    return 0
+
+
+def _crawl(args: argparse.Namespace) -> int:
+    from .local_crawl import crawl_command
+
+    return crawl_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamcrawl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -67,7 +125,42 @@ def build_parser() -> argparse.ArgumentParser:
     topic_commands = topics.add_subparsers(dest="action", required=True)
     topic_commands.add_parser("create", help="create the topics").set_defaults(
         handler=_topics_create)
+
+    run = commands.add_parser("run", help="run one stage, as a pod would")
+    run.add_argument("stage", choices=STAGES)
+    run.set_defaults(handler=_run_stage)
+
+    seed = commands.add_parser("seed", help="produce seed URLs to crawl.seeds")
+    seed.add_argument("urls", nargs="+", metavar="URL", help="URLs, or - to read stdin")
+    _add_scope_options(seed)
+    seed.add_argument("--priority", type=int)
+    seed.set_defaults(handler=_seed)
+
+    crawl = commands.add_parser("crawl", help="crawl locally through every stage")
+    crawl.add_argument("urls", nargs="*", metavar="URL")
+    _add_scope_options(crawl)
+    crawl.add_argument("--demo", action="store_true",
+                       help="generate a site, serve it with nginx on 127.0.0.1 and crawl it")
+    crawl.add_argument("--demo-pages", type=int, default=2000)
+    crawl.add_argument("--timeout", type=float, default=None, help="give up after N seconds")
+    crawl.set_defaults(handler=_crawl)
+
+    lag = commands.add_parser("lag", help="consumer lag, and what KEDA would scale to")
+    lag.add_argument("--group", choices=list(GROUP_INPUTS))
+    lag.add_argument("--lag-threshold", type=int, default=100)
+    lag.add_argument("--activation-threshold", type=int, default=1)
+    lag.add_argument("--min-replicas", type=int, default=1)
+    lag.add_argument("--max-replicas", type=int, default=HOST_PARTITIONS)
+    lag.set_defaults(handler=_lag)
     return parser
+
+
+def _add_scope_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--crawl-id")
+    parser.add_argument("--max-pages", type=int)
+    parser.add_argument("--max-depth", type=int)
+    parser.add_argument("--allow-domain", action="append", default=[],
+                        help="keep the crawl on this domain (repeatable)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

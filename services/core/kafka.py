@@ -53,6 +53,20 @@ def make_consumer(settings: Settings, group: str, *topics: str, **overrides: Any
     return AIOKafkaConsumer(*topics, **options)
 
 
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """Stop a consumer, absorbing aiokafka 0.14's stray CancelledError.
+
+    Closing a consumer without a group awaits an internal task it has just
+    cancelled, so ``stop()`` raises CancelledError although nobody cancelled us.
+    """
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+
+
 def make_admin(settings: Settings) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=15000)
 
@@ -115,46 +129,58 @@ class PartitionLag:
         return self.end_offset - (self.committed or 0)
 
 
+class OffsetProbe:
+    """Reads log-end and committed offsets, reusing its connections across polls."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._admin = make_admin(settings)
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+        self._partitions: dict[str, list[int]] = {}
+
+    async def start(self) -> None:
+        await self._admin.start()
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        await stop_consumer(self._consumer)
+        await self._admin.close()
+
+    async def partitions(self, topics: Iterable[str]) -> list[TopicPartition]:
+        """Partitions of the topics that exist (cached: partition counts only grow)."""
+        wanted = [topic for topic in topics if topic not in self._partitions]
+        if wanted:
+            for described in await self._admin.describe_topics(wanted):
+                if not described["error_code"]:
+                    self._partitions[described["topic"]] = sorted(
+                        p["partition"] for p in described["partitions"])
+        return [TopicPartition(topic, number) for topic in topics
+                for number in self._partitions.get(topic, [])]
+
+    async def end_offsets(self, topics: Iterable[str]) -> dict[TopicPartition, int]:
+        partitions = await self.partitions(list(topics))
+        return dict(await self._consumer.end_offsets(partitions)) if partitions else {}
+
+    async def lag(self, group: str, topics: Iterable[str]) -> list[PartitionLag]:
+        ends = await self.end_offsets(topics)
+        if not ends:
+            return []
+        committed = await self._admin.list_consumer_group_offsets(group, partitions=list(ends))
+        rows = []
+        for tp, end in ends.items():
+            meta = committed.get(tp)
+            offset = meta.offset if meta is not None and meta.offset >= 0 else None
+            rows.append(PartitionLag(group, tp.topic, tp.partition, end, offset))
+        return rows
+
+
 async def group_lag(settings: Settings, group: str, topics: Iterable[str]) -> list[PartitionLag]:
     """Lag of ``group`` per partition of ``topics``: log-end offset minus committed offset."""
-    admin = make_admin(settings)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    await consumer.start()
+    probe = OffsetProbe(settings)
+    await probe.start()
     try:
-        partitions = []
-        for topic in topics:
-            for number in sorted(consumer.partitions_for_topic(topic) or ()):
-                partitions.append(TopicPartition(topic, number))
-        if not partitions:
-            return []
-        ends = await consumer.end_offsets(partitions)
-        committed = await admin.list_consumer_group_offsets(group, partitions=partitions)
-        return [
-            PartitionLag(group, tp.topic, tp.partition, ends[tp],
-                         committed[tp].offset if tp in committed and committed[tp].offset >= 0
-                         else None)
-            for tp in partitions
-        ]
+        return await probe.lag(group, topics)
     finally:
-        await consumer.stop()
-        await admin.close()
-
-
-async def topic_end_offsets(settings: Settings, topics: Iterable[str]) -> dict[str, int]:
-    """Sum of log-end offsets per topic (how many records were ever written)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic, number) for topic in topics
-                      for number in sorted(consumer.partitions_for_topic(topic) or ())]
-        ends = await consumer.end_offsets(partitions) if partitions else {}
-        totals: dict[str, int] = {}
-        for tp, end in ends.items():
-            totals[tp.topic] = totals.get(tp.topic, 0) + end
-        return totals
-    finally:
-        await consumer.stop()
+        await probe.stop()
 
 
 def keda_replicas(total_lag: int, partitions: int, lag_threshold: int, activation_threshold: int,

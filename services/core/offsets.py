@@ -1,0 +1,60 @@
+"""Commit offsets of records processed out of order, without ever skipping one.
+
+A partition's committable offset is the lowest offset still in flight (or one
+past the highest seen when none is): everything below it is finished.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from aiokafka import TopicPartition
+
+
+@dataclass
+class _PartitionState:
+    in_flight: list[int] = field(default_factory=list)
+    finished: set[int] = field(default_factory=set)
+    next_offset: int | None = None
+
+
+class OffsetTracker:
+    def __init__(self) -> None:
+        self._partitions: dict[TopicPartition, _PartitionState] = {}
+        self._committed: dict[TopicPartition, int] = {}
+
+    def started(self, tp: TopicPartition, offset: int) -> None:
+        state = self._partitions.setdefault(tp, _PartitionState())
+        heapq.heappush(state.in_flight, offset)
+        state.next_offset = max(state.next_offset or 0, offset + 1)
+
+    def finished(self, tp: TopicPartition, offset: int) -> None:
+        state = self._partitions.get(tp)
+        if state is not None:
+            state.finished.add(offset)
+
+    def pending(self, tp: TopicPartition | None = None) -> int:
+        states = [self._partitions[tp]] if tp in self._partitions else (
+            [] if tp is not None else list(self._partitions.values()))
+        return sum(len(s.in_flight) - len(s.finished) for s in states)
+
+    def committable(self) -> dict[TopicPartition, int]:
+        """Offsets that advanced since the last :meth:`mark_committed`."""
+        result = {}
+        for tp, state in self._partitions.items():
+            while state.in_flight and state.in_flight[0] in state.finished:
+                state.finished.discard(heapq.heappop(state.in_flight))
+            if state.next_offset is None:
+                continue
+            offset = state.in_flight[0] if state.in_flight else state.next_offset
+            if offset != self._committed.get(tp):
+                result[tp] = offset
+        return result
+
+    def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
+        self._committed.update(offsets)
+
+    def forget(self, tp: TopicPartition) -> None:
+        self._partitions.pop(tp, None)
+        self._committed.pop(tp, None)

@@ -1,0 +1,102 @@
+"""The dedup service: crawl.discovered in, new URLs out to crawl.fetch.
+
+Partition p of crawl.discovered is written to partition p of crawl.fetch (both
+keyed by host, same partition count), so crawl.fetch partition p is the exact
+changelog of filter p. A dedup that takes over partition p, after a restart or
+a rebalance, replays it before it admits anything: a URL admitted once, even by
+a process killed before it committed, is never admitted again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from ..core import metrics
+from ..core.kafka import stop_consumer
+from ..core.stage import BatchStage, DeadLetter, Output, Record, decode_json
+from ..core.topics import DEDUP_GROUP, DISCOVERED, FETCH
+from .logic import Admission, PartitionFilter
+
+log = logging.getLogger(__name__)
+
+
+class DedupStage(BatchStage):
+    name = "dedup"
+    group = DEDUP_GROUP
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.admission = Admission()
+
+    def input_topics(self) -> tuple[str, ...]:
+        return (self.topic(DISCOVERED),)
+
+    async def on_assigned(self, partitions: Iterable[TopicPartition]) -> None:
+        for tp in partitions:
+            if tp.topic == self.topic(DISCOVERED) and tp.partition not in self.admission.filters:
+                self.admission.filters[tp.partition] = await self._replay(tp.partition)
+
+    async def on_revoked(self, partitions: Iterable[TopicPartition]) -> None:
+        for tp in partitions:
+            self.admission.filters.pop(tp.partition, None)
+
+    async def _replay(self, partition: int) -> PartitionFilter:
+        bloom = PartitionFilter(self.settings.bloom_capacity, self.settings.bloom_error_rate)
+        started = time.monotonic()
+        fetch = TopicPartition(self.topic(FETCH), partition)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
+                                    enable_auto_commit=False, isolation_level="read_committed")
+        await consumer.start()
+        try:
+            consumer.assign([fetch])
+            await consumer.seek_to_beginning(fetch)
+            end = (await consumer.end_offsets([fetch]))[fetch]
+            while await consumer.position(fetch) < end:
+                batch = await consumer.getmany(fetch, timeout_ms=1000, max_records=5000)
+                for record in batch.get(fetch, []):
+                    try:
+                        admitted = decode_json(record, "fetch")
+                    except DeadLetter:
+                        continue  # never produced by us; nothing to remember
+                    bloom.remember(admitted["crawl_id"], admitted["url"])
+        finally:
+            await stop_consumer(consumer)
+        log.info("dedup: partition %d rebuilt from %d fetch records in %.2fs", partition,
+                 len(bloom), time.monotonic() - started)
+        self._export(partition, bloom)
+        return bloom
+
+    async def process(self, records: Sequence[Record]) -> list[Output]:
+        outputs: list[Output] = []
+        fetch_topic = self.topic(FETCH)
+        now = time.time()
+        for record in records:
+            try:
+                candidate = decode_json(record, "discovered")
+            except DeadLetter as exc:
+                outputs.append(self.dead_letter(record, exc.reason, exc.detail))
+                continue
+            if record.partition not in self.admission.filters:
+                # Assigned without the callback having run (should not happen): rebuild now.
+                self.admission.filters[record.partition] = await self._replay(record.partition)
+            verdict = self.admission.decide(record.partition, candidate["crawl_id"],
+                                            candidate["url"], candidate["scope"].get("max_pages", 0))
+            if verdict is not None:
+                metrics.URLS_FILTERED.labels(self.name, verdict).inc()
+                continue
+            candidate["admitted_at"] = now
+            outputs.append(Output(fetch_topic, candidate, key=record.key,
+                                  partition=record.partition))
+        for partition, bloom in self.admission.filters.items():
+            self._export(partition, bloom)
+        return outputs
+
+    @staticmethod
+    def _export(partition: int, bloom: PartitionFilter) -> None:
+        label = str(partition)
+        metrics.BLOOM_FILL.labels(label).set(bloom.fill_ratio)
+        metrics.BLOOM_FP_RATE.labels(label).set(bloom.estimated_false_positive_rate())

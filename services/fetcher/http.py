@@ -1,0 +1,117 @@
+"""One HTTP request with hard limits: timeouts, a streamed body cap, safe addresses."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from .safety import ForbiddenAddress, IPNetwork, is_allowed
+
+_MAX_HEADERS = 200
+_MAX_HEADER_VALUE = 8192
+_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    status: int
+    final_url: str
+    headers: dict[str, str]
+    content_type: str
+    body: bytes
+    truncated: bool
+    total_s: float
+    ttfb_s: float
+
+
+class FetchFailed(Exception):
+    """The request produced no HTTP response; ``reason`` is machine-readable."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    total_s: float
+    connect_s: float
+    read_s: float
+    max_body_bytes: int
+    allowed_networks: tuple[IPNetwork, ...]
+
+    def timeout(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=self.total_s, sock_connect=self.connect_s,
+                                     sock_read=self.read_s)
+
+
+def check_literal_address(url: str, allowed: tuple[IPNetwork, ...]) -> None:
+    """aiohttp skips the resolver for IP literals, so they are checked here."""
+    host = urlsplit(url).hostname or ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return
+    if not is_allowed(host, allowed):
+        raise FetchFailed("forbidden_address", f"{host} is not a public address")
+
+
+async def fetch(session: aiohttp.ClientSession, url: str, limits: FetchLimits) -> FetchResult:
+    check_literal_address(url, limits.allowed_networks)
+    started = time.monotonic()
+    try:
+        async with session.get(url, allow_redirects=False, timeout=limits.timeout()) as response:
+            ttfb = time.monotonic() - started
+            body, truncated = await _read_capped(response, limits.max_body_bytes)
+            return FetchResult(
+                status=response.status, final_url=str(response.url),
+                headers=_flatten_headers(response.headers),
+                content_type=response.headers.get("Content-Type", "")[:256],
+                body=body, truncated=truncated,
+                total_s=time.monotonic() - started, ttfb_s=ttfb)
+    except TimeoutError as exc:
+        raise FetchFailed("timeout", f"no complete answer within the limits ({exc!r})") from exc
+    except aiohttp.ClientConnectorError as exc:
+        if isinstance(exc.os_error, ForbiddenAddress):
+            raise FetchFailed("forbidden_address", str(exc.os_error)) from exc
+        if isinstance(exc, aiohttp.ClientConnectorDNSError):
+            raise FetchFailed("dns_error", str(exc)) from exc
+        raise FetchFailed("connection_error", str(exc)) from exc
+    except ForbiddenAddress as exc:
+        raise FetchFailed("forbidden_address", str(exc)) from exc
+    except aiohttp.ClientPayloadError as exc:
+        raise FetchFailed("payload_error", str(exc)) from exc
+    except aiohttp.InvalidURL as exc:
+        raise FetchFailed("invalid_url", str(exc)) from exc
+    except (aiohttp.ClientError, ValueError, OSError) as exc:
+        raise FetchFailed("http_error", f"{type(exc).__name__}: {exc}") from exc
+
+
+async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> tuple[bytes, bool]:
+    # Chunks are already decompressed, so the cap also bounds a compression bomb.
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(_CHUNK):
+        room = cap - size
+        if len(chunk) > room:
+            parts.append(chunk[:room])
+            return b"".join(parts), True
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts), False
+
+
+def _flatten_headers(headers: aiohttp.typedefs.LooseHeaders) -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for name, value in headers.items():  # type: ignore[union-attr]
+        key = str(name).lower()
+        if key in flat:
+            flat[key] = f"{flat[key]}, {value}"[:_MAX_HEADER_VALUE]
+        elif len(flat) < _MAX_HEADERS:
+            flat[key] = str(value)[:_MAX_HEADER_VALUE]
+    return flat

@@ -1,0 +1,114 @@
+"""The ``streamcrawl crawl`` command: stack, stages, seeds, progress and summary."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from .core.config import PREFIX, Settings
+from .localstack.stack import LocalStack, StackConfig
+from .orchestrate import (
+    CrawlRequest,
+    PipelineWatch,
+    Progress,
+    StageProcesses,
+    child_env,
+    count_stored,
+    ensure_topics,
+    produce_seeds,
+    watch_until_drained,
+)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _connection_env() -> dict[str, str]:
+    """Use the configured cluster, or start (or reuse) the local stack."""
+    if os.environ.get(PREFIX + "KAFKA_BOOTSTRAP"):
+        return {}
+    config = StackConfig.from_env()
+    print(f"no {PREFIX}KAFKA_BOOTSTRAP set: starting the local stack in {config.data_dir}",
+          file=sys.stderr)
+    LocalStack(config).up()
+    return config.connection_env()
+
+
+def crawl_command(args: argparse.Namespace) -> int:
+    extra = _connection_env()
+    with ExitStack() as cleanup:
+        urls = tuple(args.urls)
+        if args.demo:
+            urls, demo_env = _serve_demo_site(cleanup, args.demo_pages)
+            extra.update(demo_env)
+        if not urls:
+            print("streamcrawl: error: give at least one URL, or --demo", file=sys.stderr)
+            return 2
+        settings = Settings.from_env({**os.environ, **extra})
+        request = CrawlRequest(
+            urls=urls, max_pages=args.max_pages or 0, max_depth=args.max_depth,
+            allow_domains=tuple(args.allow_domain),
+            **({"crawl_id": args.crawl_id} if args.crawl_id else {}))
+        log_dir = Path(tempfile.mkdtemp(prefix="streamcrawl-logs-"))
+        progress = asyncio.run(_crawl(settings, request, log_dir, args.timeout))
+        stored = asyncio.run(count_stored(settings, request.crawl_id))
+        _print_summary(request, progress, stored, log_dir)
+    return 0
+
+
+async def _crawl(settings: Settings, request: CrawlRequest, log_dir: Path,
+                 timeout: float | None) -> Progress:
+    await ensure_topics(settings)
+    stages = StageProcesses(child_env(settings), log_dir)
+    watch = PipelineWatch(settings)
+    await watch.start()
+    stages.start()
+    try:
+        print(f"crawl {request.crawl_id}: {len(request.urls)} seed(s); stage logs in {log_dir}",
+              file=sys.stderr)
+        await produce_seeds(settings, request.seed_values())
+        return await watch_until_drained(watch, stages, sys.stderr, timeout=timeout)
+    finally:
+        await watch.stop()
+        await asyncio.to_thread(stages.stop)
+
+
+def _serve_demo_site(cleanup: ExitStack, pages: int) -> tuple[tuple[str, ...], dict[str, str]]:
+    from .demo.nginx import NginxSite
+    from .demo.site import generate_site
+
+    root = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="streamcrawl-demo-")))
+    port = free_port()
+    started = time.monotonic()
+    manifest = generate_site(root, pages=pages, port=port)
+    site = cleanup.enter_context(NginxSite(root, port))
+    print(f"demo site: {len(manifest.pages)} pages generated in "
+          f"{time.monotonic() - started:.1f}s, served by nginx at {manifest.base_url} "
+          f"({site.__class__.__name__})", file=sys.stderr)
+    # The demo site lives on loopback, which the fetcher refuses unless allowed.
+    env = {PREFIX + "ALLOW_NETWORKS": "127.0.0.1/32",
+           PREFIX + "FETCH_PER_HOST_CONCURRENCY": os.environ.get(
+               PREFIX + "FETCH_PER_HOST_CONCURRENCY", "32")}
+    return (manifest.entry_url,), env
+
+
+def _print_summary(request: CrawlRequest, progress: Progress, stored: int, log_dir: Path) -> None:
+    print(
+        f"\ncrawl {request.crawl_id} drained in {progress.elapsed:.1f}s\n"
+        f"  fetched  {progress.fetched}\n"
+        f"  parsed   {progress.parsed}\n"
+        f"  stored   {stored} documents in MongoDB for this crawl id\n"
+        f"  errors   {progress.errors} dead letters (topic crawl.dlq)\n"
+        f"  rate     {progress.rate:.1f} pages/s end to end\n"
+        f"  logs     {log_dir}")

@@ -1,0 +1,223 @@
+"""``streamcrawl crawl``: every stage as its own local process, a progress bar, a summary.
+
+The stages run exactly as pods would (``streamcrawl run <stage>``), so a local
+crawl exercises the same code, topics and consumer groups as production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from aiokafka import TopicPartition
+from pymongo import AsyncMongoClient
+
+from .core.config import Settings
+from .core.kafka import OffsetProbe, create_topics, make_producer
+from .core.stage import encode
+from .core.topics import DLQ, FETCH, FETCHED, FETCHER_GROUP, GROUP_INPUTS, PAGES, SEEDS, SINK_GROUP
+
+STAGES = ("frontier", "dedup", "fetcher", "parser", "sink")
+
+
+@dataclass(frozen=True)
+class CrawlRequest:
+    urls: tuple[str, ...]
+    crawl_id: str = field(default_factory=lambda: "crawl-" + uuid.uuid4().hex[:12])
+    max_pages: int = 0
+    max_depth: int | None = None
+    allow_domains: tuple[str, ...] = ()
+
+    def seed_values(self) -> list[dict[str, Any]]:
+        scope: dict[str, Any] = {"max_pages": self.max_pages}
+        if self.max_depth is not None:
+            scope["max_depth"] = self.max_depth
+        if self.allow_domains:
+            scope["allow_domains"] = list(self.allow_domains)
+        return [{"url": url, "crawl_id": self.crawl_id, "scope": scope} for url in self.urls]
+
+
+class StageProcesses:
+    """The five stages as child processes, logging to files."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self._env = env
+        self._log_dir = log_dir
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, stages: Iterable[str] = STAGES) -> None:
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        for stage in stages:
+            self.start_one(stage)
+
+    def start_one(self, stage: str) -> subprocess.Popen[bytes]:
+        with open(self._log_dir / f"{stage}.log", "ab") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "streamcrawl.cli", "run", stage], env=self._env,
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.processes[stage] = process
+        return process
+
+    def kill(self, stage: str) -> None:
+        """SIGKILL, as a crash or an OOM kill would."""
+        process = self.processes[stage]
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    def dead(self) -> list[str]:
+        return [name for name, proc in self.processes.items() if proc.poll() is not None]
+
+    def stop(self, timeout: float = 40.0) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for process in self.processes.values():
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@dataclass
+class Progress:
+    fetched: int = 0
+    parsed: int = 0
+    stored: int = 0
+    queued: int = 0
+    errors: int = 0
+    lag_total: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.stored / self.elapsed if self.elapsed > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"fetched {self.fetched:>7}  parsed {self.parsed:>7}  stored {self.stored:>7}  "
+                f"queued {self.queued:>6}  errors {self.errors:>5}  {self.rate:7.1f} pages/s  "
+                f"[{self.elapsed:6.1f}s]")
+
+
+class PipelineWatch:
+    """Progress from Kafka offsets, relative to where the topics stood at the start."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.probe = OffsetProbe(settings)
+        self._baseline: dict[TopicPartition, int] = {}
+        self._sink_baseline = 0
+        self._started = time.monotonic()
+
+    def t(self, suffix: str) -> str:
+        return self.settings.topic_prefix + suffix
+
+    async def start(self) -> None:
+        await self.probe.start()
+        self._baseline = await self.probe.end_offsets(self.t(s) for s in (FETCHED, PAGES, DLQ))
+        self._sink_baseline = await self._sink_committed()
+        self._started = time.monotonic()
+
+    async def _sink_committed(self) -> int:
+        return sum(row.committed or 0 for row in await self.probe.lag(SINK_GROUP, [self.t(PAGES)]))
+
+    async def progress(self) -> Progress:
+        ends = await self.probe.end_offsets(self.t(s) for s in (FETCHED, PAGES, DLQ))
+
+        def delta(suffix: str) -> int:
+            return sum(end - self._baseline.get(tp, 0) for tp, end in ends.items()
+                       if tp.topic == self.t(suffix))
+
+        lag_total = 0
+        queued = 0
+        for group, inputs in GROUP_INPUTS.items():
+            rows = await self.probe.lag(group, [self.t(s) for s in inputs])
+            group_lag = sum(row.lag for row in rows)
+            lag_total += group_lag
+            if group == FETCHER_GROUP:
+                queued = group_lag
+        return Progress(
+            fetched=delta(FETCHED), parsed=delta(PAGES),
+            stored=await self._sink_committed() - self._sink_baseline, queued=queued,
+            errors=delta(DLQ), lag_total=lag_total, elapsed=time.monotonic() - self._started)
+
+    async def stop(self) -> None:
+        await self.probe.stop()
+
+
+async def produce_seeds(settings: Settings, values: Sequence[dict[str, Any] | str]) -> int:
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        for value in values:
+            payload = value.encode() if isinstance(value, str) else encode(value)
+            await producer.send_and_wait(settings.topic_prefix + SEEDS, payload)
+    finally:
+        await producer.stop()
+    return len(values)
+
+
+async def count_stored(settings: Settings, crawl_id: str) -> int:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
+    try:
+        collection = client[settings.mongo_database][settings.mongo_collection]
+        return await collection.count_documents({"crawl_id": crawl_id})
+    finally:
+        await client.close()
+
+
+async def watch_until_drained(watch: PipelineWatch, stages: StageProcesses, out: TextIO,
+                              quiet_polls: int = 3, interval: float = 1.0,
+                              timeout: float | None = None) -> Progress:
+    """Poll until every group has committed everything, several polls in a row."""
+    calm = 0
+    last: Progress | None = None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    tty = out.isatty()
+    last_print = 0.0
+    while True:
+        await asyncio.sleep(interval)
+        progress = await watch.progress()
+        if tty:
+            out.write("\r" + progress.line())
+            out.flush()
+        elif time.monotonic() - last_print >= 5:
+            out.write(progress.line() + "\n")
+            last_print = time.monotonic()
+        dead = stages.dead()
+        if dead:
+            raise RuntimeError(f"stage(s) {', '.join(dead)} exited; see their logs")
+        unchanged = last is not None and (last.fetched, last.parsed, last.stored) == (
+            progress.fetched, progress.parsed, progress.stored)
+        calm = calm + 1 if progress.lag_total == 0 and unchanged else 0
+        last = progress
+        if calm >= quiet_polls:
+            if tty:
+                out.write("\n")
+            return progress
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError("the crawl did not drain in time")
+
+
+def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, **settings.as_env(), **(extra or {})}
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+async def ensure_topics(settings: Settings) -> None:
+    await create_topics(settings)
+
+
+__all__ = ["FETCH", "STAGES", "CrawlRequest", "PipelineWatch", "Progress", "StageProcesses",
+           "child_env", "count_stored", "ensure_topics", "produce_seeds", "watch_until_drained"]

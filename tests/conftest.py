@@ -1,0 +1,57 @@
+"""Shared fixtures. Integration tests run against a real Kafka broker and a real
+MongoDB-wire server, started once per session on free ports by the same code as
+``streamcrawl stack up`` (they reuse its download cache)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from streamcrawl.core.config import Settings
+from streamcrawl.localstack.stack import LocalStack, StackConfig
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackConfig]:
+    data_dir = tmp_path_factory.mktemp("stack")
+    config = StackConfig(data_dir=data_dir, kafka_port=free_port(), controller_port=free_port(),
+                         mongo_port=free_port(), kafka_heap=os.environ.get(
+                             "STREAMCRAWL_TEST_KAFKA_HEAP", "768m"))
+    local = LocalStack(config)
+    try:
+        local.up(timeout=180)
+    except Exception:
+        local.down()
+        raise
+    yield config
+    local.down(purge=True)
+
+
+@pytest.fixture()
+def settings(stack: StackConfig) -> Settings:
+    """Settings for one test: its own topic prefix and database, so tests never share data."""
+    tag = uuid.uuid4().hex[:8]
+    return Settings.from_env({
+        "STREAMCRAWL_KAFKA_BOOTSTRAP": stack.bootstrap,
+        "STREAMCRAWL_MONGO_URI": stack.mongo_uri,
+        "STREAMCRAWL_TOPIC_PREFIX": f"t{tag}.",
+        "STREAMCRAWL_MONGO_DATABASE": f"test_{tag}",
+        "STREAMCRAWL_ALLOW_NETWORKS": "127.0.0.1/32",
+    })
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
