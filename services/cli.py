@@ -30,6 +30,16 @@ def _stack_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stack_provision(_: argparse.Namespace) -> int:
+    from .localstack.provision import ensure_ferretdb, ensure_kafka
+
+    config = StackConfig.from_env()
+    kafka = ensure_kafka(config.cache_dir)
+    ferretdb = ensure_ferretdb(config.cache_dir)
+    print(f"Kafka {kafka.version}: {kafka.libs}\nFerretDB: {ferretdb}")
+    return 0
+
+
 def _stack_down(args: argparse.Namespace) -> int:
     stopped = LocalStack(StackConfig.from_env()).down(purge=args.purge)
     print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
@@ -116,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = stack_commands.add_parser("up", help="provision, start (or reuse) and wait until ready")
     up.add_argument("--timeout", type=float, default=180.0)
     up.set_defaults(handler=_stack_up)
+    stack_commands.add_parser("provision", help="download and build the servers only").set_defaults(
+        handler=_stack_provision)
     down = stack_commands.add_parser("down", help="stop the processes 'up' started")
     down.add_argument("--purge", action="store_true", help="also delete the data directory")
     down.set_defaults(handler=_stack_down)
