@@ -1,0 +1,190 @@
+"""End to end: a generated site served by nginx, crawled through all five stages running
+as separate processes over a real Kafka broker into a real MongoDB-wire server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import shutil
+import subprocess
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient
+
+from streamcrawl.core.config import Settings
+from streamcrawl.core.kafka import create_topics
+from streamcrawl.demo.nginx import NginxSite
+from streamcrawl.demo.site import SiteManifest, generate_site
+from streamcrawl.localstack.stack import StackConfig
+from streamcrawl.orchestrate import PipelineWatch, StageProcesses, child_env, watch_until_drained
+
+from ..conftest import free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+KCAT = shutil.which("kcat")
+SITE_PAGES = 2000
+
+
+@dataclass
+class Site:
+    manifest: SiteManifest
+    nginx: NginxSite
+    port: int
+
+    def expected_urls(self) -> set[str]:
+        return self.manifest.pages | self.manifest.missing | set(self.manifest.redirects)
+
+
+@pytest.fixture()
+def site(tmp_path: Path) -> Iterator[Site]:
+    port = free_port()
+    manifest = generate_site(tmp_path / "site", pages=SITE_PAGES, port=port)
+    with NginxSite(tmp_path / "site", port) as nginx:
+        yield Site(manifest, nginx, port)
+
+
+def crawl_settings(stack: StackConfig, max_depth: int) -> Settings:
+    tag = uuid.uuid4().hex[:8]
+    return Settings.from_env({
+        "STREAMCRAWL_KAFKA_BOOTSTRAP": stack.bootstrap, "STREAMCRAWL_MONGO_URI": stack.mongo_uri,
+        "STREAMCRAWL_TOPIC_PREFIX": f"e{tag}.", "STREAMCRAWL_MONGO_DATABASE": f"e2e_{tag}",
+        "STREAMCRAWL_ALLOW_NETWORKS": "127.0.0.1/32", "STREAMCRAWL_MAX_DEPTH": str(max_depth),
+        "STREAMCRAWL_FETCH_PER_HOST_CONCURRENCY": "16", "STREAMCRAWL_LOG_LEVEL": "INFO",
+    })
+
+
+def kcat_produce(settings: Settings, topic: str, values: list[bytes]) -> None:
+    assert KCAT is not None
+    # One message per line: kcat's default delimiter.
+    subprocess.run([KCAT, "-P", "-b", settings.kafka_bootstrap, "-t", topic],
+                   input=b"\n".join(values) + b"\n", check=True, timeout=60)
+
+
+def kcat_consume(settings: Settings, topic: str) -> list[tuple[str, bytes]]:
+    assert KCAT is not None
+    out = subprocess.run(
+        [KCAT, "-C", "-b", settings.kafka_bootstrap, "-t", topic, "-o", "beginning", "-e", "-q",
+         "-f", "%k\t%s\n"], capture_output=True, check=True, timeout=120).stdout
+    rows = []
+    for line in out.split(b"\n"):
+        if line:
+            key, _, value = line.partition(b"\t")
+            rows.append((key.decode(), value))
+    return rows
+
+
+async def stored_documents(settings: Settings) -> list[dict[str, Any]]:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
+    try:
+        collection = client[settings.mongo_database][settings.mongo_collection]
+        return [doc async for doc in collection.find({}, {"text": 0})]
+    finally:
+        await client.close()
+
+
+async def run_crawl(settings: Settings, tmp_path: Path, seeds: list[bytes],
+                    interrupt: str | None = None, after_stored: int = 0,
+                    timeout: float = 600) -> StageProcesses:
+    await create_topics(settings)
+    stages = StageProcesses(child_env(settings), tmp_path / "logs")
+    watch = PipelineWatch(settings)
+    await watch.start()
+    stages.start()
+    try:
+        kcat_produce(settings, settings.topic_prefix + "seeds", seeds)
+        if interrupt is not None:
+            while (await watch.progress()).stored < after_stored:
+                await asyncio.sleep(0.2)
+            stages.kill(interrupt)
+            await asyncio.sleep(1.0)
+            stages.start_one(interrupt)
+        await watch_until_drained(watch, stages, io.StringIO(), timeout=timeout)
+    finally:
+        await watch.stop()
+        await asyncio.to_thread(stages.stop)
+    return stages
+
+
+def assert_complete_and_unique(site: Site, documents: list[dict[str, Any]]) -> None:
+    urls = Counter(doc["url"] for doc in documents)
+    assert [url for url, n in urls.items() if n > 1] == []
+    ok = {doc["url"] for doc in documents if doc["status"] == 200}
+    assert ok == site.manifest.pages, (
+        f"missing {sorted(site.manifest.pages - ok)[:5]}, extra {sorted(ok - site.manifest.pages)[:5]}")
+    assert {doc["url"] for doc in documents if doc["status"] == 404} == site.manifest.missing
+    assert {doc["url"]: doc["redirect_to"] for doc in documents
+            if doc["status"] == 301} == site.manifest.redirects
+    assert set(urls) == site.expected_urls()
+
+
+@pytest.mark.skipif(KCAT is None, reason="Debian's kcat is not installed")
+async def test_crawl_from_one_kcat_seed_stores_every_page_once(
+        stack: StackConfig, site: Site, tmp_path: Path) -> None:
+    settings = crawl_settings(stack, site.manifest.max_depth)
+    await run_crawl(settings, tmp_path, [site.manifest.entry_url.encode()])
+
+    documents = await stored_documents(settings)
+    assert_complete_and_unique(site, documents)
+    titled = [doc for doc in documents if doc["status"] == 200 and doc["title"]]
+    assert len(titled) == len(site.manifest.pages)
+    assert all(doc["content_hash"] for doc in titled)
+
+    # crawl.pages, read with kcat, holds every reachable page, keyed by URL.
+    pages = kcat_consume(settings, settings.topic_prefix + "pages")
+    assert {key for key, _ in pages} == site.expected_urls()
+    assert {json.loads(value)["url"] for _, value in pages} == site.expected_urls()
+
+    # nginx saw every URL exactly once, and nothing outside the site.
+    requests = Counter(entry.path for entry in site.nginx.access_log_entries())
+    assert [path for path, n in requests.items() if n > 1] == []
+    base = site.manifest.base_url.rstrip("/")
+    assert {base + path for path in requests} == site.expected_urls()
+
+
+@pytest.mark.skipif(KCAT is None, reason="Debian's kcat is not installed")
+@pytest.mark.parametrize("victim", ["fetcher", "dedup"])
+async def test_crawl_survives_sigkill_of_a_stage(stack: StackConfig, site: Site,
+                                                 tmp_path: Path, victim: str) -> None:
+    settings = crawl_settings(stack, site.manifest.max_depth)
+    await run_crawl(settings, tmp_path, [site.manifest.entry_url.encode()],
+                    interrupt=victim, after_stored=SITE_PAGES // 4)
+    assert_complete_and_unique(site, await stored_documents(settings))
+
+
+@pytest.mark.skipif(KCAT is None, reason="Debian's kcat is not installed")
+async def test_malformed_seeds_go_to_the_dlq_and_good_seeds_crawl(
+        stack: StackConfig, tmp_path: Path) -> None:
+    port = free_port()
+    manifest = generate_site(tmp_path / "site", pages=100, port=port)
+    settings = crawl_settings(stack, manifest.max_depth)
+    bad = {
+        b"not a url at all": "invalid_url",
+        b"ftp://127.0.0.1/file.txt": "unsupported_scheme",
+        b"\xff\xfe\x00\x81garbage": "undecodable",
+        b'{"url": 12345}': "schema_violation",
+        b'{"url": "http://127.0.0.1/", "depth": "zero"}': "schema_violation",
+        b'{"url": "http://127.0.0.1/", "crawl_id"': "invalid_json",
+    }
+    with NginxSite(tmp_path / "site", port):
+        await run_crawl(settings, tmp_path, [*bad, manifest.entry_url.encode()], timeout=300)
+    dead = [json.loads(value) for _, value in kcat_consume(settings, settings.topic_prefix + "dlq")]
+    by_payload = {}
+    for record in dead:
+        payload = record["payload"].encode() if record["payload_encoding"] == "utf-8" \
+            else base64.b64decode(record["payload"])
+        by_payload[payload] = record
+    for payload, reason in bad.items():
+        assert payload in by_payload, payload
+        assert by_payload[payload]["reason"] == reason
+        assert by_payload[payload]["stage"] == "frontier"
+        assert by_payload[payload]["topic"] == settings.topic_prefix + "seeds"
+    stored = {doc["url"] for doc in await stored_documents(settings) if doc["status"] == 200}
+    assert stored == manifest.pages
