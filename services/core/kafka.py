@@ -11,7 +11,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from .config import Settings
 from .topics import MAX_MESSAGE_BYTES, TOPIC_SPECS, topic_name
@@ -164,13 +164,29 @@ class OffsetProbe:
         ends = await self.end_offsets(topics)
         if not ends:
             return []
-        committed = await self._admin.list_consumer_group_offsets(group, partitions=list(ends))
+        committed = await self._committed(group, list(ends))
         rows = []
         for tp, end in ends.items():
             meta = committed.get(tp)
             offset = meta.offset if meta is not None and meta.offset >= 0 else None
             rows.append(PartitionLag(group, tp.topic, tp.partition, end, offset))
         return rows
+
+
+    async def _committed(self, group: str, partitions: list[TopicPartition],
+                         attempts: int = 60) -> dict[TopicPartition, Any]:
+        # A new broker creates __consumer_offsets lazily: the coordinator may be
+        # unavailable for a few seconds, which is retriable.
+        for attempt in range(attempts):
+            try:
+                result: dict[TopicPartition, Any] = await self._admin.list_consumer_group_offsets(
+                    group, partitions=partitions)
+                return result
+            except KafkaError as exc:
+                if not exc.retriable or attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(0.5)
+        raise AssertionError("unreachable")
 
 
 async def group_lag(settings: Settings, group: str, topics: Iterable[str]) -> list[PartitionLag]:
