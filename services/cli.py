@@ -23,8 +23,10 @@ def _stack_up(args: argparse.Namespace) -> int:
     stack = LocalStack(config)
     stack.up(timeout=args.timeout)
     for status in stack.status():
-        print(f"# {status.name}: {status.version}, pid {status.pid}, 127.0.0.1:{status.port}",
-              file=sys.stderr)
+        print(
+            f"# {status.name}: {status.version}, pid {status.pid}, 127.0.0.1:{status.port}",
+            file=sys.stderr,
+        )
     for key, value in config.connection_env().items():
         print(f"export {key}={value}")
     return 0
@@ -75,11 +77,20 @@ def _seed(args: argparse.Namespace) -> int:
 
     urls = [line.strip() for line in sys.stdin] if args.urls == ["-"] else list(args.urls)
     urls = [url for url in urls if url]
-    options = {key: value for key, value in (
-        ("crawl_id", args.crawl_id), ("priority", args.priority)) if value is not None}
-    scope = {key: value for key, value in (
-        ("max_depth", args.max_depth), ("max_pages", args.max_pages),
-        ("allow_domains", args.allow_domain)) if value}
+    options = {
+        key: value
+        for key, value in (("crawl_id", args.crawl_id), ("priority", args.priority))
+        if value is not None
+    }
+    scope = {
+        key: value
+        for key, value in (
+            ("max_depth", args.max_depth),
+            ("max_pages", args.max_pages),
+            ("allow_domains", args.allow_domain),
+        )
+        if value
+    }
     values: list[dict[str, object] | str] = []
     for url in urls:
         if options or scope:
@@ -99,15 +110,25 @@ def _lag(args: argparse.Namespace) -> int:
         topics = [settings.topic_prefix + suffix for suffix in GROUP_INPUTS.get(group, (FETCH,))]
         for row in asyncio.run(group_lag(settings, group, topics)):
             committed = "-" if row.committed is None else str(row.committed)
-            print(f"{row.group:22} {row.topic:18} {row.partition:3} end={row.end_offset:<8} "
-                  f"committed={committed:<8} lag={row.lag}")
+            print(
+                f"{row.group:22} {row.topic:18} {row.partition:3} end={row.end_offset:<8} "
+                f"committed={committed:<8} lag={row.lag}"
+            )
             if row.group == FETCHER_GROUP:
                 fetch_lag += row.lag
-    replicas = keda_replicas(fetch_lag, HOST_PARTITIONS, args.lag_threshold,
-                             args.activation_threshold, args.min_replicas, args.max_replicas)
-    print(f"fetcher lag {fetch_lag}: KEDA would run {replicas} fetcher replica(s) "
-          f"(lagThreshold={args.lag_threshold}, activation={args.activation_threshold}, "
-          f"min={args.min_replicas}, max={args.max_replicas}, partitions={HOST_PARTITIONS})")
+    replicas = keda_replicas(
+        fetch_lag,
+        HOST_PARTITIONS,
+        args.lag_threshold,
+        args.activation_threshold,
+        args.min_replicas,
+        args.max_replicas,
+    )
+    print(
+        f"fetcher lag {fetch_lag}: KEDA would run {replicas} fetcher replica(s) "
+        f"(lagThreshold={args.lag_threshold}, activation={args.activation_threshold}, "
+        f"min={args.min_replicas}, max={args.max_replicas}, partitions={HOST_PARTITIONS})"
+    )
     return 0
 
 
@@ -127,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--timeout", type=float, default=180.0)
     up.set_defaults(handler=_stack_up)
     stack_commands.add_parser("provision", help="download and build the servers only").set_defaults(
-        handler=_stack_provision)
+        handler=_stack_provision
+    )
     down = stack_commands.add_parser("down", help="stop the processes 'up' started")
     down.add_argument("--purge", action="store_true", help="also delete the data directory")
     down.set_defaults(handler=_stack_down)
@@ -136,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     topics = commands.add_parser("topics", help="manage the pipeline topics")
     topic_commands = topics.add_subparsers(dest="action", required=True)
     topic_commands.add_parser("create", help="create the topics").set_defaults(
-        handler=_topics_create)
+        handler=_topics_create
+    )
 
     run = commands.add_parser("run", help="run one stage, as a pod would")
     run.add_argument("stage", choices=STAGES)
@@ -151,8 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     crawl = commands.add_parser("crawl", help="crawl locally through every stage")
     crawl.add_argument("urls", nargs="*", metavar="URL")
     _add_scope_options(crawl)
-    crawl.add_argument("--demo", action="store_true",
-                       help="generate a site, serve it with nginx on 127.0.0.1 and crawl it")
+    crawl.add_argument(
+        "--demo",
+        action="store_true",
+        help="generate a site, serve it with nginx on 127.0.0.1 and crawl it",
+    )
     crawl.add_argument("--demo-pages", type=int, default=2000)
     crawl.add_argument("--timeout", type=float, default=None, help="give up after N seconds")
     crawl.set_defaults(handler=_crawl)
@@ -171,13 +197,19 @@ def _add_scope_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crawl-id")
     parser.add_argument("--max-pages", type=int)
     parser.add_argument("--max-depth", type=int)
-    parser.add_argument("--allow-domain", action="append", default=[],
-                        help="keep the crawl on this domain (repeatable)")
+    parser.add_argument(
+        "--allow-domain",
+        action="append",
+        default=[],
+        help="keep the crawl on this domain (repeatable)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

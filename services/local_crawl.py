@@ -39,8 +39,10 @@ def _connection_env() -> dict[str, str]:
     if os.environ.get(PREFIX + "KAFKA_BOOTSTRAP"):
         return {}
     config = StackConfig.from_env()
-    print(f"no {PREFIX}KAFKA_BOOTSTRAP set: starting the local stack in {config.data_dir}",
-          file=sys.stderr)
+    print(
+        f"no {PREFIX}KAFKA_BOOTSTRAP set: starting the local stack in {config.data_dir}",
+        file=sys.stderr,
+    )
     LocalStack(config).up()
     return config.connection_env()
 
@@ -57,9 +59,12 @@ def crawl_command(args: argparse.Namespace) -> int:
             return 2
         settings = Settings.from_env({**os.environ, **extra})
         request = CrawlRequest(
-            urls=urls, max_pages=args.max_pages or 0, max_depth=args.max_depth,
+            urls=urls,
+            max_pages=args.max_pages or 0,
+            max_depth=args.max_depth,
             allow_domains=tuple(args.allow_domain),
-            **({"crawl_id": args.crawl_id} if args.crawl_id else {}))
+            **({"crawl_id": args.crawl_id} if args.crawl_id else {}),
+        )
         log_dir = Path(tempfile.mkdtemp(prefix="streamcrawl-logs-"))
         progress = asyncio.run(_crawl(settings, request, log_dir, args.timeout))
         stored = asyncio.run(count_stored(settings, request.crawl_id))
@@ -67,16 +72,19 @@ def crawl_command(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _crawl(settings: Settings, request: CrawlRequest, log_dir: Path,
-                 timeout: float | None) -> Progress:
+async def _crawl(
+    settings: Settings, request: CrawlRequest, log_dir: Path, timeout: float | None
+) -> Progress:
     await ensure_topics(settings)
     stages = StageProcesses(child_env(settings), log_dir)
     watch = PipelineWatch(settings)
     await watch.start()
     stages.start()
     try:
-        print(f"crawl {request.crawl_id}: {len(request.urls)} seed(s); stage logs in {log_dir}",
-              file=sys.stderr)
+        print(
+            f"crawl {request.crawl_id}: {len(request.urls)} seed(s); stage logs in {log_dir}",
+            file=sys.stderr,
+        )
         await produce_seeds(settings, request.seed_values())
         return await watch_until_drained(watch, stages, sys.stderr, timeout=timeout)
     finally:
@@ -93,13 +101,19 @@ def _serve_demo_site(cleanup: ExitStack, pages: int) -> tuple[tuple[str, ...], d
     started = time.monotonic()
     manifest = generate_site(root, pages=pages, port=port)
     site = cleanup.enter_context(NginxSite(root, port))
-    print(f"demo site: {len(manifest.pages)} pages generated in "
-          f"{time.monotonic() - started:.1f}s, served by nginx at {manifest.base_url} "
-          f"({site.__class__.__name__})", file=sys.stderr)
+    print(
+        f"demo site: {len(manifest.pages)} pages generated in "
+        f"{time.monotonic() - started:.1f}s, served by nginx at {manifest.base_url} "
+        f"({site.__class__.__name__})",
+        file=sys.stderr,
+    )
     # The demo site lives on loopback, which the fetcher refuses unless allowed.
-    env = {PREFIX + "ALLOW_NETWORKS": "127.0.0.1/32",
-           PREFIX + "FETCH_PER_HOST_CONCURRENCY": os.environ.get(
-               PREFIX + "FETCH_PER_HOST_CONCURRENCY", "32")}
+    env = {
+        PREFIX + "ALLOW_NETWORKS": "127.0.0.1/32",
+        PREFIX + "FETCH_PER_HOST_CONCURRENCY": os.environ.get(
+            PREFIX + "FETCH_PER_HOST_CONCURRENCY", "32"
+        ),
+    }
     return (manifest.entry_url,), env
 
 
@@ -111,4 +125,5 @@ def _print_summary(request: CrawlRequest, progress: Progress, stored: int, log_d
         f"  stored   {stored} documents in MongoDB for this crawl id\n"
         f"  errors   {progress.errors} dead letters (topic crawl.dlq)\n"
         f"  rate     {progress.rate:.1f} pages/s end to end\n"
-        f"  logs     {log_dir}")
+        f"  logs     {log_dir}"
+    )

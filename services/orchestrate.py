@@ -62,8 +62,12 @@ class StageProcesses:
     def start_one(self, stage: str) -> subprocess.Popen[bytes]:
         with open(self._log_dir / f"{stage}.log", "ab") as log_file:
             process = subprocess.Popen(
-                [sys.executable, "-m", "streamcrawl.cli", "run", stage], env=self._env,
-                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                [sys.executable, "-m", "streamcrawl.cli", "run", stage],
+                env=self._env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         self.processes[stage] = process
         return process
 
@@ -104,9 +108,11 @@ class Progress:
         return self.stored / self.elapsed if self.elapsed > 0 else 0.0
 
     def line(self) -> str:
-        return (f"fetched {self.fetched:>7}  parsed {self.parsed:>7}  stored {self.stored:>7}  "
-                f"queued {self.queued:>6}  errors {self.errors:>5}  {self.rate:7.1f} pages/s  "
-                f"[{self.elapsed:6.1f}s]")
+        return (
+            f"fetched {self.fetched:>7}  parsed {self.parsed:>7}  stored {self.stored:>7}  "
+            f"queued {self.queued:>6}  errors {self.errors:>5}  {self.rate:7.1f} pages/s  "
+            f"[{self.elapsed:6.1f}s]"
+        )
 
 
 class PipelineWatch:
@@ -135,8 +141,11 @@ class PipelineWatch:
         ends = await self.probe.end_offsets(self.t(s) for s in (FETCHED, PAGES, DLQ))
 
         def delta(suffix: str) -> int:
-            return sum(end - self._baseline.get(tp, 0) for tp, end in ends.items()
-                       if tp.topic == self.t(suffix))
+            return sum(
+                end - self._baseline.get(tp, 0)
+                for tp, end in ends.items()
+                if tp.topic == self.t(suffix)
+            )
 
         lag_total = 0
         queued = 0
@@ -147,9 +156,14 @@ class PipelineWatch:
             if group == FETCHER_GROUP:
                 queued = group_lag
         return Progress(
-            fetched=delta(FETCHED), parsed=delta(PAGES),
-            stored=await self._sink_committed() - self._sink_baseline, queued=queued,
-            errors=delta(DLQ), lag_total=lag_total, elapsed=time.monotonic() - self._started)
+            fetched=delta(FETCHED),
+            parsed=delta(PAGES),
+            stored=await self._sink_committed() - self._sink_baseline,
+            queued=queued,
+            errors=delta(DLQ),
+            lag_total=lag_total,
+            elapsed=time.monotonic() - self._started,
+        )
 
     async def stop(self) -> None:
         await self.probe.stop()
@@ -176,9 +190,14 @@ async def count_stored(settings: Settings, crawl_id: str) -> int:
         await client.close()
 
 
-async def watch_until_drained(watch: PipelineWatch, stages: StageProcesses, out: TextIO,
-                              quiet_polls: int = 3, interval: float = 1.0,
-                              timeout: float | None = None) -> Progress:
+async def watch_until_drained(
+    watch: PipelineWatch,
+    stages: StageProcesses,
+    out: TextIO,
+    quiet_polls: int = 3,
+    interval: float = 1.0,
+    timeout: float | None = None,
+) -> Progress:
     """Poll until every group has committed everything, several polls in a row."""
     calm = 0
     last: Progress | None = None
@@ -198,7 +217,10 @@ async def watch_until_drained(watch: PipelineWatch, stages: StageProcesses, out:
         if dead:
             raise RuntimeError(f"stage(s) {', '.join(dead)} exited; see their logs")
         unchanged = last is not None and (last.fetched, last.parsed, last.stored) == (
-            progress.fetched, progress.parsed, progress.stored)
+            progress.fetched,
+            progress.parsed,
+            progress.stored,
+        )
         calm = calm + 1 if progress.lag_total == 0 and unchanged else 0
         last = progress
         if calm >= quiet_polls:
@@ -219,5 +241,16 @@ async def ensure_topics(settings: Settings) -> None:
     await create_topics(settings)
 
 
-__all__ = ["FETCH", "STAGES", "CrawlRequest", "PipelineWatch", "Progress", "StageProcesses",
-           "child_env", "count_stored", "ensure_topics", "produce_seeds", "watch_until_drained"]
+__all__ = [
+    "FETCH",
+    "STAGES",
+    "CrawlRequest",
+    "PipelineWatch",
+    "Progress",
+    "StageProcesses",
+    "child_env",
+    "count_stored",
+    "ensure_topics",
+    "produce_seeds",
+    "watch_until_drained",
+]

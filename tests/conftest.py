@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from streamcrawl.core.config import Settings
 from streamcrawl.localstack.stack import LocalStack, StackConfig
 
@@ -26,9 +25,13 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackConfig]:
     data_dir = tmp_path_factory.mktemp("stack")
-    config = StackConfig(data_dir=data_dir, kafka_port=free_port(), controller_port=free_port(),
-                         mongo_port=free_port(), kafka_heap=os.environ.get(
-                             "STREAMCRAWL_TEST_KAFKA_HEAP", "768m"))
+    config = StackConfig(
+        data_dir=data_dir,
+        kafka_port=free_port(),
+        controller_port=free_port(),
+        mongo_port=free_port(),
+        kafka_heap=os.environ.get("STREAMCRAWL_TEST_KAFKA_HEAP", "768m"),
+    )
     local = LocalStack(config)
     try:
         local.up(timeout=180)
@@ -43,13 +46,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackConfig]:
 def settings(stack: StackConfig) -> Settings:
     """Settings for one test: its own topic prefix and database, so tests never share data."""
     tag = uuid.uuid4().hex[:8]
-    return Settings.from_env({
-        "STREAMCRAWL_KAFKA_BOOTSTRAP": stack.bootstrap,
-        "STREAMCRAWL_MONGO_URI": stack.mongo_uri,
-        "STREAMCRAWL_TOPIC_PREFIX": f"t{tag}.",
-        "STREAMCRAWL_MONGO_DATABASE": f"test_{tag}",
-        "STREAMCRAWL_ALLOW_NETWORKS": "127.0.0.1/32",
-    })
+    return Settings.from_env(
+        {
+            "STREAMCRAWL_KAFKA_BOOTSTRAP": stack.bootstrap,
+            "STREAMCRAWL_MONGO_URI": stack.mongo_uri,
+            "STREAMCRAWL_TOPIC_PREFIX": f"t{tag}.",
+            "STREAMCRAWL_MONGO_DATABASE": f"test_{tag}",
+            "STREAMCRAWL_ALLOW_NETWORKS": "127.0.0.1/32",
+        }
+    )
 
 
 @pytest.fixture(scope="session")

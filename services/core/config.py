@@ -23,45 +23,69 @@ def _split(value: str) -> tuple[str, ...]:
 class Settings:
     """Runtime settings shared by every service; each field maps to ``STREAMCRAWL_<NAME>``."""
 
-    kafka_bootstrap: str = field(default="127.0.0.1:19092", metadata={
-        "doc": "Kafka bootstrap servers, comma separated."})
-    topic_prefix: str = field(default="crawl.", metadata={
-        "doc": "Prefix of every topic name (crawl.seeds, crawl.fetch, ...)."})
-    mongo_uri: str = field(default="mongodb://127.0.0.1:27027/", metadata={
-        "doc": "MongoDB connection string used by the sink."})
+    kafka_bootstrap: str = field(
+        default="127.0.0.1:19092", metadata={"doc": "Kafka bootstrap servers, comma separated."}
+    )
+    topic_prefix: str = field(
+        default="crawl.",
+        metadata={"doc": "Prefix of every topic name (crawl.seeds, crawl.fetch, ...)."},
+    )
+    mongo_uri: str = field(
+        default="mongodb://127.0.0.1:27027/",
+        metadata={"doc": "MongoDB connection string used by the sink."},
+    )
     mongo_database: str = field(default="streamcrawl", metadata={"doc": "MongoDB database."})
     mongo_collection: str = field(default="pages", metadata={"doc": "MongoDB collection."})
     user_agent: str = field(
         default="streamcrawl/0.1 (+https://github.com/streamcrawl/streamcrawl)",
-        metadata={"doc": "User-Agent sent with every request; keep a contact URL in it."})
-    allow_domains: tuple[str, ...] = field(default=(), metadata={
-        "doc": "Default crawl scope (comma separated registrable domains or hosts). "
-               "Empty: each seed's own host."})
+        metadata={"doc": "User-Agent sent with every request; keep a contact URL in it."},
+    )
+    allow_domains: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "doc": "Default crawl scope (comma separated registrable domains or hosts). "
+            "Empty: each seed's own host."
+        },
+    )
     max_depth: int = field(default=5, metadata={"doc": "Default maximum link depth from a seed."})
-    max_pages: int = field(default=0, metadata={
-        "doc": "Default maximum pages admitted per crawl id (0: unlimited)."})
+    max_pages: int = field(
+        default=0, metadata={"doc": "Default maximum pages admitted per crawl id (0: unlimited)."}
+    )
     max_url_length: int = field(default=2048, metadata={"doc": "Longer URLs are dropped."})
-    allow_networks: tuple[str, ...] = field(default=(), metadata={
-        "doc": "Private/loopback networks the fetcher may reach (CIDR, comma separated). "
-               "Empty: only public addresses."})
-    fetch_concurrency: int = field(default=512, metadata={
-        "doc": "Requests in flight per fetcher process."})
-    fetch_per_host_concurrency: int = field(default=2, metadata={
-        "doc": "Requests in flight per host per fetcher process."})
+    allow_networks: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "doc": "Private/loopback networks the fetcher may reach (CIDR, comma separated). "
+            "Empty: only public addresses."
+        },
+    )
+    fetch_concurrency: int = field(
+        default=512, metadata={"doc": "Requests in flight per fetcher process."}
+    )
+    fetch_per_host_concurrency: int = field(
+        default=2, metadata={"doc": "Requests in flight per host per fetcher process."}
+    )
     fetch_timeout: float = field(default=30.0, metadata={"doc": "Total seconds per request."})
     fetch_connect_timeout: float = field(default=10.0, metadata={"doc": "Connect timeout, s."})
-    fetch_read_timeout: float = field(default=15.0, metadata={
-        "doc": "Seconds allowed between two chunks of a body."})
-    max_body_bytes: int = field(default=2 * 1024 * 1024, metadata={
-        "doc": "Body cap; a larger body is cut and marked truncated."})
+    fetch_read_timeout: float = field(
+        default=15.0, metadata={"doc": "Seconds allowed between two chunks of a body."}
+    )
+    max_body_bytes: int = field(
+        default=2 * 1024 * 1024,
+        metadata={"doc": "Body cap; a larger body is cut and marked truncated."},
+    )
     dns_cache_ttl: int = field(default=300, metadata={"doc": "Seconds DNS answers are cached."})
-    bloom_capacity: int = field(default=1_000_000, metadata={
-        "doc": "Initial Bloom filter capacity per partition (it grows as needed)."})
-    bloom_error_rate: float = field(default=1e-6, metadata={
-        "doc": "Target false-positive rate of the dedup Bloom filters."})
+    bloom_capacity: int = field(
+        default=1_000_000,
+        metadata={"doc": "Initial Bloom filter capacity per partition (it grows as needed)."},
+    )
+    bloom_error_rate: float = field(
+        default=1e-6, metadata={"doc": "Target false-positive rate of the dedup Bloom filters."}
+    )
     batch_size: int = field(default=500, metadata={"doc": "Records per consumer batch."})
-    metrics_port: int = field(default=0, metadata={
-        "doc": "Port for /metrics, /healthz, /readyz (0: disabled)."})
+    metrics_port: int = field(
+        default=0, metadata={"doc": "Port for /metrics, /healthz, /readyz (0: disabled)."}
+    )
     log_level: str = field(default="INFO", metadata={"doc": "Python log level."})
 
     @classmethod

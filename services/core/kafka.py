@@ -35,7 +35,9 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     return AIOKafkaProducer(**options)
 
 
-def make_consumer(settings: Settings, group: str, *topics: str, **overrides: Any) -> AIOKafkaConsumer:
+def make_consumer(
+    settings: Settings, group: str, *topics: str, **overrides: Any
+) -> AIOKafkaConsumer:
     """A group consumer that never commits on its own: stages commit after downstream acks."""
     options: dict[str, Any] = {
         "bootstrap_servers": settings.kafka_bootstrap,
@@ -78,8 +80,12 @@ async def create_topics(settings: Settings, replication: int = 1) -> list[str]:
     try:
         existing = set(await admin.list_topics())
         wanted = [
-            NewTopic(topic_name(settings.topic_prefix, spec.suffix), spec.partitions, replication,
-                     topic_configs=dict(spec.config))
+            NewTopic(
+                topic_name(settings.topic_prefix, spec.suffix),
+                spec.partitions,
+                replication,
+                topic_configs=dict(spec.config),
+            )
             for spec in TOPIC_SPECS
             if topic_name(settings.topic_prefix, spec.suffix) not in existing
         ]
@@ -97,14 +103,16 @@ async def create_topics(settings: Settings, replication: int = 1) -> list[str]:
         await admin.close()
 
 
-async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str],
-                            timeout: float = 30) -> None:
+async def _wait_for_leaders(
+    admin: AIOKafkaAdminClient, topics: list[str], timeout: float = 30
+) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
         described = await admin.describe_topics(topics)
         ready = all(
-            not topic["error_code"] and topic["partitions"]
+            not topic["error_code"]
+            and topic["partitions"]
             and all(partition["leader"] >= 0 for partition in topic["partitions"])
             for topic in described
         )
@@ -152,9 +160,13 @@ class OffsetProbe:
             for described in await self._admin.describe_topics(wanted):
                 if not described["error_code"]:
                     self._partitions[described["topic"]] = sorted(
-                        p["partition"] for p in described["partitions"])
-        return [TopicPartition(topic, number) for topic in topics
-                for number in self._partitions.get(topic, [])]
+                        p["partition"] for p in described["partitions"]
+                    )
+        return [
+            TopicPartition(topic, number)
+            for topic in topics
+            for number in self._partitions.get(topic, [])
+        ]
 
     async def end_offsets(self, topics: Iterable[str]) -> dict[TopicPartition, int]:
         partitions = await self.partitions(list(topics))
@@ -172,15 +184,16 @@ class OffsetProbe:
             rows.append(PartitionLag(group, tp.topic, tp.partition, end, offset))
         return rows
 
-
-    async def _committed(self, group: str, partitions: list[TopicPartition],
-                         attempts: int = 60) -> dict[TopicPartition, Any]:
+    async def _committed(
+        self, group: str, partitions: list[TopicPartition], attempts: int = 60
+    ) -> dict[TopicPartition, Any]:
         # A new broker creates __consumer_offsets lazily: the coordinator may be
         # unavailable for a few seconds, which is retriable.
         for attempt in range(attempts):
             try:
                 result: dict[TopicPartition, Any] = await self._admin.list_consumer_group_offsets(
-                    group, partitions=partitions)
+                    group, partitions=partitions
+                )
                 return result
             except KafkaError as exc:
                 if not exc.retriable or attempt == attempts - 1:
@@ -199,9 +212,15 @@ async def group_lag(settings: Settings, group: str, topics: Iterable[str]) -> li
         await probe.stop()
 
 
-def keda_replicas(total_lag: int, partitions: int, lag_threshold: int, activation_threshold: int,
-                  min_replicas: int, max_replicas: int,
-                  allow_idle_consumers: bool = False) -> int:
+def keda_replicas(
+    total_lag: int,
+    partitions: int,
+    lag_threshold: int,
+    activation_threshold: int,
+    min_replicas: int,
+    max_replicas: int,
+    allow_idle_consumers: bool = False,
+) -> int:
     """The replica count KEDA's Kafka scaler and the HPA would settle on.
 
     The scaler caps the metric at partitions x lagThreshold (unless idle consumers

@@ -15,39 +15,59 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 
 log = logging.getLogger(__name__)
 
-MESSAGES_IN = Counter(
-    "streamcrawl_messages_in_total", "Messages consumed by a stage.", ["stage"])
+MESSAGES_IN = Counter("streamcrawl_messages_in_total", "Messages consumed by a stage.", ["stage"])
 MESSAGES_OUT = Counter(
-    "streamcrawl_messages_out_total", "Messages produced by a stage.", ["stage", "topic"])
+    "streamcrawl_messages_out_total", "Messages produced by a stage.", ["stage", "topic"]
+)
 MESSAGES_FAILED = Counter(
-    "streamcrawl_messages_failed_total", "Messages a stage could not process.", ["stage", "reason"])
+    "streamcrawl_messages_failed_total", "Messages a stage could not process.", ["stage", "reason"]
+)
 DLQ_RECORDS = Counter(
-    "streamcrawl_dlq_records_total", "Records written to the dead-letter topic.", ["stage", "reason"])
+    "streamcrawl_dlq_records_total",
+    "Records written to the dead-letter topic.",
+    ["stage", "reason"],
+)
 URLS_FILTERED = Counter(
-    "streamcrawl_urls_filtered_total", "Candidate URLs dropped by scope or dedup.", ["stage", "reason"])
+    "streamcrawl_urls_filtered_total",
+    "Candidate URLs dropped by scope or dedup.",
+    ["stage", "reason"],
+)
 FETCH_REQUESTS = Counter(
-    "streamcrawl_fetch_requests_total", "HTTP requests by status class (2xx..5xx, error).",
-    ["status_class"])
+    "streamcrawl_fetch_requests_total",
+    "HTTP requests by status class (2xx..5xx, error).",
+    ["status_class"],
+)
 FETCH_DURATION = Histogram(
-    "streamcrawl_fetch_duration_seconds", "Time from request start to full body.",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+    "streamcrawl_fetch_duration_seconds",
+    "Time from request start to full body.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
 PAGE_SIZE = Histogram(
-    "streamcrawl_page_size_bytes", "Size of fetched bodies.",
-    buckets=(1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216))
+    "streamcrawl_page_size_bytes",
+    "Size of fetched bodies.",
+    buckets=(1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216),
+)
 FETCH_BYTES = Counter("streamcrawl_fetch_bytes_total", "Body bytes downloaded.")
 FETCH_IN_FLIGHT = Gauge("streamcrawl_fetch_in_flight", "Requests in flight in this process.")
 POLITENESS_WAIT = Counter(
-    "streamcrawl_politeness_wait_seconds_total", "Seconds requests waited for host politeness.")
+    "streamcrawl_politeness_wait_seconds_total", "Seconds requests waited for host politeness."
+)
 PAGES_STORED = Counter("streamcrawl_pages_stored_total", "Pages upserted into MongoDB.")
 BLOOM_FILL = Gauge(
-    "streamcrawl_bloom_fill_ratio", "Items in the dedup filter over its current capacity.",
-    ["partition"])
+    "streamcrawl_bloom_fill_ratio",
+    "Items in the dedup filter over its current capacity.",
+    ["partition"],
+)
 BLOOM_FP_RATE = Gauge(
-    "streamcrawl_bloom_false_positive_rate", "Estimated false-positive rate of the dedup filter.",
-    ["partition"])
+    "streamcrawl_bloom_false_positive_rate",
+    "Estimated false-positive rate of the dedup filter.",
+    ["partition"],
+)
 CONSUMER_LAG = Gauge(
-    "streamcrawl_consumer_lag", "Log-end offset minus committed offset.",
-    ["group", "topic", "partition"])
+    "streamcrawl_consumer_lag",
+    "Log-end offset minus committed offset.",
+    ["group", "topic", "partition"],
+)
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
 
@@ -89,4 +109,6 @@ class HealthServer:
             ready = await asyncio.wait_for(self._readiness(), timeout=5)
         except Exception:  # a failing dependency check means "not ready", never a crash
             ready = False
-        return web.Response(text="ready\n" if ready else "not ready\n", status=200 if ready else 503)
+        return web.Response(
+            text="ready\n" if ready else "not ready\n", status=200 if ready else 503
+        )

@@ -35,8 +35,11 @@ class OffsetTracker:
             state.finished.add(offset)
 
     def pending(self, tp: TopicPartition | None = None) -> int:
-        states = [self._partitions[tp]] if tp in self._partitions else (
-            [] if tp is not None else list(self._partitions.values()))
+        states = (
+            [self._partitions[tp]]
+            if tp in self._partitions
+            else ([] if tp is not None else list(self._partitions.values()))
+        )
         return sum(len(s.in_flight) - len(s.finished) for s in states)
 
     def committable(self) -> dict[TopicPartition, int]:

@@ -63,7 +63,9 @@ def decode_json(record: Record, schema: str) -> dict[str, Any]:
     except (UnicodeDecodeError, ValueError) as exc:
         raise DeadLetter("invalid_json", str(exc)[:300]) from exc
     if not isinstance(document, dict):
-        raise DeadLetter("schema_violation", f"expected a JSON object, got {type(document).__name__}")
+        raise DeadLetter(
+            "schema_violation", f"expected a JSON object, got {type(document).__name__}"
+        )
     try:
         validate(schema, document)
     except SchemaError as exc:
@@ -71,8 +73,14 @@ def decode_json(record: Record, schema: str) -> dict[str, Any]:
     return document
 
 
-def dead_letter(settings: Settings, stage: str, record: Record, reason: str, detail: str,
-                history: list[dict[str, Any]] | None = None) -> Output:
+def dead_letter(
+    settings: Settings,
+    stage: str,
+    record: Record,
+    reason: str,
+    detail: str,
+    history: list[dict[str, Any]] | None = None,
+) -> Output:
     payload = record.value or b""
     try:
         text, encoding = payload.decode("utf-8"), "utf-8"
@@ -80,16 +88,30 @@ def dead_letter(settings: Settings, stage: str, record: Record, reason: str, det
         text, encoding = base64.b64encode(payload).decode("ascii"), "base64"
     key = record.key.decode("utf-8", "replace") if record.key is not None else None
     value: dict[str, Any] = {
-        "stage": stage, "reason": reason, "detail": detail[:4096], "topic": record.topic,
-        "partition": record.partition, "offset": record.offset, "key": key,
-        "payload": text, "payload_encoding": encoding, "failed_at": time.time(),
+        "stage": stage,
+        "reason": reason,
+        "detail": detail[:4096],
+        "topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "key": key,
+        "payload": text,
+        "payload_encoding": encoding,
+        "failed_at": time.time(),
     }
     if history:
         value["history"] = history
     validate("dlq", value)
     metrics.DLQ_RECORDS.labels(stage, reason).inc()
-    log.warning("%s: dead letter (%s) from %s[%d]@%d: %s", stage, reason, record.topic,
-                record.partition, record.offset, detail[:300])
+    log.warning(
+        "%s: dead letter (%s) from %s[%d]@%d: %s",
+        stage,
+        reason,
+        record.topic,
+        record.partition,
+        record.offset,
+        detail[:300],
+    )
     return Output(topic_name(settings.topic_prefix, DLQ), value, key=record.key)
 
 
@@ -113,15 +135,21 @@ class Publisher:
                 return
             except KafkaError as exc:
                 # Never drop: the batch is resent (the producer is idempotent) until it lands.
-                log.error("%s: publishing %d records failed (%s); retrying in %.1fs",
-                          self._stage, len(outputs), exc, delay)
+                log.error(
+                    "%s: publishing %d records failed (%s); retrying in %.1fs",
+                    self._stage,
+                    len(outputs),
+                    exc,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
     async def _send_all(self, outputs: Sequence[Output]) -> None:
         futures = [
-            await self._producer.send(out.topic, encode(out.value), key=out.key,
-                                      partition=out.partition)
+            await self._producer.send(
+                out.topic, encode(out.value), key=out.key, partition=out.partition
+            )
             for out in outputs
         ]
         if futures:
@@ -196,8 +224,9 @@ async def run_batch_stage(stage: BatchStage, stop: asyncio.Event) -> None:
     health = metrics.HealthServer(settings.metrics_port, stage.ready)
     await health.start()
     publisher = Publisher(producer, stage.name, stop)
-    log.info("%s: consuming %s as group %s", stage.name, ", ".join(stage.input_topics()),
-             stage.group)
+    log.info(
+        "%s: consuming %s as group %s", stage.name, ", ".join(stage.input_topics()), stage.group
+    )
     try:
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=500, max_records=settings.batch_size)
@@ -223,5 +252,6 @@ async def _commit(consumer: Any, batches: dict[TopicPartition, list[Record]], st
     except CommitFailedError as exc:
         # The partitions moved during a rebalance; their new owner reprocesses the
         # batch, which every downstream stage tolerates (idempotent by design).
-        log.warning("%s: commit failed after a rebalance (%s); records will be redelivered",
-                    stage, exc)
+        log.warning(
+            "%s: commit failed after a rebalance (%s); records will be redelivered", stage, exc
+        )

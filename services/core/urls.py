@@ -36,7 +36,9 @@ def canonicalize(url: str, max_length: int = 2048) -> str:
         parts = urlsplit(text)
         scheme = parts.scheme.lower()
         if scheme not in ALLOWED_SCHEMES:
-            raise InvalidURL("unsupported_scheme", f"scheme {scheme or '(none)'!r} in {text[:200]!r}")
+            raise InvalidURL(
+                "unsupported_scheme", f"scheme {scheme or '(none)'!r} in {text[:200]!r}"
+            )
         if not parts.hostname:
             raise InvalidURL("invalid_url", f"no host in {text[:200]!r}")
         port = parts.port

@@ -22,8 +22,10 @@ class PartitionFilter:
 
     def __init__(self, capacity: int, error_rate: float) -> None:
         self._filter = ScalableBloomFilter(
-            initial_capacity=capacity, error_rate=error_rate,
-            mode=ScalableBloomFilter.LARGE_SET_GROWTH)
+            initial_capacity=capacity,
+            error_rate=error_rate,
+            mode=ScalableBloomFilter.LARGE_SET_GROWTH,
+        )
         self.admitted: Counter[str] = Counter()
 
     def seen(self, crawl_id: str, url: str) -> bool:
@@ -39,7 +41,7 @@ class PartitionFilter:
 
     @property
     def fill_ratio(self) -> float:
-        return len(self._filter) / max(1, self._filter.capacity)
+        return float(len(self._filter)) / max(1, int(self._filter.capacity))
 
     def estimated_false_positive_rate(self) -> float:
         """Probability that a new key is reported as seen, from each slice's real fill."""

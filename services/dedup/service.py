@@ -48,8 +48,11 @@ class DedupStage(BatchStage):
         bloom = PartitionFilter(self.settings.bloom_capacity, self.settings.bloom_error_rate)
         started = time.monotonic()
         fetch = TopicPartition(self.topic(FETCH), partition)
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
-                                    enable_auto_commit=False, isolation_level="read_committed")
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+        )
         await consumer.start()
         try:
             consumer.assign([fetch])
@@ -65,8 +68,12 @@ class DedupStage(BatchStage):
                     bloom.remember(admitted["crawl_id"], admitted["url"])
         finally:
             await stop_consumer(consumer)
-        log.info("dedup: partition %d rebuilt from %d fetch records in %.2fs", partition,
-                 len(bloom), time.monotonic() - started)
+        log.info(
+            "dedup: partition %d rebuilt from %d fetch records in %.2fs",
+            partition,
+            len(bloom),
+            time.monotonic() - started,
+        )
         self._export(partition, bloom)
         return bloom
 
@@ -83,14 +90,19 @@ class DedupStage(BatchStage):
             if record.partition not in self.admission.filters:
                 # Assigned without the callback having run (should not happen): rebuild now.
                 self.admission.filters[record.partition] = await self._replay(record.partition)
-            verdict = self.admission.decide(record.partition, candidate["crawl_id"],
-                                            candidate["url"], candidate["scope"].get("max_pages", 0))
+            verdict = self.admission.decide(
+                record.partition,
+                candidate["crawl_id"],
+                candidate["url"],
+                candidate["scope"].get("max_pages", 0),
+            )
             if verdict is not None:
                 metrics.URLS_FILTERED.labels(self.name, verdict).inc()
                 continue
             candidate["admitted_at"] = now
-            outputs.append(Output(fetch_topic, candidate, key=record.key,
-                                  partition=record.partition))
+            outputs.append(
+                Output(fetch_topic, candidate, key=record.key, partition=record.partition)
+            )
         for partition, bloom in self.admission.filters.items():
             self._export(partition, bloom)
         return outputs

@@ -157,5 +157,5 @@ def generate_site(root: Path, pages: int = 2000, seed: int = 7, *, port: int) ->
         else:
             manifest.pages.add(url)
     manifest.offsite = {href for hrefs in graph.links.values() for target, href in hrefs
-                        if target is None and href and href.startswith("http")}
+                        if target is None and href is not None and href.startswith("http")}
     return manifest

@@ -46,8 +46,9 @@ class FetchLimits:
     allowed_networks: tuple[IPNetwork, ...]
 
     def timeout(self) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=self.total_s, sock_connect=self.connect_s,
-                                     sock_read=self.read_s)
+        return aiohttp.ClientTimeout(
+            total=self.total_s, sock_connect=self.connect_s, sock_read=self.read_s
+        )
 
 
 def check_literal_address(url: str, allowed: tuple[IPNetwork, ...]) -> None:
@@ -69,11 +70,15 @@ async def fetch(session: aiohttp.ClientSession, url: str, limits: FetchLimits) -
             ttfb = time.monotonic() - started
             body, truncated = await _read_capped(response, limits.max_body_bytes)
             return FetchResult(
-                status=response.status, final_url=str(response.url),
+                status=response.status,
+                final_url=str(response.url),
                 headers=_flatten_headers(response.headers),
                 content_type=response.headers.get("Content-Type", "")[:256],
-                body=body, truncated=truncated,
-                total_s=time.monotonic() - started, ttfb_s=ttfb)
+                body=body,
+                truncated=truncated,
+                total_s=time.monotonic() - started,
+                ttfb_s=ttfb,
+            )
     except TimeoutError as exc:
         raise FetchFailed("timeout", f"no complete answer within the limits ({exc!r})") from exc
     except aiohttp.ClientConnectorError as exc:

@@ -41,17 +41,18 @@ class SafeResolver(AbstractResolver):
         self._allowed = allowed
         self._inner = inner or DefaultResolver()
 
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         answers = await self._inner.resolve(host, port, family)
         permitted = [answer for answer in answers if is_allowed(answer["host"], self._allowed)]
         if not permitted:
             shown = ", ".join(sorted({answer["host"] for answer in answers}))
-            raise ForbiddenAddress(f"{host} resolves to {shown}: not a public address "
-                                   "(allow it with STREAMCRAWL_ALLOW_NETWORKS)")
+            raise ForbiddenAddress(
+                f"{host} resolves to {shown}: not a public address "
+                "(allow it with STREAMCRAWL_ALLOW_NETWORKS)"
+            )
         return permitted
 
     async def close(self) -> None:
         await self._inner.close()
-
-

@@ -38,14 +38,22 @@ STAGE = "fetcher"
 def fetched_value(request: dict[str, Any], result: FetchResult) -> dict[str, Any]:
     """The crawl.fetched record for one response (body compressed, then base64)."""
     return {
-        "url": request["url"], "final_url": result.final_url, "host": request["host"],
-        "crawl_id": request["crawl_id"], "depth": request["depth"],
-        "priority": request["priority"], "scope": request["scope"],
-        "redirect_chain": request.get("redirect_chain", []), "status": result.status,
-        "headers": result.headers, "content_type": result.content_type,
+        "url": request["url"],
+        "final_url": result.final_url,
+        "host": request["host"],
+        "crawl_id": request["crawl_id"],
+        "depth": request["depth"],
+        "priority": request["priority"],
+        "scope": request["scope"],
+        "redirect_chain": request.get("redirect_chain", []),
+        "status": result.status,
+        "headers": result.headers,
+        "content_type": result.content_type,
         "body": base64.b64encode(zlib.compress(result.body, 1)).decode("ascii"),
-        "body_encoding": "zlib+base64", "body_bytes": len(result.body),
-        "truncated": result.truncated, "fetched_at": time.time(),
+        "body_encoding": "zlib+base64",
+        "body_bytes": len(result.body),
+        "truncated": result.truncated,
+        "fetched_at": time.time(),
         "timings": {"total_s": round(result.total_s, 6), "ttfb_s": round(result.ttfb_s, 6)},
     }
 
@@ -60,9 +68,12 @@ class Fetcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.limits = FetchLimits(
-            total_s=settings.fetch_timeout, connect_s=settings.fetch_connect_timeout,
-            read_s=settings.fetch_read_timeout, max_body_bytes=settings.max_body_bytes,
-            allowed_networks=parse_networks(settings.allow_networks))
+            total_s=settings.fetch_timeout,
+            connect_s=settings.fetch_connect_timeout,
+            read_s=settings.fetch_read_timeout,
+            max_body_bytes=settings.max_body_bytes,
+            allowed_networks=parse_networks(settings.allow_networks),
+        )
         self.tracker = OffsetTracker()
         self.tasks: dict[asyncio.Task[None], TopicPartition] = {}
         self._fetch_topic = topic_name(settings.topic_prefix, FETCH)
@@ -73,12 +84,19 @@ class Fetcher:
         producer = make_producer(settings)
         consumer = make_consumer(settings, FETCHER_GROUP, max_poll_records=settings.batch_size)
         connector = aiohttp.TCPConnector(
-            limit=settings.fetch_concurrency, limit_per_host=settings.fetch_per_host_concurrency,
-            ttl_dns_cache=settings.dns_cache_ttl, use_dns_cache=True,
-            resolver=SafeResolver(self.limits.allowed_networks), enable_cleanup_closed=True)
+            limit=settings.fetch_concurrency,
+            limit_per_host=settings.fetch_per_host_concurrency,
+            ttl_dns_cache=settings.dns_cache_ttl,
+            use_dns_cache=True,
+            resolver=SafeResolver(self.limits.allowed_networks),
+            enable_cleanup_closed=True,
+        )
         session = aiohttp.ClientSession(
-            connector=connector, headers={"User-Agent": settings.user_agent},
-            auto_decompress=True, trust_env=False)
+            connector=connector,
+            headers={"User-Agent": settings.user_agent},
+            auto_decompress=True,
+            trust_env=False,
+        )
         await producer.start()
         await consumer.start()
         self.publisher = Publisher(producer, STAGE, stop)
@@ -87,8 +105,12 @@ class Fetcher:
         health = metrics.HealthServer(settings.metrics_port, _always_ready)
         await health.start()
         committer = asyncio.create_task(self._commit_every(consumer, stop, 1.0))
-        log.info("fetcher: consuming %s as group %s, %d in flight max", self._fetch_topic,
-                 FETCHER_GROUP, settings.fetch_concurrency)
+        log.info(
+            "fetcher: consuming %s as group %s, %d in flight max",
+            self._fetch_topic,
+            FETCHER_GROUP,
+            settings.fetch_concurrency,
+        )
         try:
             await self._consume(consumer, stop)
             await self._drain(self.tasks, timeout=25.0)
@@ -105,8 +127,9 @@ class Fetcher:
         while not stop.is_set():
             free = self.settings.fetch_concurrency - len(self.tasks)
             if free <= 0:
-                await asyncio.wait(list(self.tasks), timeout=0.5,
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    list(self.tasks), timeout=0.5, return_when=asyncio.FIRST_COMPLETED
+                )
                 continue
             batches = await consumer.getmany(timeout_ms=200, max_records=free)
             for tp, records in batches.items():
@@ -140,8 +163,9 @@ class Fetcher:
             result = await fetch(self.session, request["url"], self.limits)
         except FetchFailed as exc:
             metrics.FETCH_REQUESTS.labels("error").inc()
-            return dead_letter(self.settings, STAGE, record, exc.reason,
-                               f"{request['url']}: {exc.detail}")
+            return dead_letter(
+                self.settings, STAGE, record, exc.reason, f"{request['url']}: {exc.detail}"
+            )
         finally:
             metrics.FETCH_IN_FLIGHT.dec()
         metrics.FETCH_REQUESTS.labels(status_class(result.status)).inc()
@@ -150,15 +174,17 @@ class Fetcher:
         metrics.FETCH_BYTES.inc(len(result.body))
         return Output(self._fetched_topic, fetched_value(request, result), key=record.key)
 
-    async def _commit_every(self, consumer: AIOKafkaConsumer, stop: asyncio.Event,
-                            interval: float) -> None:
+    async def _commit_every(
+        self, consumer: AIOKafkaConsumer, stop: asyncio.Event, interval: float
+    ) -> None:
         while not stop.is_set():
             await asyncio.sleep(interval)
             await self._commit(consumer)
 
     async def _commit(self, consumer: AIOKafkaConsumer) -> None:
-        offsets = {tp: off for tp, off in self.tracker.committable().items()
-                   if tp in consumer.assignment()}
+        offsets = {
+            tp: off for tp, off in self.tracker.committable().items() if tp in consumer.assignment()
+        }
         if not offsets:
             return
         try:
@@ -167,15 +193,20 @@ class Fetcher:
         except (CommitFailedError, KafkaError) as exc:
             log.warning("fetcher: commit failed (%s); will retry", exc)
 
-    async def _drain(self, tasks: dict[asyncio.Task[None], TopicPartition],
-                     timeout: float, only: set[TopicPartition] | None = None) -> None:
+    async def _drain(
+        self,
+        tasks: dict[asyncio.Task[None], TopicPartition],
+        timeout: float,
+        only: set[TopicPartition] | None = None,
+    ) -> None:
         waiting = [task for task, tp in tasks.items() if only is None or tp in only]
         if waiting:
             log.info("fetcher: finishing %d requests in flight", len(waiting))
             await asyncio.wait(waiting, timeout=timeout)
 
-    async def partitions_revoked(self, consumer: AIOKafkaConsumer,
-                                 revoked: Iterable[TopicPartition]) -> None:
+    async def partitions_revoked(
+        self, consumer: AIOKafkaConsumer, revoked: Iterable[TopicPartition]
+    ) -> None:
         lost = set(revoked)
         await self._drain(self.tasks, timeout=20.0, only=lost)
         await self._commit(consumer)

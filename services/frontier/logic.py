@@ -44,17 +44,23 @@ def parse_seed(value: bytes | None, settings: Settings, now: float | None = None
     url = _canonical(seed["url"], settings)
     given_scope = seed.get("scope", {})
     scope = {
-        "allow_domains": list(given_scope.get("allow_domains") or settings.allow_domains
-                              or [hostname_of(url)]),
+        "allow_domains": list(
+            given_scope.get("allow_domains") or settings.allow_domains or [hostname_of(url)]
+        ),
         "max_depth": given_scope.get("max_depth", settings.max_depth),
         "max_pages": given_scope.get("max_pages", settings.max_pages),
     }
     if not in_scope(url, scope["allow_domains"]):
         raise Rejected("out_of_scope", f"{url} is outside {scope['allow_domains']}")
     candidate = {
-        "url": url, "host": host_of(url), "crawl_id": seed.get("crawl_id", DEFAULT_CRAWL_ID),
-        "depth": seed.get("depth", 0), "priority": seed.get("priority", DEFAULT_PRIORITY),
-        "source": None, "scope": scope, "redirect_chain": [],
+        "url": url,
+        "host": host_of(url),
+        "crawl_id": seed.get("crawl_id", DEFAULT_CRAWL_ID),
+        "depth": seed.get("depth", 0),
+        "priority": seed.get("priority", DEFAULT_PRIORITY),
+        "source": None,
+        "scope": scope,
+        "redirect_chain": [],
         "discovered_at": time.time() if now is None else now,
     }
     if "meta" in seed:
@@ -78,7 +84,9 @@ def _seed_document(value: bytes | None) -> dict[str, Any]:
         except ValueError as exc:
             raise Rejected("invalid_json", str(exc)[:300]) from exc
         if not isinstance(document, dict):
-            raise Rejected("schema_violation", f"expected a JSON object, got {type(document).__name__}")
+            raise Rejected(
+                "schema_violation", f"expected a JSON object, got {type(document).__name__}"
+            )
         return document
     if _WHITESPACE.search(stripped.encode()):
         raise Rejected("invalid_url", f"a plain-text seed is one URL, got {stripped[:200]!r}")
@@ -92,8 +100,9 @@ def _canonical(url: str, settings: Settings) -> str:
         raise Rejected(exc.reason, str(exc)) from exc
 
 
-def candidates_from_page(page: dict[str, Any], settings: Settings,
-                         now: float | None = None) -> tuple[list[dict[str, Any]], list[Drop]]:
+def candidates_from_page(
+    page: dict[str, Any], settings: Settings, now: float | None = None
+) -> tuple[list[dict[str, Any]], list[Drop]]:
     """The in-scope candidates a parsed page leads to: its links, or its redirect target."""
     stamp = time.time() if now is None else now
     scope = page["scope"]
@@ -117,8 +126,15 @@ def candidates_from_page(page: dict[str, Any], settings: Settings,
     return kept, drops
 
 
-def _link_candidate(target: str, page: dict[str, Any], scope: dict[str, Any], depth: int,
-                    chain: list[str], settings: Settings, now: float) -> dict[str, Any] | Drop:
+def _link_candidate(
+    target: str,
+    page: dict[str, Any],
+    scope: dict[str, Any],
+    depth: int,
+    chain: list[str],
+    settings: Settings,
+    now: float,
+) -> dict[str, Any] | Drop:
     try:
         url = canonicalize(target, settings.max_url_length)
     except InvalidURL as exc:
@@ -130,7 +146,13 @@ def _link_candidate(target: str, page: dict[str, Any], scope: dict[str, Any], de
     if len(chain) > 10:
         return Drop("too_many_redirects")
     return {
-        "url": url, "host": host_of(url), "crawl_id": page["crawl_id"], "depth": depth,
-        "priority": max(0, page.get("priority", DEFAULT_PRIORITY) - 1), "source": page["url"],
-        "scope": scope, "redirect_chain": chain, "discovered_at": now,
+        "url": url,
+        "host": host_of(url),
+        "crawl_id": page["crawl_id"],
+        "depth": depth,
+        "priority": max(0, page.get("priority", DEFAULT_PRIORITY) - 1),
+        "source": page["url"],
+        "scope": scope,
+        "redirect_chain": chain,
+        "discovered_at": now,
     }

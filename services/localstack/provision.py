@@ -71,11 +71,17 @@ def require_tool(name: str, purpose: str, package_hint: str) -> str:
     return path
 
 
-def _run(cmd: list[str], what: str, cwd: Path | None = None,
-         env: dict[str, str] | None = None, timeout: float = 1200) -> None:
+def _run(
+    cmd: list[str],
+    what: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 1200,
+) -> None:
     try:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        proc = subprocess.run(
+            cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        )
     except subprocess.TimeoutExpired as exc:
         raise ProvisionError(f"{what} timed out after {timeout:.0f}s") from exc
     if proc.returncode != 0:
@@ -106,9 +112,19 @@ def ensure_kafka(cache: Path | None = None) -> KafkaDistribution:
     staging = Path(tempfile.mkdtemp(prefix="libs.", dir=home))
     (home / "pom.xml").write_text(_POM.format(kafka=KAFKA_VERSION, log4j=LOG4J_VERSION))
     log.info("downloading Kafka %s from Maven Central", KAFKA_VERSION)
-    _run([mvn, "-B", "-q", "-f", str(home / "pom.xml"), "dependency:copy-dependencies",
-          "-DincludeScope=runtime", f"-DoutputDirectory={staging}"],
-         f"downloading Kafka {KAFKA_VERSION} with Maven")
+    _run(
+        [
+            mvn,
+            "-B",
+            "-q",
+            "-f",
+            str(home / "pom.xml"),
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={staging}",
+        ],
+        f"downloading Kafka {KAFKA_VERSION} with Maven",
+    )
     if not any(staging.glob(f"kafka_2.13-{KAFKA_VERSION}.jar")):
         raise ProvisionError(f"Maven finished but kafka_2.13-{KAFKA_VERSION}.jar is missing")
     shutil.rmtree(libs, ignore_errors=True)
@@ -133,8 +149,12 @@ def ensure_ferretdb(cache: Path | None = None) -> Path:
         log.info("building FerretDB %s", FERRETDB_VERSION)
         env = {**os.environ, "GOFLAGS": "-mod=mod -buildvcs=false", "GOTOOLCHAIN": "local"}
         staged = home / "ferretdb.tmp"
-        _run([go, "build", "-trimpath", "-o", str(staged), "./cmd/ferretdb"],
-             f"building FerretDB {FERRETDB_VERSION}", cwd=source, env=env)
+        _run(
+            [go, "build", "-trimpath", "-o", str(staged), "./cmd/ferretdb"],
+            f"building FerretDB {FERRETDB_VERSION}",
+            cwd=source,
+            env=env,
+        )
         staged.rename(binary)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -148,11 +168,18 @@ def _download_module(go: str, work: Path) -> Path:
     env = {**os.environ, "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local"}
     proc = subprocess.run(
         [go, "mod", "download", "-json", f"{FERRETDB_MODULE}@{FERRETDB_VERSION}"],
-        cwd=module_home, env=env, capture_output=True, text=True, timeout=900, check=False)
+        cwd=module_home,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     if proc.returncode != 0:
         raise ProvisionError(
             f"downloading {FERRETDB_MODULE}@{FERRETDB_VERSION} failed: "
-            f"{(proc.stdout + proc.stderr).strip().splitlines()[-1:]}")
+            f"{(proc.stdout + proc.stderr).strip().splitlines()[-1:]}"
+        )
     info = json.loads(proc.stdout)
     source = work / "src"
     # The module cache is read-only; build from a writable copy.

@@ -95,8 +95,10 @@ class StackConfig:
         return f"mongodb://127.0.0.1:{self.mongo_port}/"
 
     def connection_env(self) -> dict[str, str]:
-        return {"STREAMCRAWL_KAFKA_BOOTSTRAP": self.bootstrap,
-                "STREAMCRAWL_MONGO_URI": self.mongo_uri}
+        return {
+            "STREAMCRAWL_KAFKA_BOOTSTRAP": self.bootstrap,
+            "STREAMCRAWL_MONGO_URI": self.mongo_uri,
+        }
 
 
 @dataclass
@@ -135,18 +137,33 @@ class LocalStack:
         state = self._load_state()
         if not self._alive(state.get("kafka")):
             self._check_free("Kafka", "STREAMCRAWL_STACK_KAFKA_PORT", self.config.kafka_port)
-            self._check_free("the Kafka controller", "STREAMCRAWL_STACK_CONTROLLER_PORT",
-                             self.config.controller_port)
+            self._check_free(
+                "the Kafka controller",
+                "STREAMCRAWL_STACK_CONTROLLER_PORT",
+                self.config.controller_port,
+            )
             state["kafka"] = self._start_kafka(kafka.classpath)
         if not self._alive(state.get("mongo")):
             self._check_free("FerretDB", "STREAMCRAWL_STACK_MONGO_PORT", self.config.mongo_port)
             state["mongo"] = self._start_ferretdb(ferretdb)
         self._save_state(state)
         deadline = time.monotonic() + timeout
-        self._wait("Kafka", state["kafka"], self._kafka_dir / "server.log",
-                   kafka_answers, self.config.bootstrap, deadline)
-        self._wait("FerretDB", state["mongo"], self._mongo_dir / "ferretdb.log",
-                   mongo_answers, self.config.mongo_uri, deadline)
+        self._wait(
+            "Kafka",
+            state["kafka"],
+            self._kafka_dir / "server.log",
+            kafka_answers,
+            self.config.bootstrap,
+            deadline,
+        )
+        self._wait(
+            "FerretDB",
+            state["mongo"],
+            self._mongo_dir / "ferretdb.log",
+            mongo_answers,
+            self.config.mongo_uri,
+            deadline,
+        )
 
     def down(self, purge: bool = False, timeout: float = 30.0) -> list[str]:
         """Stop exactly the processes this stack started; return their names."""
@@ -166,14 +183,26 @@ class LocalStack:
         result = []
         for name, version, port, probe, target in (
             ("kafka", KAFKA_VERSION, self.config.kafka_port, kafka_answers, self.config.bootstrap),
-            ("mongo", f"FerretDB {FERRETDB_VERSION}", self.config.mongo_port, mongo_answers,
-             self.config.mongo_uri),
+            (
+                "mongo",
+                f"FerretDB {FERRETDB_VERSION}",
+                self.config.mongo_port,
+                mongo_answers,
+                self.config.mongo_uri,
+            ),
         ):
             record = state.get(name)
             running = self._alive(record)
-            result.append(ComponentStatus(
-                name=name, version=version, pid=record.pid if record and running else None,
-                port=port, running=running, answering=running and probe(target, 3.0)))
+            result.append(
+                ComponentStatus(
+                    name=name,
+                    version=version,
+                    pid=record.pid if record and running else None,
+                    port=port,
+                    running=running,
+                    answering=running and probe(target, 3.0),
+                )
+            )
         return result
 
     # ---- processes --------------------------------------------------------
@@ -188,13 +217,32 @@ class LocalStack:
         java = shutil.which("java")
         if java is None:
             raise ProvisionError("'java' is not installed; Kafka needs Java 17")
-        jvm = [java, f"-Xmx{self.config.kafka_heap}", "-Xms128m", "-XX:+UseG1GC",
-               "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={log4j}",
-               "-cp", classpath]
+        jvm = [
+            java,
+            f"-Xmx{self.config.kafka_heap}",
+            "-Xms128m",
+            "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={log4j}",
+            "-cp",
+            classpath,
+        ]
         if not (kafka_dir / "data" / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            subprocess.run([*jvm, "kafka.tools.StorageTool", "format", "-t", cluster_id,
-                            "-c", str(properties)], check=True, capture_output=True, timeout=120)
+            subprocess.run(
+                [
+                    *jvm,
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "-t",
+                    cluster_id,
+                    "-c",
+                    str(properties),
+                ],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
         pid = _spawn([*jvm, "kafka.Kafka", str(properties)], kafka_dir / "stdout.log")
         return ProcessRecord(pid=pid, port=self.config.kafka_port, started_at=time.time())
 
@@ -205,7 +253,7 @@ class LocalStack:
             "node.id": "1",
             "controller.quorum.voters": f"1@127.0.0.1:{c.controller_port}",
             "listeners": f"PLAINTEXT://127.0.0.1:{c.kafka_port},"
-                         f"CONTROLLER://127.0.0.1:{c.controller_port}",
+            f"CONTROLLER://127.0.0.1:{c.controller_port}",
             "advertised.listeners": f"PLAINTEXT://127.0.0.1:{c.kafka_port}",
             "controller.listener.names": "CONTROLLER",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
@@ -227,17 +275,30 @@ class LocalStack:
     def _start_ferretdb(self, binary: Path) -> ProcessRecord:
         for sub in ("data", "state"):
             (self._mongo_dir / sub).mkdir(parents=True, exist_ok=True)
-        pid = _spawn([
-            str(binary), "--handler=sqlite",
-            f"--sqlite-url=file:{self._mongo_dir / 'data'}/",
-            f"--listen-addr=127.0.0.1:{self.config.mongo_port}",
-            f"--state-dir={self._mongo_dir / 'state'}",
-            "--telemetry=disable", "--debug-addr=-", "--log-level=warn",
-        ], self._mongo_dir / "ferretdb.log")
+        pid = _spawn(
+            [
+                str(binary),
+                "--handler=sqlite",
+                f"--sqlite-url=file:{self._mongo_dir / 'data'}/",
+                f"--listen-addr=127.0.0.1:{self.config.mongo_port}",
+                f"--state-dir={self._mongo_dir / 'state'}",
+                "--telemetry=disable",
+                "--debug-addr=-",
+                "--log-level=warn",
+            ],
+            self._mongo_dir / "ferretdb.log",
+        )
         return ProcessRecord(pid=pid, port=self.config.mongo_port, started_at=time.time())
 
-    def _wait(self, name: str, record: ProcessRecord, log_file: Path,
-              probe: Callable[[str, float], bool], target: str, deadline: float) -> None:
+    def _wait(
+        self,
+        name: str,
+        record: ProcessRecord,
+        log_file: Path,
+        probe: Callable[[str, float], bool],
+        target: str,
+        deadline: float,
+    ) -> None:
         while time.monotonic() < deadline:
             if not self._alive(record):
                 raise StackError(f"{name} exited during start-up: {_tail(log_file)}")
@@ -265,7 +326,8 @@ class LocalStack:
             except OSError as exc:
                 raise StackError(
                     f"port {port} for {what} is taken by another process; "
-                    f"stop it or set {variable} to a free port") from exc
+                    f"stop it or set {variable} to a free port"
+                ) from exc
 
     # ---- state ------------------------------------------------------------
 
@@ -284,8 +346,13 @@ class LocalStack:
 
 def _spawn(cmd: list[str], log_file: Path) -> int:
     with open(log_file, "ab") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     return process.pid
 
 
@@ -356,7 +423,8 @@ def mongo_answers(uri: str, timeout: float) -> bool:
     from pymongo import MongoClient
 
     client: MongoClient[dict[str, object]] = MongoClient(
-        uri, serverSelectionTimeoutMS=int(timeout * 1000), connectTimeoutMS=int(timeout * 1000))
+        uri, serverSelectionTimeoutMS=int(timeout * 1000), connectTimeoutMS=int(timeout * 1000)
+    )
     try:
         client.admin.command("ping")
         return True

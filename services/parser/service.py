@@ -33,26 +33,50 @@ def page_from_fetched(fetched: dict[str, Any], body: bytes) -> dict[str, Any]:
     status = fetched["status"]
     headers = fetched["headers"]
     page: dict[str, Any] = {
-        "url": fetched["url"], "final_url": fetched["final_url"], "host": fetched["host"],
-        "status": status, "fetched_at": fetched["fetched_at"],
-        "content_type": fetched["content_type"], "title": None, "text": "", "links": [],
-        "canonical": None, "content_hash": None, "depth": fetched["depth"],
-        "priority": fetched.get("priority", 0), "crawl_id": fetched["crawl_id"],
-        "scope": fetched["scope"], "redirect_chain": fetched.get("redirect_chain", []),
-        "redirect_to": None, "noindex": False, "nofollow": False, "charset": None,
-        "body_bytes": fetched["body_bytes"], "truncated": fetched["truncated"],
+        "url": fetched["url"],
+        "final_url": fetched["final_url"],
+        "host": fetched["host"],
+        "status": status,
+        "fetched_at": fetched["fetched_at"],
+        "content_type": fetched["content_type"],
+        "title": None,
+        "text": "",
+        "links": [],
+        "canonical": None,
+        "content_hash": None,
+        "depth": fetched["depth"],
+        "priority": fetched.get("priority", 0),
+        "crawl_id": fetched["crawl_id"],
+        "scope": fetched["scope"],
+        "redirect_chain": fetched.get("redirect_chain", []),
+        "redirect_to": None,
+        "noindex": False,
+        "nofollow": False,
+        "charset": None,
+        "body_bytes": fetched["body_bytes"],
+        "truncated": fetched["truncated"],
     }
     location = headers.get("location")
     if status in _REDIRECT_STATUSES and location:
         page["redirect_to"] = urljoin(fetched["final_url"], location.strip())
         return page
     if 200 <= status < 300 and is_html(fetched["content_type"] or None, body[:1024]):
-        extracted = extract_page(body, fetched["final_url"], fetched["content_type"] or None,
-                                 robots_header=headers.get("x-robots-tag"))
+        extracted = extract_page(
+            body,
+            fetched["final_url"],
+            fetched["content_type"] or None,
+            robots_header=headers.get("x-robots-tag"),
+        )
         page.update(
-            title=extracted.title, text=extracted.text, links=list(extracted.links),
-            canonical=extracted.canonical, content_hash=extracted.content_hash,
-            noindex=extracted.noindex, nofollow=extracted.nofollow, charset=extracted.charset)
+            title=extracted.title,
+            text=extracted.text,
+            links=list(extracted.links),
+            canonical=extracted.canonical,
+            content_hash=extracted.content_hash,
+            noindex=extracted.noindex,
+            nofollow=extracted.nofollow,
+            charset=extracted.charset,
+        )
     return page
 
 
@@ -69,7 +93,9 @@ class ParserStage(BatchStage):
         for record in records:
             try:
                 fetched = decode_json(record, "fetched")
-                page = page_from_fetched(fetched, decode_body(fetched, self.settings.max_body_bytes))
+                page = page_from_fetched(
+                    fetched, decode_body(fetched, self.settings.max_body_bytes)
+                )
             except DeadLetter as exc:
                 outputs.append(self.dead_letter(record, exc.reason, exc.detail))
                 continue

@@ -66,8 +66,10 @@ class SinkStage(BatchStage):
         if latest:
             stored_at = time.time()
             operations = [upsert(page, stored_at) for page in latest.values()]
-            await self._retry(f"writing {len(operations)} pages",
-                              lambda: self.collection.bulk_write(operations, ordered=False))
+            await self._retry(
+                f"writing {len(operations)} pages",
+                lambda: self.collection.bulk_write(operations, ordered=False),
+            )
             metrics.PAGES_STORED.inc(len(operations))
         return dead
 
@@ -77,8 +79,11 @@ class SinkStage(BatchStage):
             try:
                 return await action()
             except BulkWriteError as exc:
-                log.error("sink: %s: bulk write error %s; retrying", what,
-                          str(exc.details.get("writeErrors", []))[:500])
+                log.error(
+                    "sink: %s: bulk write error %s; retrying",
+                    what,
+                    str(exc.details.get("writeErrors", []))[:500],
+                )
             except PyMongoError as exc:
                 log.error("sink: %s failed (%s); retrying in %.1fs", what, exc, delay)
             await asyncio.sleep(delay)

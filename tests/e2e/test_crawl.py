@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 from pymongo import AsyncMongoClient
-
 from streamcrawl.core.config import Settings
 from streamcrawl.core.kafka import create_topics
 from streamcrawl.demo.nginx import NginxSite
@@ -53,26 +52,52 @@ def site(tmp_path: Path) -> Iterator[Site]:
 
 def crawl_settings(stack: StackConfig, max_depth: int) -> Settings:
     tag = uuid.uuid4().hex[:8]
-    return Settings.from_env({
-        "STREAMCRAWL_KAFKA_BOOTSTRAP": stack.bootstrap, "STREAMCRAWL_MONGO_URI": stack.mongo_uri,
-        "STREAMCRAWL_TOPIC_PREFIX": f"e{tag}.", "STREAMCRAWL_MONGO_DATABASE": f"e2e_{tag}",
-        "STREAMCRAWL_ALLOW_NETWORKS": "127.0.0.1/32", "STREAMCRAWL_MAX_DEPTH": str(max_depth),
-        "STREAMCRAWL_FETCH_PER_HOST_CONCURRENCY": "16", "STREAMCRAWL_LOG_LEVEL": "INFO",
-    })
+    return Settings.from_env(
+        {
+            "STREAMCRAWL_KAFKA_BOOTSTRAP": stack.bootstrap,
+            "STREAMCRAWL_MONGO_URI": stack.mongo_uri,
+            "STREAMCRAWL_TOPIC_PREFIX": f"e{tag}.",
+            "STREAMCRAWL_MONGO_DATABASE": f"e2e_{tag}",
+            "STREAMCRAWL_ALLOW_NETWORKS": "127.0.0.1/32",
+            "STREAMCRAWL_MAX_DEPTH": str(max_depth),
+            "STREAMCRAWL_FETCH_PER_HOST_CONCURRENCY": "16",
+            "STREAMCRAWL_LOG_LEVEL": "INFO",
+        }
+    )
 
 
 def kcat_produce(settings: Settings, topic: str, values: list[bytes]) -> None:
     assert KCAT is not None
     # One message per line: kcat's default delimiter.
-    subprocess.run([KCAT, "-P", "-b", settings.kafka_bootstrap, "-t", topic],
-                   input=b"\n".join(values) + b"\n", check=True, timeout=60)
+    subprocess.run(
+        [KCAT, "-P", "-b", settings.kafka_bootstrap, "-t", topic],
+        input=b"\n".join(values) + b"\n",
+        check=True,
+        timeout=60,
+    )
 
 
 def kcat_consume(settings: Settings, topic: str) -> list[tuple[str, bytes]]:
     assert KCAT is not None
     out = subprocess.run(
-        [KCAT, "-C", "-b", settings.kafka_bootstrap, "-t", topic, "-o", "beginning", "-e", "-q",
-         "-f", "%k\t%s\n"], capture_output=True, check=True, timeout=120).stdout
+        [
+            KCAT,
+            "-C",
+            "-b",
+            settings.kafka_bootstrap,
+            "-t",
+            topic,
+            "-o",
+            "beginning",
+            "-e",
+            "-q",
+            "-f",
+            "%k\t%s\n",
+        ],
+        capture_output=True,
+        check=True,
+        timeout=120,
+    ).stdout
     rows = []
     for line in out.split(b"\n"):
         if line:
@@ -90,9 +115,14 @@ async def stored_documents(settings: Settings) -> list[dict[str, Any]]:
         await client.close()
 
 
-async def run_crawl(settings: Settings, tmp_path: Path, seeds: list[bytes],
-                    interrupt: str | None = None, after_stored: int = 0,
-                    timeout: float = 600) -> StageProcesses:
+async def run_crawl(
+    settings: Settings,
+    tmp_path: Path,
+    seeds: list[bytes],
+    interrupt: str | None = None,
+    after_stored: int = 0,
+    timeout: float = 600,
+) -> StageProcesses:
     await create_topics(settings)
     stages = StageProcesses(child_env(settings), tmp_path / "logs")
     watch = PipelineWatch(settings)
@@ -118,16 +148,20 @@ def assert_complete_and_unique(site: Site, documents: list[dict[str, Any]]) -> N
     assert [url for url, n in urls.items() if n > 1] == []
     ok = {doc["url"] for doc in documents if doc["status"] == 200}
     assert ok == site.manifest.pages, (
-        f"missing {sorted(site.manifest.pages - ok)[:5]}, extra {sorted(ok - site.manifest.pages)[:5]}")
+        f"missing {sorted(site.manifest.pages - ok)[:5]}, "
+        f"extra {sorted(ok - site.manifest.pages)[:5]}"
+    )
     assert {doc["url"] for doc in documents if doc["status"] == 404} == site.manifest.missing
-    assert {doc["url"]: doc["redirect_to"] for doc in documents
-            if doc["status"] == 301} == site.manifest.redirects
+    assert {
+        doc["url"]: doc["redirect_to"] for doc in documents if doc["status"] == 301
+    } == site.manifest.redirects
     assert set(urls) == site.expected_urls()
 
 
 @pytest.mark.skipif(KCAT is None, reason="Debian's kcat is not installed")
 async def test_crawl_from_one_kcat_seed_stores_every_page_once(
-        stack: StackConfig, site: Site, tmp_path: Path) -> None:
+    stack: StackConfig, site: Site, tmp_path: Path
+) -> None:
     settings = crawl_settings(stack, site.manifest.max_depth)
     await run_crawl(settings, tmp_path, [site.manifest.entry_url.encode()])
 
@@ -151,17 +185,24 @@ async def test_crawl_from_one_kcat_seed_stores_every_page_once(
 
 @pytest.mark.skipif(KCAT is None, reason="Debian's kcat is not installed")
 @pytest.mark.parametrize("victim", ["fetcher", "dedup"])
-async def test_crawl_survives_sigkill_of_a_stage(stack: StackConfig, site: Site,
-                                                 tmp_path: Path, victim: str) -> None:
+async def test_crawl_survives_sigkill_of_a_stage(
+    stack: StackConfig, site: Site, tmp_path: Path, victim: str
+) -> None:
     settings = crawl_settings(stack, site.manifest.max_depth)
-    await run_crawl(settings, tmp_path, [site.manifest.entry_url.encode()],
-                    interrupt=victim, after_stored=SITE_PAGES // 4)
+    await run_crawl(
+        settings,
+        tmp_path,
+        [site.manifest.entry_url.encode()],
+        interrupt=victim,
+        after_stored=SITE_PAGES // 4,
+    )
     assert_complete_and_unique(site, await stored_documents(settings))
 
 
 @pytest.mark.skipif(KCAT is None, reason="Debian's kcat is not installed")
 async def test_malformed_seeds_go_to_the_dlq_and_good_seeds_crawl(
-        stack: StackConfig, tmp_path: Path) -> None:
+    stack: StackConfig, tmp_path: Path
+) -> None:
     port = free_port()
     manifest = generate_site(tmp_path / "site", pages=100, port=port)
     settings = crawl_settings(stack, manifest.max_depth)
@@ -178,8 +219,11 @@ async def test_malformed_seeds_go_to_the_dlq_and_good_seeds_crawl(
     dead = [json.loads(value) for _, value in kcat_consume(settings, settings.topic_prefix + "dlq")]
     by_payload = {}
     for record in dead:
-        payload = record["payload"].encode() if record["payload_encoding"] == "utf-8" \
+        payload = (
+            record["payload"].encode()
+            if record["payload_encoding"] == "utf-8"
             else base64.b64decode(record["payload"])
+        )
         by_payload[payload] = record
     for payload, reason in bad.items():
         assert payload in by_payload, payload

@@ -16,7 +16,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from pymongo import AsyncMongoClient
 from pymongo.errors import DuplicateKeyError
-
 from streamcrawl.core.config import Settings
 from streamcrawl.core.kafka import OffsetProbe, create_topics, group_lag
 from streamcrawl.core.topics import TOPIC_SPECS
@@ -41,20 +40,27 @@ async def _new_topic(settings: Settings, partitions: int = 3) -> str:
 
 async def test_group_commits_and_lag_is_end_minus_committed(settings: Settings) -> None:
     topic = await _new_topic(settings)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
-                                enable_idempotence=True)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True
+    )
     await producer.start()
     try:
         for partition, count in ((0, 5), (1, 7), (2, 3)):
             for n in range(count):
-                await producer.send_and_wait(topic, f"{partition}-{n}".encode(),
-                                             partition=partition)
+                await producer.send_and_wait(
+                    topic, f"{partition}-{n}".encode(), partition=partition
+                )
     finally:
         await producer.stop()
 
     group = f"g-{uuid.uuid4().hex[:6]}"
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=settings.kafka_bootstrap, group_id=group,
-                                enable_auto_commit=False, auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
     await consumer.start()
     try:
         seen: list[bytes] = []
@@ -62,8 +68,9 @@ async def test_group_commits_and_lag_is_end_minus_committed(settings: Settings) 
             batch = await consumer.getmany(timeout_ms=5000)
             assert batch, "the broker returned nothing within 5 s"
             seen += [record.value for records in batch.values() for record in records]
-        assert sorted(seen) == sorted(f"{p}-{n}".encode() for p, c in ((0, 5), (1, 7), (2, 3))
-                                      for n in range(c))
+        assert sorted(seen) == sorted(
+            f"{p}-{n}".encode() for p, c in ((0, 5), (1, 7), (2, 3)) for n in range(c)
+        )
         # Commit a different point per partition, as a stage that is part-way through would.
         await consumer.commit({TopicPartition(topic, 0): 5, TopicPartition(topic, 1): 2})
     finally:
@@ -71,17 +78,28 @@ async def test_group_commits_and_lag_is_end_minus_committed(settings: Settings) 
 
     rows = {row.partition: row for row in await group_lag(settings, group, [topic])}
     assert {p: (r.end_offset, r.committed, r.lag) for p, r in rows.items()} == {
-        0: (5, 5, 0), 1: (7, 2, 5), 2: (3, None, 3)}
+        0: (5, 5, 0),
+        1: (7, 2, 5),
+        2: (3, None, 3),
+    }
 
 
 @pytest.mark.skipif(KCAT is None, reason="Debian's kcat is not installed")
 async def test_kcat_and_aiokafka_interoperate(settings: Settings) -> None:
     assert KCAT is not None
     topic = await _new_topic(settings, partitions=1)
-    subprocess.run([KCAT, "-P", "-b", settings.kafka_bootstrap, "-t", topic, "-k", "host-a"],
-                   input=b"from kcat\n", check=True, timeout=30)
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=settings.kafka_bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
+    subprocess.run(
+        [KCAT, "-P", "-b", settings.kafka_bootstrap, "-t", topic, "-k", "host-a"],
+        input=b"from kcat\n",
+        check=True,
+        timeout=30,
+    )
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
     await consumer.start()
     try:
         record = await consumer.getone()
@@ -95,9 +113,25 @@ async def test_kcat_and_aiokafka_interoperate(settings: Settings) -> None:
         await producer.send_and_wait(topic, b'{"from":"aiokafka"}', key=b"host-b")
     finally:
         await producer.stop()
-    out = subprocess.run([KCAT, "-C", "-b", settings.kafka_bootstrap, "-t", topic, "-o",
-                          "beginning", "-e", "-q", "-f", "%k=%s\\n"],
-                         capture_output=True, check=True, timeout=30)
+    out = subprocess.run(
+        [
+            KCAT,
+            "-C",
+            "-b",
+            settings.kafka_bootstrap,
+            "-t",
+            topic,
+            "-o",
+            "beginning",
+            "-e",
+            "-q",
+            "-f",
+            "%k=%s\\n",
+        ],
+        capture_output=True,
+        check=True,
+        timeout=30,
+    )
     assert out.stdout.decode().splitlines() == ["host-a=from kcat", 'host-b={"from":"aiokafka"}']
 
 
@@ -124,10 +158,12 @@ async def test_mongo_wire_insert_upsert_unique_and_read_back(settings: Settings)
         with pytest.raises(DuplicateKeyError):
             await pages.insert_one({"url": "http://a.example/", "title": "again"})
         for title in ("upserted", "upserted twice"):
-            await pages.update_one({"url": "http://b.example/"}, {"$set": {"title": title}},
-                                   upsert=True)
-        await pages.update_one({"url": "http://a.example/"}, {"$set": {"title": "updated"}},
-                               upsert=True)
+            await pages.update_one(
+                {"url": "http://b.example/"}, {"$set": {"title": title}}, upsert=True
+            )
+        await pages.update_one(
+            {"url": "http://a.example/"}, {"$set": {"title": "updated"}}, upsert=True
+        )
         docs = {doc["url"]: doc["title"] async for doc in pages.find({}, {"_id": 0})}
         assert docs == {"http://a.example/": "updated", "http://b.example/": "upserted twice"}
         info = await client.server_info()
@@ -137,15 +173,23 @@ async def test_mongo_wire_insert_upsert_unique_and_read_back(settings: Settings)
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streamcrawl.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "streamcrawl.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _stack_env(config: StackConfig) -> dict[str, str]:
-    return {**os.environ, "STREAMCRAWL_STACK_DIR": str(config.data_dir),
-            "STREAMCRAWL_STACK_KAFKA_PORT": str(config.kafka_port),
-            "STREAMCRAWL_STACK_CONTROLLER_PORT": str(config.controller_port),
-            "STREAMCRAWL_STACK_MONGO_PORT": str(config.mongo_port)}
+    return {
+        **os.environ,
+        "STREAMCRAWL_STACK_DIR": str(config.data_dir),
+        "STREAMCRAWL_STACK_KAFKA_PORT": str(config.kafka_port),
+        "STREAMCRAWL_STACK_CONTROLLER_PORT": str(config.controller_port),
+        "STREAMCRAWL_STACK_MONGO_PORT": str(config.mongo_port),
+    }
 
 
 def _our_processes(data_dir: Path) -> list[int]:
@@ -164,7 +208,8 @@ def _our_processes(data_dir: Path) -> list[int]:
 
 
 def test_stack_up_twice_reuses_down_stops_and_taken_port_is_one_line(
-        stack: StackConfig, tmp_path: Path) -> None:
+    stack: StackConfig, tmp_path: Path
+) -> None:
     # 'up' against the running session stack reuses it: same PIDs, no second server.
     before = sorted(_our_processes(stack.data_dir))
     assert len(before) == 2
@@ -174,18 +219,28 @@ def test_stack_up_twice_reuses_down_stops_and_taken_port_is_one_line(
     assert sorted(_our_processes(stack.data_dir)) == before
 
     # A second stack on a port that is taken fails with one line and no traceback.
-    clash = StackConfig(data_dir=tmp_path / "clash", kafka_port=stack.kafka_port,
-                        controller_port=free_port(), mongo_port=free_port())
+    clash = StackConfig(
+        data_dir=tmp_path / "clash",
+        kafka_port=stack.kafka_port,
+        controller_port=free_port(),
+        mongo_port=free_port(),
+    )
     result = _cli(_stack_env(clash), "stack", "up")
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert errors == [f"streamcrawl: error: port {stack.kafka_port} for Kafka is taken by "
-                      "another process; stop it or set STREAMCRAWL_STACK_KAFKA_PORT to a free port"]
+    assert errors == [
+        f"streamcrawl: error: port {stack.kafka_port} for Kafka is taken by "
+        "another process; stop it or set STREAMCRAWL_STACK_KAFKA_PORT to a free port"
+    ]
     assert "Traceback" not in result.stderr
 
     # A fresh stack: up twice gives one broker and one database; down leaves none.
-    own = StackConfig(data_dir=tmp_path / "own", kafka_port=free_port(),
-                      controller_port=free_port(), mongo_port=free_port())
+    own = StackConfig(
+        data_dir=tmp_path / "own",
+        kafka_port=free_port(),
+        controller_port=free_port(),
+        mongo_port=free_port(),
+    )
     env = _stack_env(own)
     try:
         assert _cli(env, "stack", "up").returncode == 0

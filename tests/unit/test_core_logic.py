@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import pytest
 from aiokafka import TopicPartition
-
 from streamcrawl.core.config import Settings, settings_doc
 from streamcrawl.core.kafka import keda_replicas
 from streamcrawl.core.offsets import OffsetTracker
@@ -56,8 +55,19 @@ def test_bloom_false_positive_rate_measured_below_configured_bound() -> None:
 
 def test_safe_addresses_by_default_and_explicit_allowances() -> None:
     nothing = parse_networks([])
-    for address in ("127.0.0.1", "10.1.2.3", "192.168.0.1", "172.16.5.5", "169.254.169.254",
-                    "::1", "fd00::1", "fe80::1", "0.0.0.0", "::ffff:127.0.0.1", "100.64.0.1"):
+    for address in (
+        "127.0.0.1",
+        "10.1.2.3",
+        "192.168.0.1",
+        "172.16.5.5",
+        "169.254.169.254",
+        "::1",
+        "fd00::1",
+        "fe80::1",
+        "0.0.0.0",
+        "::ffff:127.0.0.1",
+        "100.64.0.1",
+    ):
         assert not is_allowed(address, nothing), address
     assert is_allowed("93.184.216.34", nothing)
     assert is_allowed("2606:2800:220:1:248:1893:25c8:1946", nothing)
@@ -67,11 +77,21 @@ def test_safe_addresses_by_default_and_explicit_allowances() -> None:
     assert not is_allowed("169.254.169.254", loopback)
 
 
-@pytest.mark.parametrize(("lag", "expected"), [
-    (0, 1), (1, 1), (100, 1), (101, 2), (550, 6), (10_000, 12), (10**9, 12)])
+@pytest.mark.parametrize(
+    ("lag", "expected"), [(0, 1), (1, 1), (100, 1), (101, 2), (550, 6), (10_000, 12), (10**9, 12)]
+)
 def test_keda_formula(lag: int, expected: int) -> None:
-    assert keda_replicas(lag, partitions=12, lag_threshold=100, activation_threshold=1,
-                         min_replicas=1, max_replicas=20) == expected
+    assert (
+        keda_replicas(
+            lag,
+            partitions=12,
+            lag_threshold=100,
+            activation_threshold=1,
+            min_replicas=1,
+            max_replicas=20,
+        )
+        == expected
+    )
 
 
 def test_keda_scales_to_zero_only_below_activation() -> None:
@@ -82,9 +102,13 @@ def test_keda_scales_to_zero_only_below_activation() -> None:
 
 
 def test_settings_from_env_are_typed_and_validated() -> None:
-    settings = Settings.from_env({"STREAMCRAWL_MAX_DEPTH": "3",
-                                  "STREAMCRAWL_ALLOW_NETWORKS": "127.0.0.1/32, 10.0.0.0/8",
-                                  "STREAMCRAWL_BLOOM_ERROR_RATE": "0.001"})
+    settings = Settings.from_env(
+        {
+            "STREAMCRAWL_MAX_DEPTH": "3",
+            "STREAMCRAWL_ALLOW_NETWORKS": "127.0.0.1/32, 10.0.0.0/8",
+            "STREAMCRAWL_BLOOM_ERROR_RATE": "0.001",
+        }
+    )
     assert settings.max_depth == 3
     assert settings.allow_networks == ("127.0.0.1/32", "10.0.0.0/8")
     assert Settings.from_env(settings.as_env()) == settings

@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from streamcrawl.core.config import Settings
 from streamcrawl.core.schemas import validate
 from streamcrawl.core.urls import InvalidURL, canonicalize, host_of, in_scope
@@ -12,13 +11,16 @@ from streamcrawl.frontier.logic import Rejected, candidates_from_page, parse_see
 SETTINGS = Settings()
 
 
-@pytest.mark.parametrize("spelling", [
-    "http://127.0.0.1:8080/s1/p3.html",
-    "HTTP://127.0.0.1:8080/s1/p3.html",
-    "http://127.0.0.1:8080/s1/p3.html#section",
-    "http://127.0.0.1:8080/s1/../s1/./p3.html",
-    " http://127.0.0.1:8080/s1/p3.html ",
-])
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "http://127.0.0.1:8080/s1/p3.html",
+        "HTTP://127.0.0.1:8080/s1/p3.html",
+        "http://127.0.0.1:8080/s1/p3.html#section",
+        "http://127.0.0.1:8080/s1/../s1/./p3.html",
+        " http://127.0.0.1:8080/s1/p3.html ",
+    ],
+)
 def test_spellings_of_one_page_canonicalise_alike(spelling: str) -> None:
     assert canonicalize(spelling) == "http://127.0.0.1:8080/s1/p3.html"
 
@@ -30,12 +32,18 @@ def test_canonical_form_details() -> None:
     assert host_of("http://example.com:8080/x") == "example.com:8080"
 
 
-@pytest.mark.parametrize(("url", "reason"), [
-    ("", "empty_url"), ("ftp://example.com/", "unsupported_scheme"),
-    ("javascript:alert(1)", "unsupported_scheme"), ("http:///nohost", "invalid_url"),
-    ("http://exa\x00mple.com/", "invalid_url"), ("http://x.com/" + "a" * 3000, "url_too_long"),
-    ("http://[::1/", "invalid_url"),
-])
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("", "empty_url"),
+        ("ftp://example.com/", "unsupported_scheme"),
+        ("javascript:alert(1)", "unsupported_scheme"),
+        ("http:///nohost", "invalid_url"),
+        ("http://exa\x00mple.com/", "invalid_url"),
+        ("http://x.com/" + "a" * 3000, "url_too_long"),
+        ("http://[::1/", "invalid_url"),
+    ],
+)
 def test_invalid_urls_have_reasons(url: str, reason: str) -> None:
     with pytest.raises(InvalidURL) as caught:
         canonicalize(url)
@@ -54,34 +62,48 @@ def test_plain_text_seed_defaults_to_its_own_host() -> None:
     validate("discovered", candidate)
     assert candidate["url"] == "http://example.com/start"
     assert candidate["host"] == "example.com"
-    assert candidate["scope"] == {"allow_domains": ["example.com"], "max_depth": 5,
-                                  "max_pages": 0}
+    assert candidate["scope"] == {"allow_domains": ["example.com"], "max_depth": 5, "max_pages": 0}
     assert (candidate["depth"], candidate["crawl_id"]) == (0, "default")
 
 
 def test_json_seed_carries_crawl_id_priority_and_scope() -> None:
-    seed = {"url": "http://a.example/", "crawl_id": "c1", "priority": 9, "meta": {"k": "v"},
-            "scope": {"allow_domains": ["a.example", "b.example"], "max_depth": 2}}
+    seed = {
+        "url": "http://a.example/",
+        "crawl_id": "c1",
+        "priority": 9,
+        "meta": {"k": "v"},
+        "scope": {"allow_domains": ["a.example", "b.example"], "max_depth": 2},
+    }
     candidate = parse_seed(json.dumps(seed).encode(), SETTINGS, now=1.0)
     validate("discovered", candidate)
-    assert (candidate["crawl_id"], candidate["priority"], candidate["meta"]) == ("c1", 9, {"k": "v"})
+    assert (candidate["crawl_id"], candidate["priority"], candidate["meta"]) == (
+        "c1",
+        9,
+        {"k": "v"},
+    )
     assert candidate["scope"]["allow_domains"] == ["a.example", "b.example"]
     assert candidate["scope"]["max_depth"] == 2
 
 
-@pytest.mark.parametrize(("value", "reason"), [
-    (b"not a url", "invalid_url"),
-    (b"notaurl", "unsupported_scheme"),
-    (b"ftp://example.com/file", "unsupported_scheme"),
-    (b"\xff\xfe\x00garbage\x80", "undecodable"),
-    (b"", "empty_value"),
-    (b'{"url": 42}', "schema_violation"),
-    (b'{"url": "http://a.example/", "depth": "deep"}', "schema_violation"),
-    (b'{"url": "http://a.example/", "unknown": 1}', "schema_violation"),
-    (b'["http://a.example/"]', "schema_violation"),
-    (b'{"url": "http://a.example/"', "invalid_json"),
-    (b'{"url": "http://a.example/", "scope": {"allow_domains": ["b.example"]}}', "out_of_scope"),
-])
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"not a url", "invalid_url"),
+        (b"notaurl", "unsupported_scheme"),
+        (b"ftp://example.com/file", "unsupported_scheme"),
+        (b"\xff\xfe\x00garbage\x80", "undecodable"),
+        (b"", "empty_value"),
+        (b'{"url": 42}', "schema_violation"),
+        (b'{"url": "http://a.example/", "depth": "deep"}', "schema_violation"),
+        (b'{"url": "http://a.example/", "unknown": 1}', "schema_violation"),
+        (b'["http://a.example/"]', "schema_violation"),
+        (b'{"url": "http://a.example/"', "invalid_json"),
+        (
+            b'{"url": "http://a.example/", "scope": {"allow_domains": ["b.example"]}}',
+            "out_of_scope",
+        ),
+    ],
+)
 def test_malformed_seeds_are_rejected_with_a_reason(value: bytes, reason: str) -> None:
     with pytest.raises(Rejected) as caught:
         parse_seed(value, SETTINGS)
@@ -90,12 +112,20 @@ def test_malformed_seeds_are_rejected_with_a_reason(value: bytes, reason: str) -
 
 def _page(**changes: object) -> dict[str, object]:
     page: dict[str, object] = {
-        "url": "http://a.example/dir/page.html", "crawl_id": "c1", "depth": 1, "priority": 5,
+        "url": "http://a.example/dir/page.html",
+        "crawl_id": "c1",
+        "depth": 1,
+        "priority": 5,
         "scope": {"allow_domains": ["a.example"], "max_depth": 3, "max_pages": 0},
-        "links": ["http://a.example/x.html", "http://A.example/x.html#frag",
-                  "http://elsewhere.example/", "mailto:someone@a.example",
-                  "http://a.example/y.html"],
-        "redirect_to": None, "redirect_chain": [],
+        "links": [
+            "http://a.example/x.html",
+            "http://A.example/x.html#frag",
+            "http://elsewhere.example/",
+            "mailto:someone@a.example",
+            "http://a.example/y.html",
+        ],
+        "redirect_to": None,
+        "redirect_chain": [],
     }
     page.update(changes)
     return page
@@ -105,8 +135,11 @@ def test_links_become_candidates_in_scope_one_level_deeper() -> None:
     kept, drops = candidates_from_page(_page(), SETTINGS, now=1.0)
     for candidate in kept:
         validate("discovered", candidate)
-    assert [c["url"] for c in kept] == ["http://a.example/x.html", "http://a.example/x.html",
-                                        "http://a.example/y.html"]
+    assert [c["url"] for c in kept] == [
+        "http://a.example/x.html",
+        "http://a.example/x.html",
+        "http://a.example/y.html",
+    ]
     assert {c["depth"] for c in kept} == {2}
     assert {c["source"] for c in kept} == {"http://a.example/dir/page.html"}
     assert sorted(d.reason for d in drops) == ["out_of_scope", "unsupported_scheme"]
@@ -118,13 +151,21 @@ def test_depth_limit_drops_links() -> None:
 
 
 def test_redirect_target_keeps_depth_and_records_chain_and_loops_stop() -> None:
-    page = _page(links=[], redirect_to="http://a.example/final.html",
-                 redirect_chain=["http://a.example/first.html"])
+    page = _page(
+        links=[],
+        redirect_to="http://a.example/final.html",
+        redirect_chain=["http://a.example/first.html"],
+    )
     (candidate,), _ = candidates_from_page(page, SETTINGS)
     assert candidate["depth"] == 1
-    assert candidate["redirect_chain"] == ["http://a.example/first.html",
-                                           "http://a.example/dir/page.html"]
-    looping = _page(links=[], redirect_to="http://a.example/first.html",
-                    redirect_chain=["http://a.example/first.html"])
+    assert candidate["redirect_chain"] == [
+        "http://a.example/first.html",
+        "http://a.example/dir/page.html",
+    ]
+    looping = _page(
+        links=[],
+        redirect_to="http://a.example/first.html",
+        redirect_chain=["http://a.example/first.html"],
+    )
     kept, drops = candidates_from_page(looping, SETTINGS)
     assert kept == [] and [d.reason for d in drops] == ["redirect_loop"]
