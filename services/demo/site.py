@@ -46,7 +46,7 @@ class SiteManifest:
 class _Graph:
     """Paths (root-relative, canonical) and the hrefs each page links with."""
 
-    links: dict[str, list[tuple[str, str | None]]] = field(default_factory=dict)
+    links: dict[str, list[tuple[str | None, str | None]]] = field(default_factory=dict)
     redirects: dict[str, str] = field(default_factory=dict)
     missing: set[str] = field(default_factory=set)
 
@@ -84,13 +84,13 @@ def _build_graph(pages: int, rng: random.Random, origin: str) -> _Graph:
     graph.redirects["/r/chain"] = "/r/0"  # a two-hop chain
     for n in range(pages):
         source = content_path(n)
-        hrefs: list[tuple[str, str | None]] = []
+        hrefs: list[tuple[str | None, str | None]] = []
         for _ in range(rng.randint(5, 12)):
             target = content_path(rng.randrange(pages))
             hrefs.append((target, _spellings(target, source, origin, rng)))
         if n % 10 == 0:
-            hrefs.append((None, f"http://offsite.example/from/{n}"))  # type: ignore[arg-type]
-            hrefs.append((None, "https://example.org/"))  # type: ignore[arg-type]
+            hrefs.append((None, f"http://offsite.example/from/{n}"))
+            hrefs.append((None, "https://example.org/"))
         if n % 25 == 0:
             redirect = rng.choice(sorted(graph.redirects))
             hrefs.append((redirect, redirect))
@@ -99,13 +99,13 @@ def _build_graph(pages: int, rng: random.Random, origin: str) -> _Graph:
             graph.missing.add(missing)
             hrefs.append((missing, missing))
         if n % 50 == 0:
-            hrefs.append((None, "mailto:webmaster@example.org"))  # type: ignore[arg-type]
-            hrefs.append((None, "javascript:void(0)"))  # type: ignore[arg-type]
+            hrefs.append((None, "mailto:webmaster@example.org"))
+            hrefs.append((None, "javascript:void(0)"))
         graph.links[source] = hrefs
     return graph
 
 
-def _page_html(path: str, hrefs: list[tuple[str, str | None]], rng: random.Random) -> str:
+def _page_html(path: str, hrefs: list[tuple[str | None, str | None]], rng: random.Random) -> str:
     words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(40, 120)))
     anchors = "\n".join(f'<li><a href="{href}">link {i}</a></li>' for i, (_, href) in
                         enumerate(hrefs) if href is not None)
