@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-_LOG_FORMAT = "'$msec\\t$request_method\\t$request_uri\\t$status\\t$body_bytes_sent\\t$http_user_agent'"
+_LOG_FORMAT = (
+    "'$msec\\t$request_method\\t$request_uri\\t$status\\t$body_bytes_sent\\t$http_user_agent'"
+)
 
 
 class NginxError(RuntimeError):
@@ -30,7 +32,9 @@ class AccessEntry:
 
 
 def _nginx_binary() -> str:
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    found = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
     if found is None:
         raise NginxError("nginx is not installed (apt-get install nginx-light)")
     return found
@@ -51,8 +55,10 @@ class NginxSite:
         user = "user root root;\n" if os.geteuid() == 0 else ""
         redirects = self.root / "redirects.conf"
         include = f"include {redirects};" if redirects.exists() else ""
-        temps = "".join(f"{kind}_temp_path {temp / kind};\n"
-                        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        temps = "".join(
+            f"{kind}_temp_path {temp / kind};\n"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
         return (
             f"{user}worker_processes 1;\ndaemon off;\npid {self.root / 'nginx.pid'};\n"
             f"error_log {self.root / 'error.log'} warn;\n"
@@ -62,7 +68,8 @@ class NginxSite:
             "types { text/html html; text/plain txt; application/xml xml; }\n"
             "default_type application/octet-stream;\nkeepalive_requests 100000;\n"
             f"server {{\nlisten 127.0.0.1:{self.port};\nroot {self.root / 'www'};\n"
-            f"absolute_redirect off;\nindex index.html;\n{include}\n}}\n}}\n")
+            f"absolute_redirect off;\nindex index.html;\n{include}\n}}\n}}\n"
+        )
 
     def start(self) -> NginxSite:
         binary = _nginx_binary()
@@ -76,7 +83,10 @@ class NginxSite:
         config.write_text(self._config())
         self._process = subprocess.Popen(
             [binary, "-p", str(self.root), "-c", str(config), "-e", str(self.root / "error.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         self._wait_listening()
         return self
 
@@ -108,13 +118,20 @@ class NginxSite:
         for line in self.access_log.read_text(errors="replace").splitlines():
             parts = line.split("\t")
             if len(parts) == 6:
-                entries.append(AccessEntry(float(parts[0]), parts[1], parts[2], int(parts[3]),
-                                           int(parts[4]), parts[5]))
+                entries.append(
+                    AccessEntry(
+                        float(parts[0]), parts[1], parts[2], int(parts[3]), int(parts[4]), parts[5]
+                    )
+                )
         return entries
 
     def __enter__(self) -> NginxSite:
         return self.start()
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
         self.stop()

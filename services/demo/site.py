@@ -14,8 +14,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SECTIONS = 20
-_WORDS = ("kafka stream crawl page frontier fetch parse store bloom filter topic partition "
-          "offset commit broker lag replica host link anchor title text index section").split()
+_WORDS = [
+    "kafka",
+    "stream",
+    "crawl",
+    "page",
+    "frontier",
+    "fetch",
+    "parse",
+    "store",
+    "bloom",
+    "filter",
+    "topic",
+    "partition",
+    "offset",
+    "commit",
+    "broker",
+    "lag",
+    "replica",
+    "host",
+    "link",
+    "anchor",
+    "title",
+    "text",
+    "index",
+    "section",
+]
 
 
 @dataclass
@@ -29,17 +53,30 @@ class SiteManifest:
     max_depth: int = 0
 
     def to_json(self) -> str:
-        return json.dumps({
-            "base_url": self.base_url, "entry_url": self.entry_url,
-            "pages": sorted(self.pages), "missing": sorted(self.missing),
-            "redirects": self.redirects, "offsite": sorted(self.offsite),
-            "max_depth": self.max_depth})
+        return json.dumps(
+            {
+                "base_url": self.base_url,
+                "entry_url": self.entry_url,
+                "pages": sorted(self.pages),
+                "missing": sorted(self.missing),
+                "redirects": self.redirects,
+                "offsite": sorted(self.offsite),
+                "max_depth": self.max_depth,
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str) -> SiteManifest:
         raw = json.loads(text)
-        return cls(raw["base_url"], raw["entry_url"], set(raw["pages"]), set(raw["missing"]),
-                   dict(raw["redirects"]), set(raw["offsite"]), raw["max_depth"])
+        return cls(
+            raw["base_url"],
+            raw["entry_url"],
+            set(raw["pages"]),
+            set(raw["missing"]),
+            dict(raw["redirects"]),
+            set(raw["offsite"]),
+            raw["max_depth"],
+        )
 
 
 @dataclass
@@ -107,12 +144,17 @@ def _build_graph(pages: int, rng: random.Random, origin: str) -> _Graph:
 
 def _page_html(path: str, hrefs: list[tuple[str | None, str | None]], rng: random.Random) -> str:
     words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(40, 120)))
-    anchors = "\n".join(f'<li><a href="{href}">link {i}</a></li>' for i, (_, href) in
-                        enumerate(hrefs) if href is not None)
-    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>Page {path}</title><style>p{{margin:0}}</style></head>\n"
-            f"<body><h1>{path}</h1><p>{words}</p>\n<ul>\n{anchors}\n</ul>"
-            f"<script>var ignored = 'not text';</script></body></html>\n")
+    anchors = "\n".join(
+        f'<li><a href="{href}">link {i}</a></li>'
+        for i, (_, href) in enumerate(hrefs)
+        if href is not None
+    )
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>Page {path}</title><style>p{{margin:0}}</style></head>\n"
+        f"<body><h1>{path}</h1><p>{words}</p>\n<ul>\n{anchors}\n</ul>"
+        f"<script>var ignored = 'not text';</script></body></html>\n"
+    )
 
 
 def _reachable(graph: _Graph) -> tuple[dict[str, int], int]:
@@ -124,8 +166,11 @@ def _reachable(graph: _Graph) -> tuple[dict[str, int], int]:
         if path in graph.redirects:
             nexts = [(graph.redirects[path], depth[path])]
         else:
-            nexts = [(target, depth[path] + 1) for target, _ in graph.links.get(path, [])
-                     if target is not None]
+            nexts = [
+                (target, depth[path] + 1)
+                for target, _ in graph.links.get(path, [])
+                if target is not None
+            ]
         for target, level in nexts:
             if target not in depth:
                 depth[target] = level
@@ -143,9 +188,12 @@ def generate_site(root: Path, pages: int = 2000, seed: int = 7, *, port: int) ->
         file = www / (path.lstrip("/") + "index.html" if path.endswith("/") else path.lstrip("/"))
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_text(_page_html(path, hrefs, rng), encoding="utf-8")
-    (root / "redirects.conf").write_text("".join(
-        f"location = {source} {{ return 301 {target}; }}\n"
-        for source, target in sorted(graph.redirects.items())))
+    (root / "redirects.conf").write_text(
+        "".join(
+            f"location = {source} {{ return 301 {target}; }}\n"
+            for source, target in sorted(graph.redirects.items())
+        )
+    )
     depth, max_depth = _reachable(graph)
     manifest = SiteManifest(base_url=origin + "/", entry_url=origin + "/", max_depth=max_depth)
     for path in depth:
@@ -156,6 +204,10 @@ def generate_site(root: Path, pages: int = 2000, seed: int = 7, *, port: int) ->
             manifest.missing.add(url)
         else:
             manifest.pages.add(url)
-    manifest.offsite = {href for hrefs in graph.links.values() for target, href in hrefs
-                        if target is None and href is not None and href.startswith("http")}
+    manifest.offsite = {
+        href
+        for hrefs in graph.links.values()
+        for target, href in hrefs
+        if target is None and href is not None and href.startswith("http")
+    }
     return manifest

@@ -17,8 +17,11 @@ _INVISIBLE = ("script", "style", "noscript", "template", "head")
 _SPACES = re.compile(r"\s+")
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.I)
 _HEADER_CHARSET = re.compile(r"charset\s*=\s*[\"']?([A-Za-z0-9_.:-]+)", re.I)
-_BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
-         (codecs.BOM_UTF16_BE, "utf-16"))
+_BOMS = (
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
 _SKIPPED_SCHEMES = ("javascript:", "mailto:", "tel:", "data:", "about:", "#")
 
 
@@ -80,9 +83,14 @@ def _strict_decode(body: bytes, charset: str | None) -> str | None:
         return None  # a wrong or unknown declaration: fall through to the next source
 
 
-def extract_page(body: bytes, url: str, content_type_header: str | None,
-                 robots_header: str | None = None, max_text_chars: int = MAX_TEXT_CHARS,
-                 max_links: int = MAX_LINKS) -> ExtractedPage:
+def extract_page(
+    body: bytes,
+    url: str,
+    content_type_header: str | None,
+    robots_header: str | None = None,
+    max_text_chars: int = MAX_TEXT_CHARS,
+    max_links: int = MAX_LINKS,
+) -> ExtractedPage:
     text, charset = decode_body(body, content_type_header)
     tree = LexborHTMLParser(text)
     robots = _robots_directives(tree, robots_header)
@@ -90,11 +98,17 @@ def extract_page(body: bytes, url: str, content_type_header: str | None,
     links, nofollow_count = _links(tree, base, "nofollow" in robots, max_links)
     visible = _visible_text(tree)[:max_text_chars]
     return ExtractedPage(
-        title=_title(tree), text=visible, links=links, nofollow_links=nofollow_count,
-        canonical=_canonical(tree, base), noindex="noindex" in robots or "none" in robots,
-        nofollow="nofollow" in robots or "none" in robots, charset=charset,
+        title=_title(tree),
+        text=visible,
+        links=links,
+        nofollow_links=nofollow_count,
+        canonical=_canonical(tree, base),
+        noindex="noindex" in robots or "none" in robots,
+        nofollow="nofollow" in robots or "none" in robots,
+        charset=charset,
         content_hash=hashlib.sha256(visible.encode("utf-8")).hexdigest(),
-        language=_language(tree))
+        language=_language(tree),
+    )
 
 
 def _title(tree: LexborHTMLParser) -> str | None:
@@ -139,8 +153,9 @@ def _absolute(base: str, href: str) -> str | None:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, parts.query, ""))
 
 
-def _links(tree: LexborHTMLParser, base: str, page_nofollow: bool,
-           max_links: int) -> tuple[list[str], int]:
+def _links(
+    tree: LexborHTMLParser, base: str, page_nofollow: bool, max_links: int
+) -> tuple[list[str], int]:
     seen: dict[str, None] = {}
     nofollow = 0
     for node in tree.css("a[href], area[href]"):
