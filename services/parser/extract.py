@@ -1,4 +1,8 @@
-"""Page extraction, pure: bytes and headers in, title, text, links and signals out."""
+"""Page extraction, pure: bytes and headers in, title, text, links and signals out.
+
+Nothing here does I/O and nothing raises on hostile input: the parser service feeds it
+whatever the web returned, and one bad page must not stall a partition.
+"""
 
 from __future__ import annotations
 
@@ -13,16 +17,105 @@ from selectolax.lexbor import LexborHTMLParser, LexborNode
 
 MAX_TEXT_CHARS = 200_000
 MAX_LINKS = 5000
-_INVISIBLE = ("script", "style", "noscript", "template", "head")
-_SPACES = re.compile(r"\s+")
-_META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.I)
-_HEADER_CHARSET = re.compile(r"charset\s*=\s*[\"']?([A-Za-z0-9_.:-]+)", re.I)
+# The frontier refuses longer URLs, so resolving them here would only be wasted work.
+MAX_LINK_CHARS = 2048
+# Browsers cap tree depth around 512 too; deeper trees are attacks or broken generators.
+MAX_NESTING = 512
+_MAX_TITLE_CHARS = 1000
+_META_SCAN_BYTES = 4096
+_DETECT_SAMPLE_BYTES = 65_536
+# Below this many '<' even a fully nested document parses in well under a second, so the
+# nesting scan is skipped and ordinary pages pay nothing for it.
+_NESTING_SCAN_MIN_TAGS = 10_000
+
 _BOMS = (
-    (codecs.BOM_UTF8, "utf-8-sig"),
-    (codecs.BOM_UTF16_LE, "utf-16"),
-    (codecs.BOM_UTF16_BE, "utf-16"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
 )
-_SKIPPED_SCHEMES = ("javascript:", "mailto:", "tel:", "data:", "about:", "#")
+_HEADER_CHARSET = re.compile(r"charset\s*=\s*[\"']?\s*([A-Za-z0-9_.:-]+)", re.I)
+# Matches both <meta charset=x> and <meta http-equiv=content-type content="...; charset=x">.
+_META_CHARSET = re.compile(rb"<meta\s[^>]*?charset\s*=\s*[\"']?\s*([A-Za-z0-9_.:-]+)", re.I)
+# WHATWG decodes these labels as windows-1252: real pages labelled latin-1 use its quotes.
+_WINDOWS_1252_LABELS = frozenset(
+    {
+        "iso-8859-1",
+        "iso8859-1",
+        "latin1",
+        "latin-1",
+        "l1",
+        "ascii",
+        "us-ascii",
+        "windows-1252",
+        "cp1252",
+        "x-cp1252",
+    }
+)
+_C1_FALLBACK = "streamcrawl-c1-passthrough"
+
+_INVISIBLE = "script, style, noscript, template"
+# Text on either side of these renders on separate lines, so a space must separate it;
+# inline elements (b, a, span...) must not split words.
+_BLOCKS = (
+    "address, article, aside, blockquote, br, dd, details, dialog, div, dl, dt, "
+    "fieldset, figcaption, figure, footer, form, h1, h2, h3, h4, h5, h6, header, hr, "
+    "legend, li, main, menu, nav, ol, p, pre, section, summary, table, td, th, tr, ul, "
+    "caption, center, hgroup, option"
+)
+_SKIPPED_HREFS = ("javascript:", "mailto:", "tel:", "data:", "about:", "#")
+_TAG_START = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9-]*)")
+# Void elements never stay open, and these are closed by their next sibling, so neither
+# deepens the tree the parser keeps.
+_NOT_NESTING = frozenset(
+    {
+        "area",
+        "base",
+        "br",
+        "col",
+        "embed",
+        "hr",
+        "img",
+        "input",
+        "link",
+        "meta",
+        "source",
+        "track",
+        "wbr",
+        "p",
+        "li",
+        "dt",
+        "dd",
+        "option",
+        "optgroup",
+        "tr",
+        "td",
+        "th",
+        "thead",
+        "tbody",
+        "tfoot",
+        "rb",
+        "rt",
+        "rp",
+        "rtc",
+        "param",
+        "keygen",
+    }
+)
+# Robots directives that carry a value after a colon, so the colon is no user-agent prefix.
+_VALUED_DIRECTIVES = frozenset(
+    {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}
+)
+_OUR_AGENT = "streamcrawl"
+
+
+def _c1_passthrough(error: UnicodeError) -> tuple[str, int]:
+    # Python's cp1252 leaves five bytes undefined; WHATWG maps them to the C1 code points.
+    if not isinstance(error, UnicodeDecodeError):
+        raise error
+    return error.object[error.start : error.end].decode("latin-1"), error.end
+
+
+codecs.register_error(_C1_FALLBACK, _c1_passthrough)
 
 
 @dataclass(frozen=True)
@@ -40,27 +133,31 @@ class ExtractedPage:
 
 
 def is_html(content_type_header: str | None, body_start: bytes) -> bool:
-    if content_type_header:
+    """HTML by media type; with no header, by a doctype or <html> in the first 1 KB."""
+    if content_type_header and content_type_header.strip():
         media = content_type_header.split(";", 1)[0].strip().lower()
         return media in ("text/html", "application/xhtml+xml")
-    head = body_start[:1024].lstrip().lower()
-    return head.startswith(b"<!doctype html") or b"<html" in head
+    head = body_start[:1024].lower()
+    return b"<!doctype html" in head or b"<html" in head
+
+
+# --- decoding -------------------------------------------------------------------------
 
 
 def decode_body(body: bytes, content_type_header: str | None) -> tuple[str, str | None]:
-    """Text and the charset used: BOM, then the header, then <meta>, then detection."""
+    """The text and the Python codec name used: BOM, then the Content-Type charset, then
+    a <meta> declaration in the first 4 KB, then detection, then UTF-8 with replacement.
+
+    A declaration that names an unknown codec or does not decode cleanly is skipped.
+    """
     for bom, encoding in _BOMS:
         if body.startswith(bom):
-            return body.decode(encoding, errors="replace"), encoding.replace("-sig", "")
-    declared = [_header_charset(content_type_header), _meta_charset(body[:4096])]
-    for charset in declared:
-        text = _strict_decode(body, charset)
-        if text is not None:
-            return text, charset
-    best = from_bytes(body[:200_000]).best()
-    if best is not None and best.encoding:
-        return body.decode(best.encoding, errors="replace"), best.encoding
-    return body.decode("utf-8", errors="replace"), "utf-8"
+            return body[len(bom) :].decode(encoding, errors="replace"), encoding
+    for label in (_header_charset(content_type_header), _meta_charset(body)):
+        decoded = _strict_decode(body, label)
+        if decoded is not None:
+            return decoded
+    return _undeclared_decode(body)
 
 
 def _header_charset(header: str | None) -> str | None:
@@ -68,19 +165,49 @@ def _header_charset(header: str | None) -> str | None:
     return match.group(1).lower() if match else None
 
 
-def _meta_charset(head: bytes) -> str | None:
-    match = _META_CHARSET.search(head)
-    return match.group(1).decode("ascii", "ignore").lower() if match else None
-
-
-def _strict_decode(body: bytes, charset: str | None) -> str | None:
-    if not charset:
+def _meta_charset(body: bytes) -> str | None:
+    match = _META_CHARSET.search(body[:_META_SCAN_BYTES])
+    if match is None:
         return None
+    label = match.group(1).decode("ascii").lower()
+    # A meta tag readable as ASCII cannot be UTF-16/32; WHATWG reads such pages as UTF-8.
+    return "utf-8" if label.startswith(("utf-16", "utf-32")) else label
+
+
+def _strict_decode(body: bytes, label: str | None) -> tuple[str, str] | None:
+    if not label:
+        return None
+    if label in _WINDOWS_1252_LABELS:
+        return body.decode("cp1252", errors=_C1_FALLBACK), "cp1252"
     try:
-        codecs.lookup(charset)
-        return body.decode(charset)
+        name = codecs.lookup(label).name
+        return body.decode(name), name
     except (LookupError, UnicodeDecodeError):
-        return None  # a wrong or unknown declaration: fall through to the next source
+        return None  # a wrong or unknown declaration: the next source decides
+
+
+def _undeclared_decode(body: bytes) -> tuple[str, str]:
+    # Valid multi-byte UTF-8 almost never happens by accident, and checking is far cheaper
+    # than statistical detection, which then only sees legacy encodings.
+    try:
+        return body.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        pass
+    detected = _detect_charset(body[:_DETECT_SAMPLE_BYTES])
+    if detected is not None:
+        return body.decode(detected, errors="replace"), detected
+    return body.decode("utf-8", errors="replace"), "utf-8"
+
+
+def _detect_charset(sample: bytes) -> str | None:
+    try:
+        best = from_bytes(sample).best()
+        return codecs.lookup(best.encoding).name if best is not None else None
+    except Exception:  # a third-party heuristic must not take the parser down with it
+        return None
+
+
+# --- extraction -----------------------------------------------------------------------
 
 
 def extract_page(
@@ -91,98 +218,169 @@ def extract_page(
     max_text_chars: int = MAX_TEXT_CHARS,
     max_links: int = MAX_LINKS,
 ) -> ExtractedPage:
+    """Title, visible text, followable links and robots signals of an HTML page.
+
+    ``robots_header`` is the X-Robots-Tag response header. Link and text caps bound the
+    output of hostile pages; ``nofollow_links`` counts links withheld by rel=nofollow or a
+    page-wide nofollow.
+    """
     text, charset = decode_body(body, content_type_header)
-    tree = LexborHTMLParser(text)
-    robots = _robots_directives(tree, robots_header)
+    tree = LexborHTMLParser(_cap_nesting(text))
+    noindex, nofollow = _robots(tree, robots_header)
     base = _base_url(tree, url)
-    links, nofollow_count = _links(tree, base, "nofollow" in robots, max_links)
-    visible = _visible_text(tree)[:max_text_chars]
+    links, withheld = _links(tree, base, nofollow, max_links)
+    visible = _visible_text(tree, max_text_chars)
     return ExtractedPage(
         title=_title(tree),
         text=visible,
         links=links,
-        nofollow_links=nofollow_count,
+        nofollow_links=withheld,
         canonical=_canonical(tree, base),
-        noindex="noindex" in robots or "none" in robots,
-        nofollow="nofollow" in robots or "none" in robots,
+        noindex=noindex,
+        nofollow=nofollow,
         charset=charset,
         content_hash=hashlib.sha256(visible.encode("utf-8")).hexdigest(),
         language=_language(tree),
     )
 
 
+def _cap_nesting(html: str, max_depth: int = MAX_NESTING) -> str:
+    """The document cut where its tags nest deeper than ``max_depth``.
+
+    Lexbor scans the open-element stack for many start tags, so parse time grows with
+    depth times tags: 100k nested <div>s take tens of seconds. The depth estimate is
+    rough (it also counts tags in scripts and comments), which is fine for a safety cap.
+    """
+    if html.count("<") < _NESTING_SCAN_MIN_TAGS:
+        return html
+    depth = 0
+    for match in _TAG_START.finditer(html):
+        if match.group(2).lower() in _NOT_NESTING:
+            continue
+        if match.group(1):
+            depth = max(depth - 1, 0)
+            continue
+        depth += 1
+        if depth > max_depth:
+            return html[: match.start()]
+    return html
+
+
+def _attr(node: LexborNode, name: str) -> str:
+    return (node.attrs.get(name) or "").strip()
+
+
+def _collapse(text: str) -> str:
+    return " ".join(text.split())
+
+
 def _title(tree: LexborHTMLParser) -> str | None:
-    node = tree.css_first("title")
+    node = tree.css_first("head > title")
+    if node is None:  # broken pages put the title in the body
+        node = tree.css_first("title")
     if node is None:
         return None
-    title = _SPACES.sub(" ", node.text(deep=True)).strip()
-    return title[:1000] or None
+    return _collapse(node.text(deep=True))[:_MAX_TITLE_CHARS] or None
 
 
-def _visible_text(tree: LexborHTMLParser) -> str:
+def _language(tree: LexborHTMLParser) -> str | None:
+    node = tree.css_first("html")
+    if node is None:
+        return None
+    # BCP 47 tags are short; a long value is junk, not a language.
+    return (_attr(node, "lang") or _attr(node, "xml:lang"))[:35] or None
+
+
+def _visible_text(tree: LexborHTMLParser, max_chars: int) -> str:
+    """Body text without scripts and styles, whitespace collapsed; mutates the tree."""
     body = tree.body
     if body is None:
         return ""
-    for node in body.css(",".join(_INVISIBLE)):
+    for node in body.css(_INVISIBLE):
         node.decompose()
-    return _SPACES.sub(" ", body.text(separator=" ", deep=True)).strip()
+    for node in body.css(_BLOCKS):
+        node.insert_before(" ")
+        node.insert_after(" ")
+    return _collapse(body.text(deep=True))[:max_chars].rstrip()
 
 
-def _robots_directives(tree: LexborHTMLParser, header: str | None) -> set[str]:
-    values = [header or ""]
+def _robots(tree: LexborHTMLParser, header: str | None) -> tuple[bool, bool]:
+    """(noindex, nofollow) from <meta name=robots|streamcrawl> and X-Robots-Tag."""
+    directives = _header_directives(header or "")
     for node in tree.css("meta[name]"):
-        if (node.attributes.get("name") or "").strip().lower() in ("robots", "streamcrawl"):
-            values.append(node.attributes.get("content") or "")
-    return {part.strip().lower() for value in values for part in value.split(",") if part.strip()}
+        if _attr(node, "name").lower() in ("robots", _OUR_AGENT):
+            directives.update(_split_directives(_attr(node, "content")))
+    none = "none" in directives
+    return none or "noindex" in directives, none or "nofollow" in directives
+
+
+def _split_directives(value: str) -> set[str]:
+    return {part.strip().lower() for part in value.split(",") if part.strip()}
+
+
+def _header_directives(header: str) -> set[str]:
+    # "googlebot: noindex, nofollow" scopes the directives that follow to that crawler.
+    directives: set[str] = set()
+    applies = True
+    # Order matters: a "name:" token scopes the tokens after it, so no set here.
+    tokens = [part.strip().lower() for part in header.split(",") if part.strip()]
+    for token in tokens:
+        prefix, colon, rest = token.partition(":")
+        if colon and prefix.strip() not in _VALUED_DIRECTIVES:
+            applies = prefix.strip() == _OUR_AGENT
+            token = rest.strip()
+        if applies and token:
+            directives.add(token)
+    return directives
 
 
 def _base_url(tree: LexborHTMLParser, url: str) -> str:
     node = tree.css_first("base[href]")
-    href = (node.attributes.get("href") or "").strip() if node is not None else ""
-    return _absolute(url, href) or url if href else url
+    href = _attr(node, "href") if node is not None else ""
+    return (_absolute(url, href) or url) if href else url
 
 
 def _absolute(base: str, href: str) -> str | None:
+    """``href`` resolved against ``base``, fragment dropped; None unless http(s)."""
+    if len(href) > MAX_LINK_CHARS:
+        return None
     try:
-        joined = urljoin(base, href.strip())
-        parts = urlsplit(joined)
-    except ValueError:
+        parts = urlsplit(urljoin(base, href))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return None
+    except ValueError:  # e.g. an unbalanced IPv6 bracket in the host
         return None
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        return None
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, parts.query, ""))
+    absolute = urlunsplit((parts.scheme, parts.netloc, parts.path, parts.query, ""))
+    return absolute if len(absolute) <= MAX_LINK_CHARS else None
 
 
 def _links(
     tree: LexborHTMLParser, base: str, page_nofollow: bool, max_links: int
 ) -> tuple[list[str], int]:
-    seen: dict[str, None] = {}
-    nofollow = 0
+    """Deduplicated absolute links in document order, and the count withheld by nofollow."""
+    seen: dict[str, None] = {}  # an insertion-ordered set
+    resolved: set[str] = set()  # urljoin dominates the cost and pages repeat their hrefs
+    withheld = 0
     for node in tree.css("a[href], area[href]"):
-        href = (node.attributes.get("href") or "").strip()
-        if not href or href.lower().startswith(_SKIPPED_SCHEMES):
+        href = _attr(node, "href")
+        if not href or href.lower().startswith(_SKIPPED_HREFS):
             continue
         if page_nofollow or _has_nofollow(node):
-            nofollow += 1
-            continue
-        absolute = _absolute(base, href)
-        if absolute is not None and len(seen) < max_links:
-            seen.setdefault(absolute, None)
-    return list(seen), nofollow
+            withheld += 1
+        elif len(seen) < max_links and href not in resolved:
+            resolved.add(href)
+            absolute = _absolute(base, href)
+            if absolute is not None:
+                seen[absolute] = None
+    return list(seen), withheld
 
 
 def _has_nofollow(node: LexborNode) -> bool:
-    return "nofollow" in (node.attributes.get("rel") or "").lower().split()
+    return "nofollow" in _attr(node, "rel").lower().split()
 
 
 def _canonical(tree: LexborHTMLParser, base: str) -> str | None:
     for node in tree.css("link[rel][href]"):
-        if "canonical" in (node.attributes.get("rel") or "").lower().split():
-            return _absolute(base, node.attributes.get("href") or "")
+        if "canonical" in _attr(node, "rel").lower().split():
+            return _absolute(base, _attr(node, "href"))
     return None
-
-
-def _language(tree: LexborHTMLParser) -> str | None:
-    node = tree.css_first("html")
-    lang = (node.attributes.get("lang") or "").strip() if node is not None else ""
-    return lang[:35] or None

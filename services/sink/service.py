@@ -1,7 +1,10 @@
 """The sink service: crawl.pages in, one MongoDB document per canonical URL out.
 
-Writes are bulk, unordered upserts keyed by URL, so a redelivered batch rewrites
-the same documents instead of adding new ones. Offsets are committed only after
+Each batch is first inserted in bulk (unordered), and only the documents whose
+URL is already stored are then replaced with upserts: the end state is that of an
+upsert per page, so a redelivered batch rewrites the same documents instead of
+adding new ones, while fresh pages take the fast path (FerretDB inserts about a
+hundred times faster than it upserts; see bench/RESULTS.md). Offsets are committed only after
 the database acknowledged the batch; while it is down the sink retries and the
 pipeline backs up behind it in Kafka, where nothing is lost.
 """
@@ -14,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pymongo import AsyncMongoClient, UpdateOne
+from pymongo import AsyncMongoClient, ReplaceOne
 from pymongo.errors import BulkWriteError, PyMongoError
 
 from ..core import metrics
@@ -24,9 +27,24 @@ from ..core.topics import PAGES, SINK_GROUP
 log = logging.getLogger(__name__)
 
 
-def upsert(page: dict[str, Any], stored_at: float) -> UpdateOne:
-    document = {**page, "stored_at": stored_at}
-    return UpdateOne({"_id": page["url"]}, {"$set": document}, upsert=True)
+DUPLICATE_KEY = 11000
+UPDATE_CHUNK = 50
+
+
+def document_for(page: dict[str, Any], stored_at: float) -> dict[str, Any]:
+    return {"_id": page["url"], **page, "stored_at": stored_at}
+
+
+def duplicate_indexes(error: BulkWriteError) -> tuple[set[int], list[dict[str, Any]]]:
+    """Positions that failed only because the URL exists, and any other write errors."""
+    duplicates: set[int] = set()
+    others: list[dict[str, Any]] = []
+    for failure in error.details.get("writeErrors", []):
+        if failure.get("code") == DUPLICATE_KEY:
+            duplicates.add(int(failure["index"]))
+        else:
+            others.append(failure)
+    return duplicates, others
 
 
 class SinkStage(BatchStage):
@@ -64,14 +82,29 @@ class SinkStage(BatchStage):
                 continue
             latest[page["url"]] = page  # the last version of a URL in a batch wins
         if latest:
-            stored_at = time.time()
-            operations = [upsert(page, stored_at) for page in latest.values()]
-            await self._retry(
-                f"writing {len(operations)} pages",
-                lambda: self.collection.bulk_write(operations, ordered=False),
-            )
-            metrics.PAGES_STORED.inc(len(operations))
+            documents = [document_for(page, time.time()) for page in latest.values()]
+            await self._retry(f"writing {len(documents)} pages", lambda: self._store(documents))
+            metrics.PAGES_STORED.inc(len(documents))
         return dead
+
+    async def _store(self, documents: list[dict[str, Any]]) -> None:
+        try:
+            await self.collection.insert_many(documents, ordered=False)
+            return
+        except BulkWriteError as error:
+            duplicates, others = duplicate_indexes(error)
+            if others:
+                raise
+        replacements = [
+            ReplaceOne({"_id": documents[i]["_id"]}, documents[i], upsert=True)
+            for i in sorted(duplicates)
+        ]
+        # FerretDB 1.24 (SQLite) stops answering a bulk write of 100 or more updates
+        # of existing documents; 50 at a time is safe and costs little.
+        for start in range(0, len(replacements), UPDATE_CHUNK):
+            await self.collection.bulk_write(
+                replacements[start : start + UPDATE_CHUNK], ordered=False
+            )
 
     async def _retry(self, what: str, action: Any) -> Any:
         delay = 0.5

@@ -1,0 +1,44 @@
+"""The sink against the real MongoDB-wire server: fresh pages insert, redelivered pages
+replace, and a URL is never stored twice."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient
+from streamcrawl.core.config import Settings
+from streamcrawl.sink.service import SinkStage, document_for
+
+pytestmark = pytest.mark.integration
+
+
+def page(url: str, title: str) -> dict[str, Any]:
+    return {"url": url, "title": title, "status": 200, "crawl_id": "c"}
+
+
+async def test_redelivery_replaces_and_never_duplicates(settings: Settings) -> None:
+    sink = SinkStage(settings)
+    await sink.start()
+    try:
+        first = [document_for(page(f"http://a.example/{n}", "v1"), 1.0) for n in range(300)]
+        await sink._store(first)
+        # A redelivered batch overlapping the first, with newer content, plus new pages;
+        # stored twice, the second time as 150 replacements (FerretDB needs them chunked).
+        second = [document_for(page(f"http://a.example/{n}", "v2"), 2.0) for n in range(250, 400)]
+        await sink._store(second)
+        await sink._store(second)
+    finally:
+        await sink.stop()
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
+    try:
+        collection = client[settings.mongo_database][settings.mongo_collection]
+        docs = {doc["url"]: doc["title"] async for doc in collection.find({})}
+        assert await collection.count_documents({}) == 400 == len(docs)
+        assert {url for url, title in docs.items() if title == "v2"} == {
+            f"http://a.example/{n}" for n in range(250, 400)
+        }
+        indexes = await collection.index_information()
+        assert indexes["url_unique"]["unique"] is True
+    finally:
+        await client.close()

@@ -1,0 +1,650 @@
+"""The deployment artefacts under deploy/: Kustomize base and overlay, KEDA objects,
+Prometheus rules and config, Grafana dashboard.
+
+No cluster is needed: core objects are validated against the Kubernetes OpenAPI
+schemas bundled by kubernetes-validate, KEDA objects against the CRDs' own
+``openAPIV3Schema`` (closed, so unknown fields fail as a structural schema would
+prune them), rules and config with promtool.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from streamcrawl.core import metrics as metrics_module
+from streamcrawl.core.config import PREFIX, Settings
+from streamcrawl.core.topics import (
+    FETCH,
+    FETCHED,
+    FETCHER_GROUP,
+    GROUP_INPUTS,
+    HOST_PARTITIONS,
+    topic_name,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+BASE = DEPLOY / "base"
+OVERLAY = DEPLOY / "overlays" / "example"
+KEDA_CRDS = REPO.parent / "shared" / "keda"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboard.json"
+
+K8S_VERSION = "1.31"
+IMAGE = "ghcr.io/streamcrawl/streamcrawl"
+SERVICES = ("frontier", "dedup", "fetcher", "parser", "sink")
+METRICS_PORT = 9400
+
+Obj = dict[str, Any]
+
+# ---------------------------------------------------------------------------
+# A tiny Kustomize: resources (files, directories), namespace, images, and
+# patches given as partial objects (merged like a JSON merge patch: mappings
+# merge, lists are replaced, null deletes). Anything else is refused rather than
+# ignored; test_loader_matches_kubectl_kustomize checks it against the real one.
+# ---------------------------------------------------------------------------
+
+CLUSTER_SCOPED = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+    "PriorityClass",
+    "StorageClass",
+    "PersistentVolume",
+    "ClusterTriggerAuthentication",
+}
+SUPPORTED_KEYS = {"apiVersion", "kind", "resources", "namespace", "images", "patches"}
+
+
+def _is_builtin(obj: Obj) -> bool:
+    group = obj["apiVersion"].rpartition("/")[0]
+    return "." not in group or group.endswith(".k8s.io")
+
+
+def _merge(target: Any, patch: Any, builtin: bool) -> Any:
+    if not isinstance(patch, dict) or not isinstance(target, dict):
+        if isinstance(patch, list) and builtin:
+            # A strategic merge patch merges lists of built-in kinds by key; not modelled.
+            raise NotImplementedError("list in a patch of a built-in kind")
+        return copy.deepcopy(patch)
+    merged = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif key in merged:
+            merged[key] = _merge(merged[key], value, builtin)
+        else:
+            merged[key] = (
+                _merge({}, value, builtin) if isinstance(value, dict) else copy.deepcopy(value)
+            )
+    return merged
+
+
+def _load_docs(path: Path) -> list[Obj]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _key(obj: Obj) -> tuple[str, str]:
+    return obj["kind"], obj["metadata"]["name"]
+
+
+def _pod_containers(obj: Obj) -> Iterator[Obj]:
+    pod = obj.get("spec", {}).get("template", {}).get("spec", {})
+    yield from pod.get("initContainers", [])
+    yield from pod.get("containers", [])
+
+
+def render(directory: Path) -> list[Obj]:
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    unsupported = set(kustomization) - SUPPORTED_KEYS
+    assert not unsupported, f"{directory}: the test loader does not implement {unsupported}"
+    objects: list[Obj] = []
+    for entry in kustomization.get("resources", []):
+        path = (directory / entry).resolve()
+        objects.extend(render(path) if path.is_dir() else _load_docs(path))
+    for patch_entry in kustomization.get("patches", []):
+        assert set(patch_entry) <= {"path", "patch"}, f"unsupported patch form {patch_entry}"
+        patches = (
+            _load_docs(directory / patch_entry["path"])
+            if "path" in patch_entry
+            else [yaml.safe_load(patch_entry["patch"])]
+        )
+        for patch in patches:
+            matches = [i for i, obj in enumerate(objects) if _key(obj) == _key(patch)]
+            assert len(matches) == 1, f"patch {_key(patch)} matches {len(matches)} objects"
+            index = matches[0]
+            patch_body = {k: v for k, v in patch.items() if k not in ("apiVersion", "kind")}
+            patch_body["metadata"] = {
+                k: v for k, v in patch["metadata"].items() if k not in ("name", "namespace")
+            }
+            objects[index] = _merge(objects[index], patch_body, _is_builtin(objects[index]))
+    namespace = kustomization.get("namespace")
+    if namespace:
+        for obj in objects:
+            if obj["kind"] == "Namespace":
+                obj["metadata"]["name"] = namespace
+            elif obj["kind"] not in CLUSTER_SCOPED:
+                obj["metadata"]["namespace"] = namespace
+    for image in kustomization.get("images", []):
+        for obj in objects:
+            for container in _pod_containers(obj):
+                name = re.split(r"[@]|:(?=[^/:]*$)", container["image"])[0]
+                if name != image["name"]:
+                    continue
+                new_name = image.get("newName", name)
+                if "digest" in image:
+                    container["image"] = f"{new_name}@{image['digest']}"
+                else:
+                    tag = image.get("newTag", container["image"][len(name) + 1 :] or "latest")
+                    container["image"] = f"{new_name}:{tag}"
+    keys = [(_key(obj), obj["metadata"].get("namespace")) for obj in objects]
+    assert len(keys) == len(set(keys)), f"{directory}: duplicate objects"
+    return objects
+
+
+def by_key(objects: list[Obj]) -> dict[tuple[str, str], Obj]:
+    return {_key(obj): obj for obj in objects}
+
+
+RENDERED = {"base": BASE, "overlay": OVERLAY}
+
+
+@pytest.fixture(scope="module", params=sorted(RENDERED))
+def rendered(request: pytest.FixtureRequest) -> list[Obj]:
+    return render(RENDERED[request.param])
+
+
+# ---------------------------------------------------------------------------
+# KEDA CRD schemas, closed
+# ---------------------------------------------------------------------------
+
+
+def close_schema(schema: Any) -> Any:
+    """Every object schema with ``properties`` rejects unknown fields, as a structural
+    schema prunes them in a cluster (unless it preserves unknown fields)."""
+    if isinstance(schema, list):
+        return [close_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {
+        key: close_schema(value)
+        if key in ("items", "additionalProperties", "not", "allOf", "anyOf", "oneOf")
+        else value
+        for key, value in schema.items()
+    }
+    if "properties" in schema:
+        closed["properties"] = {
+            name: close_schema(sub) for name, sub in schema["properties"].items()
+        }
+        if "additionalProperties" not in schema and not schema.get(
+            "x-kubernetes-preserve-unknown-fields"
+        ):
+            closed["additionalProperties"] = False
+    return closed
+
+
+def _crd_schemas() -> dict[tuple[str, str], Obj]:
+    schemas = {}
+    for path in sorted(KEDA_CRDS.glob("*.yaml")):
+        for crd in _load_docs(path):
+            group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+            for version in crd["spec"]["versions"]:
+                schemas[(f"{group}/{version['name']}", kind)] = close_schema(
+                    version["schema"]["openAPIV3Schema"]
+                )
+    return schemas
+
+
+@pytest.fixture(scope="module")
+def crd_schemas() -> dict[tuple[str, str], Obj]:
+    if not KEDA_CRDS.is_dir():
+        pytest.skip(f"KEDA CRDs not found at {KEDA_CRDS} (the shared checkout beside the repo)")
+    schemas = _crd_schemas()
+    assert ("keda.sh/v1alpha1", "ScaledObject") in schemas
+    return schemas
+
+
+def validate_custom(obj: Obj, schemas: dict[tuple[str, str], Obj]) -> None:
+    schema = schemas[(obj["apiVersion"], obj["kind"])]
+    jsonschema.Draft7Validator(schema).validate(obj)
+
+
+def scaled_object(objects: list[Obj]) -> Obj:
+    found = [obj for obj in objects if obj["kind"] == "ScaledObject"]
+    assert len(found) == 1
+    return found[0]
+
+
+def config_data(objects: list[Obj]) -> dict[str, str]:
+    data: dict[str, str] = by_key(objects)[("ConfigMap", "streamcrawl-config")]["data"]
+    return data
+
+
+# ---------------------------------------------------------------------------
+# Kubernetes objects
+# ---------------------------------------------------------------------------
+
+
+def test_every_object_is_valid(
+    rendered: list[Obj], crd_schemas: dict[tuple[str, str], Obj]
+) -> None:
+    kinds = set()
+    for obj in rendered:
+        kinds.add(obj["kind"])
+        if (obj["apiVersion"], obj["kind"]) in crd_schemas:
+            validate_custom(obj, crd_schemas)
+        else:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    assert kinds == {
+        "Namespace",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "ScaledObject",
+        "TriggerAuthentication",
+    }
+
+
+def test_bad_core_object_is_rejected() -> None:
+    deployment = copy.deepcopy(by_key(render(BASE))[("Deployment", "frontier")])
+    kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+    deployment["spec"]["replicas"] = "3"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+    misspelt = copy.deepcopy(by_key(render(BASE))[("Deployment", "frontier")])
+    misspelt["spec"]["template"]["spec"]["containers"][0]["envFrom"][0]["configMapRefs"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(misspelt, K8S_VERSION, strict=True)
+
+
+def test_misspelt_scaled_object_is_rejected(crd_schemas: dict[tuple[str, str], Obj]) -> None:
+    good = scaled_object(render(BASE))
+    validate_custom(good, crd_schemas)
+    spec_typo = copy.deepcopy(good)
+    spec_typo["spec"]["maxReplicas"] = spec_typo["spec"].pop("maxReplicaCount")
+    trigger_typo = copy.deepcopy(good)
+    trigger_typo["spec"]["triggers"][0]["authRef"] = trigger_typo["spec"]["triggers"][0].pop(
+        "authenticationRef"
+    )
+    not_a_string = copy.deepcopy(good)
+    not_a_string["spec"]["triggers"][0]["metadata"]["lagThreshold"] = 100
+    for bad in (spec_typo, trigger_typo, not_a_string):
+        with pytest.raises(jsonschema.ValidationError):
+            validate_custom(bad, crd_schemas)
+
+
+def test_scaled_object_matches_the_topic_contract(rendered: list[Obj]) -> None:
+    so = scaled_object(rendered)
+    spec = so["spec"]
+    assert spec["scaleTargetRef"]["name"] == "fetcher"
+    assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
+    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] <= HOST_PARTITIONS
+    assert spec["pollingInterval"] == 15 and spec["cooldownPeriod"] == 120
+    (trigger,) = spec["triggers"]
+    meta = trigger["metadata"]
+    assert trigger["type"] == "kafka"
+    assert all(isinstance(value, str) for value in meta.values())
+    settings = Settings.from_env(config_data(rendered))
+    assert meta["consumerGroup"] == FETCHER_GROUP
+    assert FETCH in GROUP_INPUTS[FETCHER_GROUP]
+    assert meta["topic"] == topic_name(settings.topic_prefix, FETCH) == topic_name("crawl.", FETCH)
+    assert meta["bootstrapServers"] == settings.kafka_bootstrap
+    assert meta["version"] and re.fullmatch(r"\d+\.\d+\.\d+", meta["version"])
+    assert int(meta["lagThreshold"]) == 100 and int(meta["activationLagThreshold"]) == 1
+    assert meta["offsetResetPolicy"] == "earliest"
+    auth = by_key(rendered)[("TriggerAuthentication", trigger["authenticationRef"]["name"])]
+    params = {ref["parameter"]: ref for ref in auth["spec"]["secretTargetRef"]}
+    assert set(params) == {"sasl", "username", "password", "tls", "ca"}
+    assert {ref["name"] for ref in params.values()} == {"kafka-credentials"}
+    assert so["metadata"]["namespace"] == auth["metadata"]["namespace"]
+
+
+def test_only_keda_scales_the_fetcher(rendered: list[Obj]) -> None:
+    hpas = [obj for obj in rendered if obj["kind"] == "HorizontalPodAutoscaler"]
+    assert [hpa["spec"]["scaleTargetRef"]["name"] for hpa in hpas] == ["parser"]
+    (parser_hpa,) = hpas
+    assert parser_hpa["apiVersion"] == "autoscaling/v2"
+    assert parser_hpa["spec"]["maxReplicas"] <= HOST_PARTITIONS  # partitions of crawl.fetched
+    assert FETCHED in GROUP_INPUTS["streamcrawl-parser"]
+    assert parser_hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    deployments = by_key(rendered)
+    # Autoscaled Deployments leave replicas to their autoscaler (apply would fight it).
+    assert "replicas" not in deployments[("Deployment", "fetcher")]["spec"]
+    assert "replicas" not in deployments[("Deployment", "parser")]["spec"]
+
+
+def test_config_map_holds_known_settings(rendered: list[Obj]) -> None:
+    data = config_data(rendered)
+    known = {PREFIX + name.upper() for name in Settings.__dataclass_fields__}
+    assert set(data) <= known, set(data) - known
+    settings = Settings.from_env(data)
+    assert settings.metrics_port == METRICS_PORT
+    assert {"STREAMCRAWL_KAFKA_BOOTSTRAP", "STREAMCRAWL_MONGO_URI"} <= set(data)
+
+
+def _effective(container: Obj, pod: Obj, field: str) -> Any:
+    return container.get("securityContext", {}).get(
+        field, pod.get("securityContext", {}).get(field)
+    )
+
+
+def test_deployments(rendered: list[Obj]) -> None:
+    objects = by_key(rendered)
+    deployments = {name: obj for (kind, name), obj in objects.items() if kind == "Deployment"}
+    assert set(deployments) == set(SERVICES)
+    for name, deployment in deployments.items():
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["image"].startswith(IMAGE + ":")
+        assert container["args"] == ["run", name]
+        assert {"configMapRef": {"name": "streamcrawl-config"}} in container["envFrom"]
+        assert pod["terminationGracePeriodSeconds"] == 60
+        # security
+        assert _effective(container, pod, "runAsNonRoot") is True
+        assert _effective(container, pod, "runAsUser") == 10001
+        assert _effective(container, pod, "seccompProfile") == {"type": "RuntimeDefault"}
+        context = container["securityContext"]
+        assert context["readOnlyRootFilesystem"] is True
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"]["drop"] == ["ALL"]
+        assert not context.get("capabilities", {}).get("add")
+        assert not context.get("privileged")
+        # writable /tmp on a read-only root
+        volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        tmp = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+        assert len(tmp) == 1 and "emptyDir" in volumes[tmp[0]["name"]]
+        # probes on the named metrics port
+        assert {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"} in container[
+            "ports"
+        ]
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+        assert "requests" in container["resources"] and "limits" in container["resources"]
+        # selector matches the template, and a Service and a PDB select the same pods
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= labels.items()
+        service = objects[("Service", f"{name}-metrics")]
+        assert service["spec"]["selector"] == selector
+        (port,) = service["spec"]["ports"]
+        assert port["name"] == "metrics" and port["port"] == METRICS_PORT
+        assert port["targetPort"] in ("metrics", METRICS_PORT)
+        annotations = service["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == str(METRICS_PORT)
+        assert annotations["prometheus.io/path"] == "/metrics"
+        pdb = objects[("PodDisruptionBudget", name)]
+        assert pdb["spec"]["selector"]["matchLabels"] == selector
+        # a single replica must stay evictable, or node drains hang
+        assert "maxUnavailable" in pdb["spec"] or pdb["spec"]["minAvailable"] == 0
+
+
+def test_fetcher_resources(rendered: list[Obj]) -> None:
+    fetcher = by_key(rendered)[("Deployment", "fetcher")]
+    resources = fetcher["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources == {
+        "requests": {"cpu": "1", "memory": "512Mi"},
+        "limits": {"cpu": "2", "memory": "1Gi"},
+    }
+
+
+def test_everything_in_one_namespace(rendered: list[Obj]) -> None:
+    (namespace,) = [obj for obj in rendered if obj["kind"] == "Namespace"]
+    name = namespace["metadata"]["name"]
+    for obj in rendered:
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"]["namespace"] == name, _key(obj)
+
+
+def test_overlay_changes() -> None:
+    base, overlay = by_key(render(BASE)), by_key(render(OVERLAY))
+    assert base.keys() - {("Namespace", "streamcrawl")} == overlay.keys() - {
+        ("Namespace", "streamcrawl-example")
+    }
+    assert overlay[("Namespace", "streamcrawl-example")]
+    assert (
+        config_data(render(OVERLAY))["STREAMCRAWL_KAFKA_BOOTSTRAP"]
+        != config_data(render(BASE))["STREAMCRAWL_KAFKA_BOOTSTRAP"]
+    )
+    assert scaled_object(render(OVERLAY))["spec"]["maxReplicaCount"] <= HOST_PARTITIONS
+
+
+def test_loader_matches_kubectl_kustomize() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: the test loader is not cross-checked")
+    for directory in RENDERED.values():
+        result = subprocess.run(
+            [kubectl, "kustomize", str(directory)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        real = {
+            (_key(o), o["metadata"].get("namespace")): o
+            for o in yaml.safe_load_all(result.stdout)
+            if o
+        }
+        ours = {(_key(o), o["metadata"].get("namespace")): o for o in render(directory)}
+        assert real == ours
+
+
+def test_loader_refuses_list_patches_of_builtin_kinds() -> None:
+    with pytest.raises(NotImplementedError):
+        _merge(
+            {"spec": {"containers": [{"name": "a"}]}},
+            {"spec": {"containers": [{"name": "a", "image": "x"}]}},
+            builtin=True,
+        )
+
+
+# ---------------------------------------------------------------------------
+# Prometheus and Grafana
+# ---------------------------------------------------------------------------
+
+
+def _promtool() -> str:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    return promtool
+
+
+def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, check=False, cwd=cwd)
+
+
+def test_promtool_check_rules() -> None:
+    result = _run(_promtool(), "check", "rules", str(ALERTS))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_check_config() -> None:
+    result = _run(_promtool(), "check", "config", str(PROMETHEUS_CONFIG))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_prometheus_scrapes_every_service_on_the_metrics_port() -> None:
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    targets = {
+        target
+        for job in config["scrape_configs"]
+        for static in job["static_configs"]
+        for target in static["targets"]
+    }
+    assert {f"{name}:{METRICS_PORT}" for name in SERVICES} <= targets
+    assert [Path(rule).name for rule in config["rule_files"]] == [ALERTS.name]
+
+
+def _alert_rules() -> dict[str, Obj]:
+    return {
+        rule["alert"]: rule
+        for group in yaml.safe_load(ALERTS.read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    }
+
+
+def _expected(name: str) -> dict[str, Any]:
+    rule = _alert_rules()[name]
+    return {"exp_labels": rule.get("labels", {}), "exp_annotations": rule.get("annotations", {})}
+
+
+def test_alerts_fire_when_they_should(tmp_path: Path) -> None:
+    """promtool unit tests of the rules on synthetic series: each alert fires on the
+    bad case and stays silent on the good one."""
+    promtool = _promtool()
+    lag = 'streamcrawl_consumer_lag{group="streamcrawl-fetcher",topic="crawl.fetch",partition="0"}'
+    tests = [
+        {  # lag grows, nothing stored: both alerts
+            "interval": "1m",
+            "input_series": [
+                {"series": lag, "values": "0+10x60"},
+                {"series": "streamcrawl_pages_stored_total", "values": "100x60"},
+            ],
+            "alert_rule_test": [
+                {
+                    "eval_time": "40m",
+                    "alertname": "StreamcrawlFetchLagGrowing",
+                    "exp_alerts": [_expected("StreamcrawlFetchLagGrowing")],
+                },
+                {
+                    "eval_time": "40m",
+                    "alertname": "StreamcrawlNoProgress",
+                    "exp_alerts": [_expected("StreamcrawlNoProgress")],
+                },
+            ],
+        },
+        {  # steady lag, pages stored: neither
+            "interval": "1m",
+            "input_series": [
+                {"series": lag, "values": "50x60"},
+                {"series": "streamcrawl_pages_stored_total", "values": "0+30x60"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "40m", "alertname": "StreamcrawlFetchLagGrowing", "exp_alerts": []},
+                {"eval_time": "40m", "alertname": "StreamcrawlNoProgress", "exp_alerts": []},
+            ],
+        },
+    ]
+    for name in ("StreamcrawlFetchLagGrowing", "StreamcrawlNoProgress"):
+        assert "{{" not in json.dumps(_expected(name)), f"{name}: templated annotations"
+    spec = {"rule_files": [str(ALERTS)], "evaluation_interval": "1m", "tests": tests}
+    test_file = tmp_path / "alerts_test.yml"
+    test_file.write_text(yaml.safe_dump(spec))
+    result = _run(promtool, "test", "rules", str(test_file))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _exposed_metrics() -> dict[str, set[str]]:
+    """Every series name streamcrawl.core.metrics exposes, with its label names."""
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "gauge": ("",),
+        "summary": ("_sum", "_count"),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+    }
+    exposed: dict[str, set[str]] = {}
+    for value in vars(metrics_module).values():
+        describe = getattr(value, "describe", None)
+        if describe is None or not hasattr(value, "_labelnames"):
+            continue
+        for family in describe():
+            for suffix in suffixes[family.type]:
+                labels = set(value._labelnames) | ({"le"} if suffix == "_bucket" else set())
+                exposed[family.name + suffix] = labels
+    return exposed
+
+
+def test_exposed_metric_names_are_what_we_think() -> None:
+    exposed = _exposed_metrics()
+    assert "streamcrawl_pages_stored_total" in exposed
+    assert "streamcrawl_fetch_duration_seconds_bucket" in exposed
+    assert exposed["streamcrawl_consumer_lag"] == {"group", "topic", "partition"}
+    assert "streamcrawl_pages_stored" not in exposed
+
+
+def _dashboard() -> Obj:
+    dashboard: Obj = json.loads(DASHBOARD.read_text())
+    return dashboard
+
+
+def _all_exprs() -> list[tuple[str, str]]:
+    exprs = [
+        (f"panel {panel['title']!r}", target["expr"])
+        for panel in _dashboard()["panels"]
+        for target in panel["targets"]
+    ]
+    exprs += [(f"alert {name}", rule["expr"]) for name, rule in _alert_rules().items()]
+    return exprs
+
+
+def test_dashboard_panels() -> None:
+    dashboard = _dashboard()
+    assert dashboard["schemaVersion"] == 39
+    assert dashboard["uid"] and dashboard["title"]
+    panels = dashboard["panels"]
+    assert len({panel["id"] for panel in panels}) == len(panels)
+    for panel in panels:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["expr"].strip() and target["refId"]
+    exprs = " ".join(expr for _, expr in _all_exprs())
+    assert "histogram_quantile(0.5," in exprs and "histogram_quantile(0.95," in exprs
+    assert 'kube_deployment_status_replicas{deployment="fetcher"}' in exprs
+    assert ("Deployment", "fetcher") in by_key(render(BASE))
+
+
+def test_promql_uses_only_existing_metrics_and_labels() -> None:
+    exposed = _exposed_metrics()
+    groups = set(GROUP_INPUTS)
+    scrape_labels = {"job", "instance", "service"}
+    used = set()
+    for where, expr in _all_exprs():
+        for name in re.findall(r"\bstreamcrawl_[a-z0-9_]+", expr):
+            used.add(name)
+            assert name in exposed, f"{where}: {name} is not exposed by streamcrawl.core.metrics"
+        for name, selector in re.findall(r"\b(streamcrawl_[a-z0-9_]+)\{([^}]*)\}", expr):
+            for label in re.findall(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)", selector):
+                assert label in exposed[name] | scrape_labels, f"{where}: {name} has no {label}"
+        names = re.findall(r"\b(streamcrawl_[a-z0-9_]+)", expr)
+        if names and "kube_" not in expr:  # aggregation labels must exist on some series
+            available = scrape_labels.union(*(exposed[name] for name in names))
+            for clause in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
+                for label in filter(None, (item.strip() for item in clause.split(","))):
+                    assert label in available, f"{where}: no series has label {label}"
+        for group in re.findall(r'\bgroup\s*=\s*"([^"]+)"', expr):
+            assert group in groups, f"{where}: unknown consumer group {group}"
+    assert {
+        "streamcrawl_consumer_lag",
+        "streamcrawl_dlq_records_total",
+        "streamcrawl_fetch_requests_total",
+        "streamcrawl_pages_stored_total",
+        "streamcrawl_fetch_duration_seconds_bucket",
+    } <= used
+
+
+def test_grafana_provisioning() -> None:
+    provisioning = DEPLOY / "grafana" / "provisioning"
+    datasources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    (source,) = datasources["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    providers = yaml.safe_load((provisioning / "dashboards" / "streamcrawl.yml").read_text())
+    assert providers["providers"][0]["options"]["path"]
