@@ -169,13 +169,14 @@ class PipelineWatch:
         await self.probe.stop()
 
 
-async def produce_seeds(settings: Settings, values: Sequence[dict[str, Any] | str]) -> int:
+async def produce_seeds(settings: Settings, values: Sequence[dict[str, Any] | str],
+                        topic: str | None = None) -> int:
     producer = make_producer(settings)
     await producer.start()
     try:
         for value in values:
             payload = value.encode() if isinstance(value, str) else encode(value)
-            await producer.send_and_wait(settings.topic_prefix + SEEDS, payload)
+            await producer.send_and_wait(topic or settings.topic_prefix + SEEDS, payload)
     finally:
         await producer.stop()
     return len(values)

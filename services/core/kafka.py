@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from . import metrics
 from .config import Settings
 from .topics import MAX_MESSAGE_BYTES, TOPIC_SPECS, topic_name
 
@@ -53,6 +54,29 @@ def make_consumer(
     }
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)
+
+
+def export_lag(
+    consumer: AIOKafkaConsumer, group: str, committed: dict[TopicPartition, int]
+) -> None:
+    """Publish this consumer's lag per assigned partition (high watermark minus commit)."""
+    for tp in consumer.assignment():
+        highwater = consumer.highwater(tp)
+        offset = committed.get(tp)
+        if highwater is None or offset is None:
+            continue
+        metrics.CONSUMER_LAG.labels(group, tp.topic, str(tp.partition)).set(
+            max(0, highwater - offset)
+        )
+
+
+async def kafka_reachable(consumer: AIOKafkaConsumer, timeout: float = 3.0) -> bool:
+    """Readiness: the cluster answers a metadata request."""
+    try:
+        await asyncio.wait_for(consumer.topics(), timeout)
+        return True
+    except (KafkaError, TimeoutError):
+        return False
 
 
 async def stop_consumer(consumer: AIOKafkaConsumer) -> None:

@@ -55,6 +55,10 @@ class OffsetTracker:
                 result[tp] = offset
         return result
 
+    @property
+    def committed(self) -> dict[TopicPartition, int]:
+        return dict(self._committed)
+
     def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
         self._committed.update(offsets)
 

@@ -26,7 +26,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from . import metrics
 from .config import Settings
-from .kafka import make_consumer, make_producer
+from .kafka import export_lag, kafka_reachable, make_consumer, make_producer
 from .schemas import SchemaError, validate
 from .topics import DLQ, topic_name
 
@@ -221,12 +221,17 @@ async def run_batch_stage(stage: BatchStage, stop: asyncio.Event) -> None:
     await producer.start()
     await consumer.start()
     consumer.subscribe(list(stage.input_topics()), listener=_Rebalance(stage))
-    health = metrics.HealthServer(settings.metrics_port, stage.ready)
+
+    async def ready() -> bool:
+        return await kafka_reachable(consumer) and await stage.ready()
+
+    health = metrics.HealthServer(settings.metrics_port, ready)
     await health.start()
     publisher = Publisher(producer, stage.name, stop)
     log.info(
         "%s: consuming %s as group %s", stage.name, ", ".join(stage.input_topics()), stage.group
     )
+    committed: dict[TopicPartition, int] = {}
     try:
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=500, max_records=settings.batch_size)
@@ -236,7 +241,9 @@ async def run_batch_stage(stage: BatchStage, stop: asyncio.Event) -> None:
             metrics.MESSAGES_IN.labels(stage.name).inc(len(records))
             outputs = await stage.process(records)
             await publisher.publish(outputs)
-            await _commit(consumer, batches, stage.name)
+            if await _commit(consumer, batches, stage.name):
+                committed.update({tp: batch[-1].offset + 1 for tp, batch in batches.items()})
+            export_lag(consumer, stage.group, committed)
     finally:
         await health.stop()
         await consumer.stop()
@@ -245,13 +252,15 @@ async def run_batch_stage(stage: BatchStage, stop: asyncio.Event) -> None:
         log.info("%s: stopped", stage.name)
 
 
-async def _commit(consumer: Any, batches: dict[TopicPartition, list[Record]], stage: str) -> None:
+async def _commit(consumer: Any, batches: dict[TopicPartition, list[Record]], stage: str) -> bool:
     offsets = {tp: batch[-1].offset + 1 for tp, batch in batches.items() if batch}
     try:
         await consumer.commit(offsets)
+        return True
     except CommitFailedError as exc:
         # The partitions moved during a rebalance; their new owner reprocesses the
         # batch, which every downstream stage tolerates (idempotent by design).
         log.warning(
             "%s: commit failed after a rebalance (%s); records will be redelivered", stage, exc
         )
+        return False

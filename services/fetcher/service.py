@@ -24,7 +24,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from ..core import metrics
 from ..core.config import Settings
-from ..core.kafka import make_consumer, make_producer
+from ..core.kafka import export_lag, kafka_reachable, make_consumer, make_producer
 from ..core.offsets import OffsetTracker
 from ..core.stage import DeadLetter, Output, Publisher, Record, dead_letter, decode_json
 from ..core.topics import FETCH, FETCHED, FETCHER_GROUP, topic_name
@@ -102,7 +102,7 @@ class Fetcher:
         self.publisher = Publisher(producer, STAGE, stop)
         self.session = session
         consumer.subscribe([self._fetch_topic], listener=_Drain(self, consumer))
-        health = metrics.HealthServer(settings.metrics_port, _always_ready)
+        health = metrics.HealthServer(settings.metrics_port, lambda: kafka_reachable(consumer))
         await health.start()
         committer = asyncio.create_task(self._commit_every(consumer, stop, 1.0))
         log.info(
@@ -190,6 +190,7 @@ class Fetcher:
         try:
             await consumer.commit(offsets)
             self.tracker.mark_committed(offsets)
+            export_lag(consumer, FETCHER_GROUP, self.tracker.committed)
         except (CommitFailedError, KafkaError) as exc:
             log.warning("fetcher: commit failed (%s); will retry", exc)
 
@@ -226,7 +227,3 @@ class _Drain(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         return None
-
-
-async def _always_ready() -> bool:
-    return True
