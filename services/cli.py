@@ -181,6 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     crawl.add_argument("--demo-pages", type=int, default=2000)
     crawl.add_argument("--timeout", type=float, default=None, help="give up after N seconds")
+    crawl.add_argument(
+        "--autoscale",
+        metavar="MIN:MAX",
+        help="scale fetcher processes on crawl.fetch lag, as KEDA would",
+    )
+    crawl.add_argument(
+        "--lag-threshold", type=int, default=100, help="KEDA lagThreshold for --autoscale"
+    )
+    crawl.add_argument(
+        "--polling-interval",
+        type=float,
+        default=5.0,
+        help="seconds between scaling decisions (KEDA pollingInterval)",
+    )
+    crawl.add_argument(
+        "--cooldown", type=float, default=30.0, help="scale-down stabilisation window in seconds"
+    )
     crawl.set_defaults(handler=_crawl)
 
     lag = commands.add_parser("lag", help="consumer lag, and what KEDA would scale to")

@@ -15,9 +15,11 @@ from pathlib import Path
 from .core.config import PREFIX, Settings
 from .localstack.stack import LocalStack, StackConfig
 from .orchestrate import (
+    Autoscaler,
     CrawlRequest,
     PipelineWatch,
     Progress,
+    ScalingPolicy,
     StageProcesses,
     child_env,
     count_stored,
@@ -66,14 +68,28 @@ def crawl_command(args: argparse.Namespace) -> int:
             **({"crawl_id": args.crawl_id} if args.crawl_id else {}),
         )
         log_dir = Path(tempfile.mkdtemp(prefix="streamcrawl-logs-"))
-        progress = asyncio.run(_crawl(settings, request, log_dir, args.timeout))
+        autoscaler = None
+        if args.autoscale:
+            autoscaler = Autoscaler(
+                ScalingPolicy.parse(
+                    args.autoscale,
+                    lag_threshold=args.lag_threshold,
+                    polling_interval=args.polling_interval,
+                    cooldown=args.cooldown,
+                )
+            )
+        progress = asyncio.run(_crawl(settings, request, log_dir, args.timeout, autoscaler))
         stored = asyncio.run(count_stored(settings, request.crawl_id))
         _print_summary(request, progress, stored, log_dir)
     return 0
 
 
 async def _crawl(
-    settings: Settings, request: CrawlRequest, log_dir: Path, timeout: float | None
+    settings: Settings,
+    request: CrawlRequest,
+    log_dir: Path,
+    timeout: float | None,
+    autoscaler: Autoscaler | None = None,
 ) -> Progress:
     await ensure_topics(settings)
     stages = StageProcesses(child_env(settings), log_dir)
@@ -86,7 +102,11 @@ async def _crawl(
             file=sys.stderr,
         )
         await produce_seeds(settings, request.seed_values())
-        return await watch_until_drained(watch, stages, sys.stderr, timeout=timeout)
+        if autoscaler is not None:
+            stages.scale("fetcher", autoscaler.current)
+        return await watch_until_drained(
+            watch, stages, sys.stderr, timeout=timeout, autoscaler=autoscaler
+        )
     finally:
         await watch.stop()
         await asyncio.to_thread(stages.stop)

@@ -22,9 +22,19 @@ from aiokafka import TopicPartition
 from pymongo import AsyncMongoClient
 
 from .core.config import Settings
-from .core.kafka import OffsetProbe, create_topics, make_producer
+from .core.kafka import OffsetProbe, create_topics, keda_replicas, make_producer
 from .core.stage import encode
-from .core.topics import DLQ, FETCH, FETCHED, FETCHER_GROUP, GROUP_INPUTS, PAGES, SEEDS, SINK_GROUP
+from .core.topics import (
+    DLQ,
+    FETCH,
+    FETCHED,
+    FETCHER_GROUP,
+    GROUP_INPUTS,
+    HOST_PARTITIONS,
+    PAGES,
+    SEEDS,
+    SINK_GROUP,
+)
 
 STAGES = ("frontier", "dedup", "fetcher", "parser", "sink")
 
@@ -53,14 +63,16 @@ class StageProcesses:
         self._env = env
         self._log_dir = log_dir
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._retiring: list[subprocess.Popen[bytes]] = []
 
     def start(self, stages: Iterable[str] = STAGES) -> None:
         self._log_dir.mkdir(parents=True, exist_ok=True)
         for stage in stages:
             self.start_one(stage)
 
-    def start_one(self, stage: str) -> subprocess.Popen[bytes]:
-        with open(self._log_dir / f"{stage}.log", "ab") as log_file:
+    def start_one(self, stage: str, name: str | None = None) -> subprocess.Popen[bytes]:
+        name = name or stage
+        with open(self._log_dir / f"{name}.log", "ab") as log_file:
             process = subprocess.Popen(
                 [sys.executable, "-m", "streamcrawl.cli", "run", stage],
                 env=self._env,
@@ -68,8 +80,24 @@ class StageProcesses:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-        self.processes[stage] = process
+        self.processes[name] = process
         return process
+
+    def replicas(self, stage: str) -> list[str]:
+        return sorted(
+            (n for n in self.processes if n == stage or n.startswith(stage + "-")),
+            key=lambda n: int(n.rsplit("-", 1)[1]) if "-" in n else 0,
+        )
+
+    def scale(self, stage: str, wanted: int) -> None:
+        """Start or gracefully stop replicas (SIGTERM: they drain and commit) to ``wanted``."""
+        names = self.replicas(stage)
+        for number in range(len(names), wanted):
+            self.start_one(stage, f"{stage}-{number}" if number else stage)
+        for name in names[wanted:][::-1]:
+            process = self.processes.pop(name)
+            process.send_signal(signal.SIGTERM)
+            self._retiring.append(process)
 
     def kill(self, stage: str) -> None:
         """SIGKILL, as a crash or an OOM kill would."""
@@ -81,16 +109,76 @@ class StageProcesses:
         return [name for name, proc in self.processes.items() if proc.poll() is not None]
 
     def stop(self, timeout: float = 40.0) -> None:
-        for process in self.processes.values():
+        everything = [*self.processes.values(), *self._retiring]
+        for process in everything:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for process in self.processes.values():
+        for process in everything:
             try:
                 process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@dataclass(frozen=True)
+class ScalingPolicy:
+    """KEDA's Kafka trigger and the HPA's scale-down stabilisation, for local processes."""
+
+    min_replicas: int
+    max_replicas: int
+    lag_threshold: int = 100
+    activation_lag_threshold: int = 1
+    polling_interval: float = 5.0
+    cooldown: float = 30.0
+    partitions: int = HOST_PARTITIONS
+
+    @classmethod
+    def parse(cls, spec: str, **options: Any) -> ScalingPolicy:
+        low, _, high = spec.partition(":")
+        try:
+            policy = cls(int(low), int(high or low), **options)
+        except ValueError as exc:
+            raise ValueError(f"--autoscale wants MIN:MAX, got {spec!r}") from exc
+        if not 1 <= policy.min_replicas <= policy.max_replicas:
+            raise ValueError(f"--autoscale wants 1 <= MIN <= MAX, got {spec!r}")
+        return policy
+
+
+@dataclass
+class Autoscaler:
+    """Scales up at once; scales down to the highest recommendation of the last
+    ``cooldown`` seconds, as the HPA's stabilisation window does."""
+
+    policy: ScalingPolicy
+    current: int = 0
+    history: list[tuple[float, int]] = field(default_factory=list)
+    events: list[tuple[float, int, int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.current = self.current or self.policy.min_replicas
+
+    def recommend(self, lag: int) -> int:
+        p = self.policy
+        return keda_replicas(
+            lag,
+            p.partitions,
+            p.lag_threshold,
+            p.activation_lag_threshold,
+            p.min_replicas,
+            p.max_replicas,
+        )
+
+    def decide(self, lag: int, now: float) -> int:
+        wanted = self.recommend(lag)
+        self.history = [(t, r) for t, r in self.history if now - t < self.policy.cooldown]
+        self.history.append((now, wanted))
+        target = wanted if wanted >= self.current else max(r for _, r in self.history)
+        if target != self.current:
+            self.events.append((now, lag, self.current, target))
+            self.current = target
+        return target
 
 
 @dataclass
@@ -102,6 +190,7 @@ class Progress:
     errors: int = 0
     lag_total: int = 0
     elapsed: float = 0.0
+    fetchers: int = 1
 
     @property
     def rate(self) -> float:
@@ -110,8 +199,8 @@ class Progress:
     def line(self) -> str:
         return (
             f"fetched {self.fetched:>7}  parsed {self.parsed:>7}  stored {self.stored:>7}  "
-            f"queued {self.queued:>6}  errors {self.errors:>5}  {self.rate:7.1f} pages/s  "
-            f"[{self.elapsed:6.1f}s]"
+            f"queued {self.queued:>6}  errors {self.errors:>5}  fetchers {self.fetchers:>2}  "
+            f"{self.rate:7.1f} pages/s  [{self.elapsed:6.1f}s]"
         )
 
 
@@ -169,8 +258,9 @@ class PipelineWatch:
         await self.probe.stop()
 
 
-async def produce_seeds(settings: Settings, values: Sequence[dict[str, Any] | str],
-                        topic: str | None = None) -> int:
+async def produce_seeds(
+    settings: Settings, values: Sequence[dict[str, Any] | str], topic: str | None = None
+) -> int:
     producer = make_producer(settings)
     await producer.start()
     try:
@@ -198,9 +288,11 @@ async def watch_until_drained(
     quiet_polls: int = 3,
     interval: float = 1.0,
     timeout: float | None = None,
+    autoscaler: Autoscaler | None = None,
 ) -> Progress:
     """Poll until every group has committed everything, several polls in a row."""
     calm = 0
+    next_scale = time.monotonic()
     last: Progress | None = None
     deadline = None if timeout is None else time.monotonic() + timeout
     tty = out.isatty()
@@ -208,6 +300,10 @@ async def watch_until_drained(
     while True:
         await asyncio.sleep(interval)
         progress = await watch.progress()
+        if autoscaler is not None and time.monotonic() >= next_scale:
+            next_scale = time.monotonic() + autoscaler.policy.polling_interval
+            _autoscale(autoscaler, stages, progress, out)
+        progress.fetchers = len(stages.replicas("fetcher"))
         if tty:
             out.write("\r" + progress.line())
             out.flush()
@@ -232,6 +328,16 @@ async def watch_until_drained(
             raise TimeoutError("the crawl did not drain in time")
 
 
+def _autoscale(
+    autoscaler: Autoscaler, stages: StageProcesses, progress: Progress, out: TextIO
+) -> None:
+    before = len(stages.replicas("fetcher"))
+    wanted = autoscaler.decide(progress.queued, time.monotonic())
+    if wanted != before:
+        stages.scale("fetcher", wanted)
+        out.write(f"\nautoscale: fetch lag {progress.queued} -> fetchers {before} -> {wanted}\n")
+
+
 def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {**os.environ, **settings.as_env(), **(extra or {})}
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -245,9 +351,11 @@ async def ensure_topics(settings: Settings) -> None:
 __all__ = [
     "FETCH",
     "STAGES",
+    "Autoscaler",
     "CrawlRequest",
     "PipelineWatch",
     "Progress",
+    "ScalingPolicy",
     "StageProcesses",
     "child_env",
     "count_stored",

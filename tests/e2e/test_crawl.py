@@ -23,7 +23,14 @@ from streamcrawl.core.kafka import create_topics
 from streamcrawl.demo.nginx import NginxSite
 from streamcrawl.demo.site import SiteManifest, generate_site
 from streamcrawl.localstack.stack import StackConfig
-from streamcrawl.orchestrate import PipelineWatch, StageProcesses, child_env, watch_until_drained
+from streamcrawl.orchestrate import (
+    Autoscaler,
+    PipelineWatch,
+    ScalingPolicy,
+    StageProcesses,
+    child_env,
+    watch_until_drained,
+)
 
 from ..conftest import free_port
 
@@ -128,12 +135,15 @@ async def run_crawl(
     interrupt: str | None = None,
     after_stored: int = 0,
     timeout: float = 600,
+    autoscaler: Autoscaler | None = None,
 ) -> StageProcesses:
     await create_topics(settings)
     stages = StageProcesses(child_env(settings), tmp_path / "logs")
     watch = PipelineWatch(settings)
     await watch.start()
     stages.start()
+    if autoscaler is not None:
+        stages.scale("fetcher", autoscaler.current)
     try:
         kcat_produce(settings, settings.topic_prefix + "seeds", seeds)
         if interrupt is not None:
@@ -142,7 +152,9 @@ async def run_crawl(
             stages.kill(interrupt)
             await asyncio.sleep(1.0)
             stages.start_one(interrupt)
-        await watch_until_drained(watch, stages, io.StringIO(), timeout=timeout)
+        await watch_until_drained(
+            watch, stages, io.StringIO(), timeout=timeout, autoscaler=autoscaler
+        )
     finally:
         await watch.stop()
         await asyncio.to_thread(stages.stop)
@@ -238,3 +250,18 @@ async def test_malformed_seeds_go_to_the_dlq_and_good_seeds_crawl(
         assert by_payload[payload]["topic"] == settings.topic_prefix + "seeds"
     stored = {doc["url"] for doc in await stored_documents(settings) if doc["status"] == 200}
     assert stored == manifest.pages
+
+
+@pytest.mark.skipif(KCAT is None, reason="Debian's kcat is not installed")
+async def test_autoscaled_fetchers_share_the_group_and_lose_nothing(
+    stack: StackConfig, site: Site, tmp_path: Path
+) -> None:
+    settings = crawl_settings(stack)
+    policy = ScalingPolicy(1, 3, lag_threshold=50, polling_interval=1.0, cooldown=4.0)
+    autoscaler = Autoscaler(policy)
+    await run_crawl(settings, tmp_path, [site.manifest.entry_url.encode()], autoscaler=autoscaler)
+    assert_complete_and_unique(site, await stored_documents(settings))
+    peaks = [after for _, _, _, after in autoscaler.events]
+    assert peaks and max(peaks) > 1, autoscaler.events  # the lag made it scale out
+    logs = sorted(p.name for p in (tmp_path / "logs").glob("fetcher*.log"))
+    assert len(logs) == max(peaks)  # each replica ran as its own process

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import pytest
+from streamcrawl.orchestrate import Autoscaler, ScalingPolicy
+
+
+def test_scales_up_at_once_and_down_only_after_the_window() -> None:
+    scaler = Autoscaler(ScalingPolicy(1, 4, lag_threshold=100, cooldown=30, partitions=12))
+    assert scaler.current == 1
+    assert scaler.decide(lag=50, now=0) == 1
+    assert scaler.decide(lag=350, now=5) == 4  # ceil(350/100)=4, at once
+    assert scaler.decide(lag=10_000, now=10) == 4  # capped at max
+    assert scaler.decide(lag=150, now=15) == 4  # wants 2, but 4 was wanted < 30 s ago
+    assert scaler.decide(lag=150, now=41) == 2  # window now holds 2, 2 (and 4 at t=10 expired)
+    assert scaler.decide(lag=0, now=50) == 2
+    assert scaler.decide(lag=0, now=72) == 1
+    assert [(before, after) for _, _, before, after in scaler.events] == [(1, 4), (4, 2), (2, 1)]
+
+
+def test_partitions_cap_the_recommendation() -> None:
+    scaler = Autoscaler(ScalingPolicy(1, 50, lag_threshold=10, partitions=3))
+    assert scaler.decide(lag=10**6, now=0) == 3
+
+
+@pytest.mark.parametrize("spec", ["0:3", "3:1", "x:2", ""])
+def test_bad_specs_are_rejected(spec: str) -> None:
+    with pytest.raises(ValueError, match="--autoscale"):
+        ScalingPolicy.parse(spec)
+
+
+def test_spec_parsing() -> None:
+    policy = ScalingPolicy.parse("2:5", lag_threshold=7, polling_interval=1.0, cooldown=3.0)
+    assert (policy.min_replicas, policy.max_replicas, policy.lag_threshold) == (2, 5, 7)
+    assert ScalingPolicy.parse("3").max_replicas == 3
