@@ -120,11 +120,10 @@ def _serve_demo_site(cleanup: ExitStack, pages: int) -> tuple[tuple[str, ...], d
     port = free_port()
     started = time.monotonic()
     manifest = generate_site(root, pages=pages, port=port)
-    site = cleanup.enter_context(NginxSite(root, port))
+    cleanup.enter_context(NginxSite(root, port))
     print(
         f"demo site: {len(manifest.pages)} pages generated in "
-        f"{time.monotonic() - started:.1f}s, served by nginx at {manifest.base_url} "
-        f"({site.__class__.__name__})",
+        f"{time.monotonic() - started:.1f}s, served by nginx at {manifest.base_url}",
         file=sys.stderr,
     )
     # The demo site lives on loopback, which the fetcher refuses unless allowed.
