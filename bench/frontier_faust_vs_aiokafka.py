@@ -142,12 +142,13 @@ async def run_faust(settings: Settings, count: int) -> float:
         app = os.path.join(work, "faust_frontier.py")
         with open(app, "w") as handle:
             handle.write(FAUST_APP)
-        worker = subprocess.Popen(
-            [sys.executable, app, source, sink, settings.kafka_bootstrap, f"bench-faust-{tag}"],
-            cwd=work,
-            stdout=subprocess.DEVNULL,
-            stderr=open(os.path.join(work, "log"), "w"),
-        )
+        with open(os.path.join(work, "log"), "w") as log_file:
+            worker = subprocess.Popen(
+                [sys.executable, app, source, sink, settings.kafka_bootstrap, f"bench-faust-{tag}"],
+                cwd=work,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+            )
         try:
             return await wait_for(settings, sink, count, 300)
         except TimeoutError:
