@@ -5,21 +5,35 @@ MongoDB-wire server, started once per session on free ports by the same code as
 from __future__ import annotations
 
 import os
-import socket
+import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from streamcrawl.core.config import Settings
+from streamcrawl.local_crawl import free_port
 from streamcrawl.localstack.stack import LocalStack, StackConfig
 
+KCAT = shutil.which("kcat")
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+
+def kcat_consume(bootstrap: str, topic: str) -> list[tuple[str, bytes]]:
+    """Every record of ``topic`` as (key, value), read by Debian's kcat from the beginning."""
+    assert KCAT is not None
+    out = subprocess.run(
+        [KCAT, "-C", "-b", bootstrap, "-t", topic, "-o", "beginning", "-e", "-q", "-f", "%k\t%s\n"],
+        capture_output=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    rows = []
+    for line in out.split(b"\n"):
+        if line:
+            key, _, value = line.partition(b"\t")
+            rows.append((key.decode(), value))
+    return rows
 
 
 @pytest.fixture(scope="session")

@@ -194,6 +194,19 @@ class BatchStage(ABC):
     def dead_letter(self, record: Record, reason: str, detail: str) -> Output:
         return dead_letter(self.settings, self.name, record, reason, detail)
 
+    def decode_all(
+        self, records: Sequence[Record], schema: str
+    ) -> tuple[list[tuple[Record, dict[str, Any]]], list[Output]]:
+        """Records that parse and validate, and dead letters for those that do not."""
+        good: list[tuple[Record, dict[str, Any]]] = []
+        dead: list[Output] = []
+        for record in records:
+            try:
+                good.append((record, decode_json(record, schema)))
+            except DeadLetter as exc:
+                dead.append(self.dead_letter(record, exc.reason, exc.detail))
+        return good, dead
+
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, stage: BatchStage) -> None:

@@ -78,15 +78,10 @@ class DedupStage(BatchStage):
         return bloom
 
     async def process(self, records: Sequence[Record]) -> list[Output]:
-        outputs: list[Output] = []
         fetch_topic = self.topic(FETCH)
         now = time.time()
-        for record in records:
-            try:
-                candidate = decode_json(record, "discovered")
-            except DeadLetter as exc:
-                outputs.append(self.dead_letter(record, exc.reason, exc.detail))
-                continue
+        candidates, outputs = self.decode_all(records, "discovered")
+        for record, candidate in candidates:
             if record.partition not in self.admission.filters:
                 # Assigned without the callback having run (should not happen): rebuild now.
                 self.admission.filters[record.partition] = await self._replay(record.partition)

@@ -21,7 +21,7 @@ from pymongo import AsyncMongoClient, ReplaceOne
 from pymongo.errors import BulkWriteError, PyMongoError
 
 from ..core import metrics
-from ..core.stage import BatchStage, DeadLetter, Output, Record, decode_json
+from ..core.stage import BatchStage, Output, Record
 from ..core.topics import PAGES, SINK_GROUP
 
 log = logging.getLogger(__name__)
@@ -72,15 +72,9 @@ class SinkStage(BatchStage):
         return True
 
     async def process(self, records: Sequence[Record]) -> list[Output]:
-        latest: dict[str, dict[str, Any]] = {}
-        dead: list[Output] = []
-        for record in records:
-            try:
-                page = decode_json(record, "page")
-            except DeadLetter as exc:
-                dead.append(self.dead_letter(record, exc.reason, exc.detail))
-                continue
-            latest[page["url"]] = page  # the last version of a URL in a batch wins
+        pages, dead = self.decode_all(records, "page")
+        # The last version of a URL in a batch wins.
+        latest = {page["url"]: page for _, page in pages}
         if latest:
             documents = [document_for(page, time.time()) for page in latest.values()]
             await self._retry(f"writing {len(documents)} pages", lambda: self._store(documents))

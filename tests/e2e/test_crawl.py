@@ -32,7 +32,7 @@ from streamcrawl.orchestrate import (
     watch_until_drained,
 )
 
-from ..conftest import free_port
+from ..conftest import free_port, kcat_consume
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 KCAT = shutil.which("kcat")
@@ -88,35 +88,6 @@ def kcat_produce(settings: Settings, topic: str, values: list[bytes]) -> None:
         check=True,
         timeout=60,
     )
-
-
-def kcat_consume(settings: Settings, topic: str) -> list[tuple[str, bytes]]:
-    assert KCAT is not None
-    out = subprocess.run(
-        [
-            KCAT,
-            "-C",
-            "-b",
-            settings.kafka_bootstrap,
-            "-t",
-            topic,
-            "-o",
-            "beginning",
-            "-e",
-            "-q",
-            "-f",
-            "%k\t%s\n",
-        ],
-        capture_output=True,
-        check=True,
-        timeout=120,
-    ).stdout
-    rows = []
-    for line in out.split(b"\n"):
-        if line:
-            key, _, value = line.partition(b"\t")
-            rows.append((key.decode(), value))
-    return rows
 
 
 async def stored_documents(settings: Settings) -> list[dict[str, Any]]:
@@ -190,7 +161,7 @@ async def test_crawl_from_one_kcat_seed_stores_every_page_once(
     assert all(doc["content_hash"] for doc in titled)
 
     # crawl.pages, read with kcat, holds every reachable page, keyed by URL.
-    pages = kcat_consume(settings, settings.topic_prefix + "pages")
+    pages = kcat_consume(settings.kafka_bootstrap, settings.topic_prefix + "pages")
     assert {key for key, _ in pages} == site.expected_urls()
     assert {json.loads(value)["url"] for _, value in pages} == site.expected_urls()
 
@@ -234,7 +205,10 @@ async def test_malformed_seeds_go_to_the_dlq_and_good_seeds_crawl(
     }
     with NginxSite(tmp_path / "site", port):
         await run_crawl(settings, tmp_path, [*bad, manifest.entry_url.encode()], timeout=300)
-    dead = [json.loads(value) for _, value in kcat_consume(settings, settings.topic_prefix + "dlq")]
+    dead = [
+        json.loads(value)
+        for _, value in kcat_consume(settings.kafka_bootstrap, settings.topic_prefix + "dlq")
+    ]
     by_payload = {}
     for record in dead:
         payload = (

@@ -21,7 +21,7 @@ from streamcrawl.core.kafka import OffsetProbe, create_topics, group_lag
 from streamcrawl.core.topics import TOPIC_SPECS
 from streamcrawl.localstack.stack import LocalStack, StackConfig
 
-from ..conftest import free_port
+from ..conftest import free_port, kcat_consume
 
 pytestmark = pytest.mark.integration
 KCAT = shutil.which("kcat")
@@ -113,26 +113,10 @@ async def test_kcat_and_aiokafka_interoperate(settings: Settings) -> None:
         await producer.send_and_wait(topic, b'{"from":"aiokafka"}', key=b"host-b")
     finally:
         await producer.stop()
-    out = subprocess.run(
-        [
-            KCAT,
-            "-C",
-            "-b",
-            settings.kafka_bootstrap,
-            "-t",
-            topic,
-            "-o",
-            "beginning",
-            "-e",
-            "-q",
-            "-f",
-            "%k=%s\\n",
-        ],
-        capture_output=True,
-        check=True,
-        timeout=30,
-    )
-    assert out.stdout.decode().splitlines() == ["host-a=from kcat", 'host-b={"from":"aiokafka"}']
+    assert kcat_consume(settings.kafka_bootstrap, topic) == [
+        ("host-a", b"from kcat"),
+        ("host-b", b'{"from":"aiokafka"}'),
+    ]
 
 
 async def test_pipeline_topics_are_created_with_their_partitions(settings: Settings) -> None:
