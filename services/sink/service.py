@@ -35,16 +35,18 @@ def document_for(page: dict[str, Any], stored_at: float) -> dict[str, Any]:
     return {"_id": page["url"], **page, "stored_at": stored_at}
 
 
-def duplicate_indexes(error: BulkWriteError) -> tuple[set[int], list[dict[str, Any]]]:
-    """Positions that failed only because the URL exists, and any other write errors."""
+def classify_failures(error: BulkWriteError) -> tuple[set[int], dict[int, str]]:
+    """Positions that failed only because the URL exists, and positions the database
+    rejected for good (a document-level write error is not cured by retrying)."""
     duplicates: set[int] = set()
-    others: list[dict[str, Any]] = []
+    rejected: dict[int, str] = {}
     for failure in error.details.get("writeErrors", []):
+        index = int(failure["index"])
         if failure.get("code") == DUPLICATE_KEY:
-            duplicates.add(int(failure["index"]))
+            duplicates.add(index)
         else:
-            others.append(failure)
-    return duplicates, others
+            rejected[index] = f"code {failure.get('code')}: {failure.get('errmsg', '')[:500]}"
+    return duplicates, rejected
 
 
 class SinkStage(BatchStage):
@@ -74,21 +76,24 @@ class SinkStage(BatchStage):
     async def process(self, records: Sequence[Record]) -> list[Output]:
         pages, dead = self.decode_all(records, "page")
         # The last version of a URL in a batch wins.
-        latest = {page["url"]: page for _, page in pages}
-        if latest:
-            documents = [document_for(page, time.time()) for page in latest.values()]
-            await self._retry(f"writing {len(documents)} pages", lambda: self._store(documents))
-            metrics.PAGES_STORED.inc(len(documents))
+        entries = list({page["url"]: (record, page) for record, page in pages}.values())
+        if entries:
+            documents = [document_for(page, time.time()) for _, page in entries]
+            rejected: dict[int, str] = await self._retry(
+                f"writing {len(documents)} pages", lambda: self._store(documents)
+            )
+            for index, reason in rejected.items():
+                dead.append(self.dead_letter(entries[index][0], "rejected_by_database", reason))
+            metrics.PAGES_STORED.inc(len(documents) - len(rejected))
         return dead
 
-    async def _store(self, documents: list[dict[str, Any]]) -> None:
+    async def _store(self, documents: list[dict[str, Any]]) -> dict[int, str]:
+        """Store the documents; return the positions the database refused, with why."""
         try:
             await self.collection.insert_many(documents, ordered=False)
-            return
+            return {}
         except BulkWriteError as error:
-            duplicates, others = duplicate_indexes(error)
-            if others:
-                raise
+            duplicates, rejected = classify_failures(error)
         replacements = [
             ReplaceOne({"_id": documents[i]["_id"]}, documents[i], upsert=True)
             for i in sorted(duplicates)
@@ -99,6 +104,7 @@ class SinkStage(BatchStage):
             await self.collection.bulk_write(
                 replacements[start : start + UPDATE_CHUNK], ordered=False
             )
+        return rejected
 
     async def _retry(self, what: str, action: Any) -> Any:
         delay = 0.5

@@ -3,6 +3,7 @@ replace, and a URL is never stored twice."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -40,5 +41,27 @@ async def test_redelivery_replaces_and_never_duplicates(settings: Settings) -> N
         }
         indexes = await collection.index_information()
         assert indexes["url_unique"]["unique"] is True
+    finally:
+        await client.close()
+
+
+async def test_a_document_the_database_refuses_is_reported_not_retried(settings: Settings) -> None:
+    sink = SinkStage(settings)
+    await sink.start()
+    try:
+        hostile = {**page("http://a.example/hostile", "x"), "meta": {"$where": "1"}}
+        documents = [
+            document_for(page("http://a.example/ok", "ok"), 1.0),
+            document_for(hostile, 1.0),
+        ]
+        rejected = await asyncio.wait_for(sink._store(documents), 30)
+    finally:
+        await sink.stop()
+    assert list(rejected) == [1]
+    assert "$where" in rejected[1]
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
+    try:
+        collection = client[settings.mongo_database][settings.mongo_collection]
+        assert [doc["url"] async for doc in collection.find({})] == ["http://a.example/ok"]
     finally:
         await client.close()
