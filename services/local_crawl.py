@@ -13,6 +13,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .core.config import PREFIX, Settings
+from .core.kafka import create_topics
 from .localstack.stack import LocalStack, StackConfig
 from .orchestrate import (
     Autoscaler,
@@ -23,7 +24,6 @@ from .orchestrate import (
     StageProcesses,
     child_env,
     count_stored,
-    ensure_topics,
     produce_seeds,
     watch_until_drained,
 )
@@ -91,7 +91,7 @@ async def _crawl(
     timeout: float | None,
     autoscaler: Autoscaler | None = None,
 ) -> Progress:
-    await ensure_topics(settings)
+    await create_topics(settings)
     stages = StageProcesses(child_env(settings), log_dir)
     watch = PipelineWatch(settings)
     await watch.start()

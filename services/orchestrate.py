@@ -22,11 +22,10 @@ from aiokafka import TopicPartition
 from pymongo import AsyncMongoClient
 
 from .core.config import Settings
-from .core.kafka import OffsetProbe, create_topics, keda_replicas, make_producer
+from .core.kafka import OffsetProbe, keda_replicas, make_producer
 from .core.stage import encode
 from .core.topics import (
     DLQ,
-    FETCH,
     FETCHED,
     FETCHER_GROUP,
     GROUP_INPUTS,
@@ -344,12 +343,7 @@ def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[s
     return env
 
 
-async def ensure_topics(settings: Settings) -> None:
-    await create_topics(settings)
-
-
 __all__ = [
-    "FETCH",
     "STAGES",
     "Autoscaler",
     "CrawlRequest",
@@ -359,7 +353,6 @@ __all__ = [
     "StageProcesses",
     "child_env",
     "count_stored",
-    "ensure_topics",
     "produce_seeds",
     "watch_until_drained",
 ]

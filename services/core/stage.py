@@ -122,10 +122,9 @@ def encode(value: dict[str, Any]) -> bytes:
 class Publisher:
     """Sends outputs and waits for every acknowledgement; retries a batch until it lands."""
 
-    def __init__(self, producer: AIOKafkaProducer, stage: str, stop: asyncio.Event) -> None:
+    def __init__(self, producer: AIOKafkaProducer, stage: str) -> None:
         self._producer = producer
         self._stage = stage
-        self._stop = stop
 
     async def publish(self, outputs: Sequence[Output]) -> None:
         delay = 0.5
@@ -240,7 +239,7 @@ async def run_batch_stage(stage: BatchStage, stop: asyncio.Event) -> None:
 
     health = metrics.HealthServer(settings.metrics_port, ready)
     await health.start()
-    publisher = Publisher(producer, stage.name, stop)
+    publisher = Publisher(producer, stage.name)
     log.info(
         "%s: consuming %s as group %s", stage.name, ", ".join(stage.input_topics()), stage.group
     )

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ..core import metrics
+from ..core.config import Settings
 from ..core.kafka import stop_consumer
 from ..core.stage import BatchStage, DeadLetter, Output, Record, decode_json
 from ..core.topics import DEDUP_GROUP, DISCOVERED, FETCH
@@ -28,8 +29,8 @@ class DedupStage(BatchStage):
     name = "dedup"
     group = DEDUP_GROUP
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
         self.admission = Admission()
 
     def input_topics(self) -> tuple[str, ...]:

@@ -99,7 +99,7 @@ class Fetcher:
         )
         await producer.start()
         await consumer.start()
-        self.publisher = Publisher(producer, STAGE, stop)
+        self.publisher = Publisher(producer, STAGE)
         self.session = session
         consumer.subscribe([self._fetch_topic], listener=_Drain(self, consumer))
         health = metrics.HealthServer(settings.metrics_port, lambda: kafka_reachable(consumer))
