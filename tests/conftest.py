@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -34,6 +35,15 @@ def kcat_consume(bootstrap: str, topic: str) -> list[tuple[str, bytes]]:
             key, _, value = line.partition(b"\t")
             rows.append((key.decode(), value))
     return rows
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # A run stopped with SIGTERM (a CI time-out, `timeout`) should still tear down the
+    # servers it started: turn the signal into the interrupt pytest cleans up after.
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @pytest.fixture(scope="session")
