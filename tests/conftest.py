@@ -66,19 +66,24 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackConfig]:
     local.down(purge=True)
 
 
+def isolated_settings(stack: StackConfig, **extra: str) -> Settings:
+    """Settings with their own topic prefix and database, so tests never share data;
+    ``extra`` maps setting names (``max_depth=...``) to values."""
+    tag = uuid.uuid4().hex[:8]
+    env = {
+        "STREAMCRAWL_KAFKA_BOOTSTRAP": stack.bootstrap,
+        "STREAMCRAWL_MONGO_URI": stack.mongo_uri,
+        "STREAMCRAWL_TOPIC_PREFIX": f"t{tag}.",
+        "STREAMCRAWL_MONGO_DATABASE": f"test_{tag}",
+        "STREAMCRAWL_ALLOW_NETWORKS": "127.0.0.1/32",
+    }
+    env.update({f"STREAMCRAWL_{name.upper()}": value for name, value in extra.items()})
+    return Settings.from_env(env)
+
+
 @pytest.fixture()
 def settings(stack: StackConfig) -> Settings:
-    """Settings for one test: its own topic prefix and database, so tests never share data."""
-    tag = uuid.uuid4().hex[:8]
-    return Settings.from_env(
-        {
-            "STREAMCRAWL_KAFKA_BOOTSTRAP": stack.bootstrap,
-            "STREAMCRAWL_MONGO_URI": stack.mongo_uri,
-            "STREAMCRAWL_TOPIC_PREFIX": f"t{tag}.",
-            "STREAMCRAWL_MONGO_DATABASE": f"test_{tag}",
-            "STREAMCRAWL_ALLOW_NETWORKS": "127.0.0.1/32",
-        }
-    )
+    return isolated_settings(stack)
 
 
 @pytest.fixture(scope="session")

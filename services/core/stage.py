@@ -26,6 +26,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from . import metrics
 from .config import Settings
+from .errors import ReasonedError
 from .kafka import export_lag, kafka_reachable, make_consumer, make_producer
 from .schemas import SchemaError, validate
 from .topics import DLQ, topic_name
@@ -45,13 +46,8 @@ class Output:
     partition: int | None = None
 
 
-class DeadLetter(Exception):
+class DeadLetter(ReasonedError):
     """Raised while handling one record: it goes to the DLQ with this reason."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def decode_json(record: Record, schema: str) -> dict[str, Any]:

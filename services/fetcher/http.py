@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from ..core.errors import ReasonedError
 from .safety import ForbiddenAddress, IPNetwork, is_allowed
 
 _MAX_HEADERS = 200
@@ -28,13 +29,8 @@ class FetchResult:
     ttfb_s: float
 
 
-class FetchFailed(Exception):
+class FetchFailed(ReasonedError):
     """The request produced no HTTP response; ``reason`` is machine-readable."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)

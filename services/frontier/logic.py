@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.config import Settings
+from ..core.errors import ReasonedError
 from ..core.schemas import SchemaError, validate
 from ..core.urls import InvalidURL, canonicalize, host_of, hostname_of, in_scope
 
@@ -18,13 +19,8 @@ _MAX_SEED_BYTES = 64 * 1024
 _WHITESPACE = re.compile(rb"\s")
 
 
-class Rejected(ValueError):
+class Rejected(ReasonedError):
     """A seed or candidate that cannot enter the crawl; ``reason`` is machine-readable."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ import io
 import json
 import shutil
 import subprocess
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from streamcrawl.orchestrate import (
     watch_until_drained,
 )
 
-from ..conftest import free_port, kcat_consume
+from ..conftest import free_port, isolated_settings, kcat_consume
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 KCAT = shutil.which("kcat")
@@ -64,18 +63,8 @@ UNBOUNDED_DEPTH = 1000
 
 
 def crawl_settings(stack: StackConfig, max_depth: int = UNBOUNDED_DEPTH) -> Settings:
-    tag = uuid.uuid4().hex[:8]
-    return Settings.from_env(
-        {
-            "STREAMCRAWL_KAFKA_BOOTSTRAP": stack.bootstrap,
-            "STREAMCRAWL_MONGO_URI": stack.mongo_uri,
-            "STREAMCRAWL_TOPIC_PREFIX": f"e{tag}.",
-            "STREAMCRAWL_MONGO_DATABASE": f"e2e_{tag}",
-            "STREAMCRAWL_ALLOW_NETWORKS": "127.0.0.1/32",
-            "STREAMCRAWL_MAX_DEPTH": str(max_depth),
-            "STREAMCRAWL_FETCH_PER_HOST_CONCURRENCY": "16",
-            "STREAMCRAWL_LOG_LEVEL": "INFO",
-        }
+    return isolated_settings(
+        stack, max_depth=str(max_depth), fetch_per_host_concurrency="16", log_level="INFO"
     )
 
 

@@ -16,20 +16,24 @@ COMPOSE = REPO / "docker-compose.yml"
 STAGES = ("frontier", "dedup", "fetcher", "parser", "sink")
 
 
-def _config() -> dict[str, Any]:
-    """The file as docker-compose resolves it (anchors, merges), or as YAML without it."""
-    compose = shutil.which("docker-compose")
-    if compose is None:
-        data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
-        return data
-    result = subprocess.run(
-        [compose, "-f", str(COMPOSE), "config"],
+def _run_compose(compose: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [compose, "-f", str(COMPOSE), *args],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
         cwd=REPO,
     )
+
+
+def _config() -> dict[str, Any]:
+    """The file as docker-compose resolves it (anchors, merges), or as YAML without it."""
+    compose = shutil.which("docker-compose")
+    if compose is None:
+        data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+        return data
+    result = _run_compose(compose, "config")
     assert result.returncode == 0, result.stderr
     resolved: dict[str, Any] = yaml.safe_load(result.stdout)
     return resolved
@@ -39,14 +43,7 @@ def test_compose_config_is_valid() -> None:
     compose = shutil.which("docker-compose")
     if compose is None:
         pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
-    result = subprocess.run(
-        [compose, "-f", str(COMPOSE), "config", "-q"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=REPO,
-    )
+    result = _run_compose(compose, "config", "-q")
     assert result.returncode == 0, result.stderr
 
 
