@@ -127,8 +127,10 @@ def _serve_demo_site(cleanup: ExitStack, pages: int) -> tuple[tuple[str, ...], d
         file=sys.stderr,
     )
     # The demo site lives on loopback, which the fetcher refuses unless allowed.
+    # It is our own server, so no politeness delay unless the user asks for one.
     env = {
         PREFIX + "ALLOW_NETWORKS": "127.0.0.1/32",
+        PREFIX + "CRAWL_DELAY": os.environ.get(PREFIX + "CRAWL_DELAY", "0"),
         PREFIX + "FETCH_PER_HOST_CONCURRENCY": os.environ.get(
             PREFIX + "FETCH_PER_HOST_CONCURRENCY", "32"
         ),

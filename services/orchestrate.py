@@ -35,7 +35,7 @@ from .core.topics import (
     SINK_GROUP,
 )
 
-STAGES = ("frontier", "dedup", "fetcher", "parser", "sink")
+STAGES = ("frontier", "dedup", "fetcher", "delay", "parser", "sink")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import uvloop
 from .core.config import Settings
 from .core.stage import BatchStage, install_stop_signals, run_batch_stage
 from .dedup.service import DedupStage
+from .delay.service import DelayService
 from .fetcher.service import Fetcher
 from .frontier.service import FrontierStage
 from .parser.service import ParserStage
@@ -27,6 +28,8 @@ async def serve(stage: str, settings: Settings) -> None:
     install_stop_signals(stop)
     if stage == "fetcher":
         await Fetcher(settings).run(stop)
+    elif stage == "delay":
+        await DelayService(settings).run(stop)
     else:
         await run_batch_stage(BATCH_STAGES[stage](settings), stop)
 

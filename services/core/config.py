@@ -75,6 +75,95 @@ class Settings:
         metadata={"doc": "Body cap; a larger body is cut and marked truncated."},
     )
     dns_cache_ttl: int = field(default=300, metadata={"doc": "Seconds DNS answers are cached."})
+    crawl_delay: float = field(
+        default=1.0,
+        metadata={
+            "doc": "Minimum seconds between the starts of two requests to one host; the "
+            "larger of this and the host's robots.txt Crawl-delay applies."
+        },
+    )
+    host_delays: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "doc": "Per-host minimum delays overriding CRAWL_DELAY: `host[:port]=seconds,...`."
+        },
+    )
+    max_crawl_delay: float = field(
+        default=30.0, metadata={"doc": "Cap on any per-host delay, Crawl-delay included."}
+    )
+    robots_ttl: float = field(
+        default=3600.0, metadata={"doc": "Seconds a host's robots.txt is cached."}
+    )
+    robots_retry: float = field(
+        default=30.0,
+        metadata={
+            "doc": "After robots.txt answers 5xx or times out, the host counts as disallowed "
+            "for this many seconds; its URLs wait in crawl.retry."
+        },
+    )
+    retry_max_attempts: int = field(
+        default=4,
+        metadata={
+            "doc": "Attempts per URL (timeouts, connection errors, 429, 5xx); then crawl.dlq."
+        },
+    )
+    retry_base_delay: float = field(
+        default=2.0, metadata={"doc": "First retry backoff, s; doubles per attempt, full jitter."}
+    )
+    retry_max_delay: float = field(
+        default=600.0, metadata={"doc": "Cap on a retry backoff and on an honoured Retry-After, s."}
+    )
+    host_queue_horizon: float = field(
+        default=30.0,
+        metadata={
+            "doc": "A fetcher holds a host's URLs in memory only if they can start within this "
+            "many seconds; later ones wait in crawl.retry, so one slow host never fills memory."
+        },
+    )
+    fetch_max_pending: int = field(
+        default=10_000,
+        metadata={"doc": "URLs a fetcher process holds waiting for their host's turn."},
+    )
+    delay_max_held: int = field(
+        default=50_000,
+        metadata={"doc": "Retries the delay service holds in memory until they are due."},
+    )
+    proxies: tuple[str, ...] = field(
+        default=(),
+        metadata={"doc": "Optional proxy pool (http://host:port, comma separated), one per host."},
+    )
+    proxy_cooldown: float = field(
+        default=60.0, metadata={"doc": "Seconds a failing proxy is left out of the pool."}
+    )
+    max_pages_per_host: int = field(
+        default=0,
+        metadata={"doc": "Maximum pages admitted per host per crawl id (0: unlimited)."},
+    )
+    max_path_repeats: int = field(
+        default=2,
+        metadata={"doc": "URLs with one path segment repeated more often than this are dropped."},
+    )
+    max_calendar_pages: int = field(
+        default=200,
+        metadata={
+            "doc": "Maximum URLs per host and crawl with the same date-shaped pattern "
+            "(an endless calendar is cut there)."
+        },
+    )
+    session_params: tuple[str, ...] = field(
+        default=(
+            "jsessionid",
+            "phpsessid",
+            "sid",
+            "sessionid",
+            "session_id",
+            "sessid",
+            "aspsessionid",
+            "cfid",
+            "cftoken",
+        ),
+        metadata={"doc": "Query parameters (and ;params) stripped from URLs as session ids."},
+    )
     bloom_capacity: int = field(
         default=1_000_000,
         metadata={"doc": "Initial Bloom filter capacity per partition (it grows as needed)."},
@@ -111,6 +200,22 @@ class Settings:
             raise ValueError(f"{PREFIX}BLOOM_ERROR_RATE must be between 0 and 1")
         if self.fetch_concurrency < 1 or self.fetch_per_host_concurrency < 1:
             raise ValueError("fetch concurrency settings must be >= 1")
+        if self.retry_max_attempts < 1:
+            raise ValueError(f"{PREFIX}RETRY_MAX_ATTEMPTS must be >= 1")
+        self.host_delay_map()
+
+    def host_delay_map(self) -> dict[str, float]:
+        """``HOST_DELAYS`` parsed: host[:port] -> minimum delay in seconds."""
+        delays: dict[str, float] = {}
+        for item in self.host_delays:
+            host, _, seconds = item.rpartition("=")
+            try:
+                delays[host.strip().lower()] = float(seconds)
+            except ValueError as exc:
+                raise ValueError(f"{PREFIX}HOST_DELAYS: {item!r} is not host=seconds") from exc
+            if not host.strip():
+                raise ValueError(f"{PREFIX}HOST_DELAYS: {item!r} is not host=seconds")
+        return delays
 
     def as_env(self) -> dict[str, str]:
         """The settings as environment variables, for child processes."""

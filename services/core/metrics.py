@@ -52,6 +52,21 @@ FETCH_IN_FLIGHT = Gauge("streamcrawl_fetch_in_flight", "Requests in flight in th
 POLITENESS_WAIT = Counter(
     "streamcrawl_politeness_wait_seconds_total", "Seconds requests waited for host politeness."
 )
+FETCH_DEFERRED = Counter(
+    "streamcrawl_fetch_deferred_total",
+    "URLs sent to crawl.retry, by reason (retry after a failure, busy host, robots outage).",
+    ["reason"],
+)
+ROBOTS_FETCHES = Counter(
+    "streamcrawl_robots_fetches_total",
+    "robots.txt fetches by outcome (parsed, allow_all, unavailable).",
+    ["outcome"],
+)
+HOST_QUEUE = Gauge(
+    "streamcrawl_fetch_queued", "URLs a fetcher holds waiting for their host's turn."
+)
+HOSTS_ACTIVE = Gauge("streamcrawl_fetch_hosts", "Hosts with politeness state in this fetcher.")
+DELAY_HELD = Gauge("streamcrawl_delay_held", "Retries the delay service holds until due.")
 PAGES_STORED = Counter("streamcrawl_pages_stored_total", "Pages upserted into MongoDB.")
 BLOOM_FILL = Gauge(
     "streamcrawl_bloom_fill_ratio",

@@ -9,7 +9,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-SCHEMA_NAMES = ("seed", "discovered", "fetch", "fetched", "page", "dlq")
+SCHEMA_NAMES = ("seed", "discovered", "fetch", "retry", "fetched", "page", "dlq")
 
 
 class SchemaError(ValueError):

@@ -26,17 +26,21 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
     TopicSpec("seeds", 3),
     TopicSpec("discovered", HOST_PARTITIONS),
     TopicSpec("fetch", HOST_PARTITIONS),
+    # Retries and URLs whose host is busy wait here; keyed by host like crawl.fetch,
+    # so partition p goes back to crawl.fetch partition p.
+    TopicSpec("retry", HOST_PARTITIONS),
     TopicSpec("fetched", HOST_PARTITIONS, (("max.message.bytes", str(MAX_MESSAGE_BYTES)),)),
     TopicSpec("pages", HOST_PARTITIONS, (("max.message.bytes", str(MAX_MESSAGE_BYTES)),)),
     TopicSpec("dlq", 3, (("max.message.bytes", str(MAX_MESSAGE_BYTES)),)),
 )
 
-SEEDS, DISCOVERED, FETCH, FETCHED, PAGES, DLQ = (spec.suffix for spec in TOPIC_SPECS)
+SEEDS, DISCOVERED, FETCH, RETRY, FETCHED, PAGES, DLQ = (spec.suffix for spec in TOPIC_SPECS)
 
 # Consumer groups, one per service. KEDA watches FETCHER_GROUP on crawl.fetch.
 FRONTIER_GROUP = "streamcrawl-frontier"
 DEDUP_GROUP = "streamcrawl-dedup"
 FETCHER_GROUP = "streamcrawl-fetcher"
+DELAY_GROUP = "streamcrawl-delay"
 PARSER_GROUP = "streamcrawl-parser"
 SINK_GROUP = "streamcrawl-sink"
 
@@ -45,6 +49,7 @@ GROUP_INPUTS: dict[str, tuple[str, ...]] = {
     FRONTIER_GROUP: (SEEDS, PAGES),
     DEDUP_GROUP: (DISCOVERED,),
     FETCHER_GROUP: (FETCH,),
+    DELAY_GROUP: (RETRY,),
     PARSER_GROUP: (FETCHED,),
     SINK_GROUP: (PAGES,),
 }

@@ -64,7 +64,11 @@ UNBOUNDED_DEPTH = 1000
 
 def crawl_settings(stack: StackConfig, max_depth: int = UNBOUNDED_DEPTH) -> Settings:
     return isolated_settings(
-        stack, max_depth=str(max_depth), fetch_per_host_concurrency="16", log_level="INFO"
+        stack,
+        max_depth=str(max_depth),
+        fetch_per_host_concurrency="16",
+        crawl_delay="0",  # our own nginx: politeness is tested against the hostile site
+        log_level="INFO",
     )
 
 
@@ -154,8 +158,9 @@ async def test_crawl_from_one_kcat_seed_stores_every_page_once(
     assert {key for key, _ in pages} == site.expected_urls()
     assert {json.loads(value)["url"] for _, value in pages} == site.expected_urls()
 
-    # nginx saw every URL exactly once, and nothing outside the site.
+    # nginx saw robots.txt once, every URL exactly once, and nothing outside the site.
     requests = Counter(entry.path for entry in site.nginx.access_log_entries())
+    assert requests.pop("/robots.txt") == 1
     assert [path for path, n in requests.items() if n > 1] == []
     base = site.manifest.base_url.rstrip("/")
     assert {base + path for path in requests} == site.expected_urls()

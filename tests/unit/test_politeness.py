@@ -1,0 +1,211 @@
+"""Politeness, robots.txt, retries and the delay buffer: pure logic, no servers."""
+
+from __future__ import annotations
+
+import random
+
+from aiokafka import TopicPartition
+
+from streamcrawl.core.schemas import validate
+from streamcrawl.delay.logic import DelayBuffer, fetch_value
+from streamcrawl.fetcher.politeness import HostScheduler
+from streamcrawl.fetcher.retry import RetryPolicy, parse_retry_after, with_attempt
+from streamcrawl.fetcher.robots import ALLOW_ALL, RobotsCache, RobotsState, rules_from_response
+
+UA = "streamcrawl/0.1 (+https://github.com/streamcrawl/streamcrawl)"
+
+
+def drain(
+    scheduler: HostScheduler[str], until: float, step: float = 0.01
+) -> list[tuple[float, str, str]]:
+    """Simulate a dispatcher with instant requests; (start time, host, item) in order."""
+    starts = []
+    now = 0.0
+    while now <= until:
+        for host, item in scheduler.take_ready(now, limit=100):
+            starts.append((now, host, item))
+            scheduler.done(host, now)
+        now = round(now + step, 6)
+    return starts
+
+
+def test_one_host_is_released_no_faster_than_its_delay() -> None:
+    scheduler: HostScheduler[str] = HostScheduler(4, lambda host: 1.0)
+    for i in range(5):
+        scheduler.add("a", f"a{i}", now=0.0)
+    starts = drain(scheduler, until=10)
+    times = [t for t, _, _ in starts]
+    assert [item for _, _, item in starts] == [f"a{i}" for i in range(5)]
+    assert all(later - earlier >= 1.0 - 1e-9 for earlier, later in zip(times, times[1:]))
+    assert times[-1] < 4.1  # and no slower than needed
+
+
+def test_a_delayed_host_does_not_hold_back_others() -> None:
+    delays = {"slow": 5.0, "fast": 0.1}
+    scheduler: HostScheduler[str] = HostScheduler(1, delays.__getitem__)
+    for i in range(3):
+        scheduler.add("slow", f"s{i}", now=0.0)
+    for i in range(20):
+        scheduler.add("fast", f"f{i}", now=0.0)
+    starts = drain(scheduler, until=3)
+    fast = [t for t, host, _ in starts if host == "fast"]
+    assert len(fast) == 20 and fast[-1] < 2.5
+    assert [item for _, host, item in starts if host == "slow"] == ["s0"]
+
+
+def test_hold_and_refresh_delay_only_push_the_next_start_later() -> None:
+    delay = {"a": 1.0}
+    scheduler: HostScheduler[str] = HostScheduler(1, lambda host: delay["a"])
+    scheduler.add("a", "first", now=0.0)
+    scheduler.add("a", "second", now=0.0)
+    assert scheduler.take_ready(0.0, 10) == [("a", "first")]
+    scheduler.done("a", 0.1)
+    scheduler.hold("a", until=3.0, now=0.1)  # Retry-After: 3
+    assert scheduler.take_ready(2.9, 10) == []
+    delay["a"] = 5.0  # robots.txt said Crawl-delay: 5
+    scheduler.refresh_delay("a", now=2.9)
+    assert scheduler.take_ready(4.9, 10) == []
+    assert scheduler.take_ready(5.0, 10) == [("a", "second")]
+
+
+def test_paused_host_waits_and_hand_over_delays_the_first_request() -> None:
+    scheduler: HostScheduler[str] = HostScheduler(2, lambda host: 1.0)
+    scheduler.add("a", "x", now=0.0, not_before=0.7)
+    assert scheduler.take_ready(0.5, 10) == []
+    scheduler.pause("a")
+    assert scheduler.take_ready(1.0, 10) == []
+    scheduler.resume("a", now=1.0)
+    assert scheduler.take_ready(1.0, 10) == [("a", "x")]
+
+
+def test_wait_estimate_counts_the_queue_and_limits_are_respected() -> None:
+    scheduler: HostScheduler[str] = HostScheduler(1, lambda host: 2.0)
+    for i in range(10):
+        scheduler.add("a", str(i), now=0.0)
+    assert scheduler.wait_estimate("a", 0.0) == 20.0
+    assert scheduler.wait_estimate("unknown", 0.0) == 0.0
+    scheduler.add("b", "b", now=0.0)
+    scheduler.add("c", "c", now=0.0)
+    assert len(scheduler.take_ready(0.0, limit=2)) == 2
+    assert scheduler.pending == 10
+
+
+def test_idle_hosts_are_forgotten_and_revoked_items_removed() -> None:
+    scheduler: HostScheduler[str] = HostScheduler(1, lambda host: 1.0)
+    for host in ("a", "b", "c"):
+        scheduler.add(host, host + "1", now=0.0)
+        scheduler.add(host, host + "2", now=0.0)
+    removed = scheduler.remove_where(lambda item: item.startswith("b"))
+    assert sorted(removed) == ["b1", "b2"] and scheduler.pending == 4
+    drain(scheduler, until=5)
+    assert scheduler.pending == 0 and scheduler.hosts == 0
+
+
+def test_unstarted_slot_does_not_spend_the_delay() -> None:
+    scheduler: HostScheduler[str] = HostScheduler(1, lambda host: 10.0)
+    scheduler.add("a", "disallowed", now=0.0)
+    scheduler.add("a", "allowed", now=0.0)
+    assert scheduler.take_ready(0.0, 10) == [("a", "disallowed")]
+    scheduler.unstarted("a", now=0.0)
+    assert scheduler.take_ready(0.0, 10) == [("a", "allowed")]
+
+
+ROBOTS = b"""User-agent: streamcrawl
+Disallow: /private/
+Allow: /private/open.html
+Crawl-delay: 1.5
+Sitemap: http://example.com/sitemap.xml
+
+User-agent: *
+Disallow: /
+"""
+
+
+def test_robots_rules_pick_our_group_delay_and_sitemaps() -> None:
+    rules = rules_from_response(200, ROBOTS)
+    assert rules is not None
+    assert not rules.allows("http://example.com/private/secret.html", UA)
+    assert rules.allows("http://example.com/private/open.html", UA)
+    assert rules.allows("http://example.com/page.html", UA)
+    assert not rules.allows("http://example.com/page.html", "otherbot/1.0")
+    assert rules.crawl_delay(UA) == 1.5
+    assert rules.sitemaps == ("http://example.com/sitemap.xml",)
+    rate = rules_from_response(200, b"User-agent: *\nRequest-rate: 1/4\n")
+    assert rate is not None and rate.crawl_delay(UA) == 4.0
+
+
+def test_robots_status_semantics() -> None:
+    assert rules_from_response(404, b"") is ALLOW_ALL
+    assert rules_from_response(403, b"") is ALLOW_ALL
+    assert ALLOW_ALL.allows("http://example.com/anything", UA)
+    assert rules_from_response(503, b"") is None
+    assert rules_from_response(500, b"") is None
+    assert rules_from_response(429, b"") is None
+
+
+def test_robots_cache_ttl_unavailable_and_bound() -> None:
+    cache = RobotsCache(ttl_s=100, retry_s=10, max_hosts=3)
+    assert cache.state("a", 0) is RobotsState.UNKNOWN
+    cache.fetching("a")
+    assert cache.state("a", 0) is RobotsState.FETCHING
+    cache.store("a", None, now=0)
+    assert cache.state("a", 5) is RobotsState.UNAVAILABLE
+    assert cache.unavailable_until("a") == 10
+    assert cache.state("a", 10) is RobotsState.UNKNOWN  # try again
+    cache.store("a", ALLOW_ALL, now=10)
+    assert cache.state("a", 109) is RobotsState.KNOWN
+    assert cache.state("a", 110) is RobotsState.UNKNOWN  # TTL over
+    for host in ("b", "c", "d", "e"):
+        cache.store(host, ALLOW_ALL, now=0)
+    assert len(cache) == 3
+
+
+def test_backoff_grows_with_jitter_and_retry_after_wins() -> None:
+    policy = RetryPolicy(max_attempts=4, base_s=2.0, cap_s=60.0)
+    rng = random.Random(7)
+    for attempt, ceiling in ((1, 2.0), (2, 4.0), (3, 8.0), (10, 60.0)):
+        waits = {policy.backoff(attempt, rng) for _ in range(50)}
+        assert all(ceiling / 2 <= wait <= ceiling for wait in waits)
+        assert len(waits) > 40  # jittered
+    assert policy.wait(1, retry_after=30.0, rng=rng) == 30.0
+    assert policy.wait(1, retry_after=10_000.0, rng=rng) == 60.0  # capped
+    assert not policy.exhausted(3) and policy.exhausted(4)
+
+
+def test_retry_after_forms() -> None:
+    assert parse_retry_after("120") == 120.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+
+
+def test_attempts_are_recorded_and_the_retry_message_validates() -> None:
+    request = {
+        "url": "http://example.com/a",
+        "host": "example.com",
+        "crawl_id": "c",
+        "depth": 1,
+        "priority": 5,
+        "scope": {"allow_domains": ["example.com"], "max_depth": 3, "max_pages": 0},
+        "discovered_at": 1.0,
+        "admitted_at": 2.0,
+    }
+    once = with_attempt(request, "http_503", 10.0, 503, "")
+    twice = with_attempt(once, "timeout", 20.0, None, "slow")
+    assert twice["attempt"] == 2
+    assert [h["outcome"] for h in twice["history"]] == ["http_503", "timeout"]
+    retry = {**twice, "due_at": 30.0, "retry_reason": "timeout"}
+    validate("retry", retry)
+    validate("fetch", fetch_value(retry))
+
+
+def test_delay_buffer_releases_in_due_order_and_drops_revoked() -> None:
+    buffer = DelayBuffer(capacity=3)
+    p0, p1 = TopicPartition("r", 0), TopicPartition("r", 1)
+    buffer.add(p0, 0, b"h", {"due_at": 30.0})
+    buffer.add(p0, 1, b"h", {"due_at": 10.0})
+    buffer.add(p1, 0, b"g", {"due_at": 20.0})
+    assert buffer.room == 0 and buffer.next_due() == 10.0
+    assert [h.offset for h in buffer.pop_due(25.0)] == [1, 0]
+    assert buffer.drop_where(lambda held: held.tp == p0) == 1
+    assert len(buffer) == 0 and buffer.next_due() is None
