@@ -9,6 +9,10 @@ from ..core.stage import BatchStage, DeadLetter, Output, Record, decode_json
 from ..core.topics import DISCOVERED, FRONTIER_GROUP, PAGES, SEEDS
 from .logic import Rejected, candidates_from_page, parse_seed
 
+# A redirect that cannot be followed is a failed fetch, not a scope decision: it is
+# dead-lettered so the user sees it.
+FAILED_REDIRECTS = frozenset({"redirect_loop", "too_many_redirects"})
+
 
 class FrontierStage(BatchStage):
     name = "frontier"
@@ -41,9 +45,14 @@ class FrontierStage(BatchStage):
         except DeadLetter as exc:
             return [self.dead_letter(record, exc.reason, exc.detail)]
         candidates, drops = candidates_from_page(page, self.settings)
+        outputs = [self._discovered(candidate) for candidate in candidates]
         for drop in drops:
             metrics.URLS_FILTERED.labels(self.name, drop.reason).inc()
-        return [self._discovered(candidate) for candidate in candidates]
+            if drop.reason in FAILED_REDIRECTS:
+                chain = " -> ".join([*page.get("redirect_chain", []), page["url"]])
+                detail = f"{chain} -> {page.get('redirect_to')}"
+                outputs.append(self.dead_letter(record, drop.reason, detail))
+        return outputs
 
     def _discovered(self, candidate: dict[str, object]) -> Output:
         host = str(candidate["host"])

@@ -13,7 +13,7 @@ from streamcrawl.core.config import PREFIX, Settings
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
-STAGES = ("frontier", "dedup", "fetcher", "parser", "sink")
+STAGES = ("frontier", "dedup", "fetcher", "delay", "parser", "sink")
 
 
 def _run_compose(compose: str, *args: str) -> subprocess.CompletedProcess[str]:

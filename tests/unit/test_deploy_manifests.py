@@ -44,7 +44,7 @@ DASHBOARD = DEPLOY / "grafana" / "dashboard.json"
 
 K8S_VERSION = "1.31"
 IMAGE = "ghcr.io/streamcrawl/streamcrawl"
-SERVICES = ("frontier", "dedup", "fetcher", "parser", "sink")
+SERVICES = ("frontier", "dedup", "fetcher", "delay", "parser", "sink")
 METRICS_PORT = 9400
 
 Obj = dict[str, Any]
