@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
 
 from ..core.errors import ReasonedError
 from .safety import ForbiddenAddress, IPNetwork, is_allowed
@@ -58,11 +60,32 @@ def check_literal_address(url: str, allowed: tuple[IPNetwork, ...]) -> None:
         raise FetchFailed("forbidden_address", f"{host} is not a public address")
 
 
-async def fetch(session: aiohttp.ClientSession, url: str, limits: FetchLimits) -> FetchResult:
+async def check_through_proxy(url: str, resolver: AbstractResolver) -> None:
+    """Through a proxy our connector never resolves the target, so it is resolved
+    (and refused if private) here first."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        await resolver.resolve(host, parts.port or 0, socket.AF_INET)
+
+
+async def fetch(
+    session: aiohttp.ClientSession,
+    url: str,
+    limits: FetchLimits,
+    proxy: str | None = None,
+    resolver: AbstractResolver | None = None,
+) -> FetchResult:
     check_literal_address(url, limits.allowed_networks)
     started = time.monotonic()
     try:
-        async with session.get(url, allow_redirects=False, timeout=limits.timeout()) as response:
+        if proxy is not None and resolver is not None:
+            await check_through_proxy(url, resolver)
+        async with session.get(
+            url, allow_redirects=False, timeout=limits.timeout(), proxy=proxy
+        ) as response:
             ttfb = time.monotonic() - started
             body, truncated = await _read_capped(response, limits.max_body_bytes)
             return FetchResult(
@@ -77,6 +100,8 @@ async def fetch(session: aiohttp.ClientSession, url: str, limits: FetchLimits) -
             )
     except TimeoutError as exc:
         raise FetchFailed("timeout", f"no complete answer within the limits ({exc!r})") from exc
+    except (aiohttp.ClientProxyConnectionError, aiohttp.ClientHttpProxyError) as exc:
+        raise FetchFailed("proxy_error", f"proxy {proxy}: {exc}") from exc
     except aiohttp.ClientConnectorError as exc:
         if isinstance(exc.os_error, ForbiddenAddress):
             raise FetchFailed("forbidden_address", str(exc.os_error)) from exc

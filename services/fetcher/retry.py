@@ -15,7 +15,9 @@ from typing import Any
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 RETRY_AFTER_STATUSES = frozenset({429, 503})
-RETRY_FAILURES = frozenset({"timeout", "connection_error", "dns_error", "payload_error"})
+RETRY_FAILURES = frozenset(
+    {"timeout", "connection_error", "dns_error", "payload_error", "proxy_error"}
+)
 MAX_HISTORY = 20
 
 

@@ -41,6 +41,7 @@ from ..core.topics import DISCOVERED, FETCH, FETCHED, FETCHER_GROUP, RETRY, topi
 from ..core.urls import InvalidURL, canonicalize, host_of, in_scope
 from .http import FetchFailed, FetchLimits, FetchResult, check_literal_address, fetch
 from .politeness import HostScheduler
+from .proxies import ProxyPool
 from .retry import RetryPolicy, parse_retry_after, retryable_failure, retryable_status, with_attempt
 from .robots import (
     ROBOTS_MAX_BYTES,
@@ -158,6 +159,8 @@ class Fetcher:
         self.scheduler: HostScheduler[Job] = HostScheduler(
             settings.fetch_per_host_concurrency, self.delay_for
         )
+        self.proxies = ProxyPool(settings.proxies, settings.proxy_cooldown)
+        self.resolver = SafeResolver(self.limits.allowed_networks)
         self.tracker = OffsetTracker()
         self.tasks: dict[asyncio.Task[None], set[TopicPartition]] = {}
         self.requests_in_flight = 0
@@ -187,7 +190,7 @@ class Fetcher:
             limit_per_host=settings.fetch_per_host_concurrency,
             ttl_dns_cache=settings.dns_cache_ttl,
             use_dns_cache=True,
-            resolver=SafeResolver(self.limits.allowed_networks),
+            resolver=self.resolver,
             enable_cleanup_closed=True,
         )
         self.session = aiohttp.ClientSession(
@@ -360,7 +363,7 @@ class Fetcher:
     async def _robots_rules(self, url: str) -> RobotsRules | None:
         for _ in range(ROBOTS_MAX_REDIRECTS + 1):
             try:
-                result = await fetch(self.session, url, self.robots_limits)
+                result = await self._request(url, host_of(url), self.robots_limits)
             except FetchFailed as exc:
                 metrics.ROBOTS_FETCHES.labels("unavailable").inc()
                 if exc.reason in ("forbidden_address", "invalid_url"):
@@ -398,8 +401,8 @@ class Fetcher:
         self.requests_in_flight += 1
         metrics.FETCH_IN_FLIGHT.inc()
         try:
-            outcome: FetchResult | FetchFailed = await fetch(
-                self.session, job.request["url"], self.limits
+            outcome: FetchResult | FetchFailed = await self._request(
+                job.request["url"], job.host, self.limits
             )
         except FetchFailed as exc:
             outcome = exc
@@ -411,6 +414,19 @@ class Fetcher:
         outputs.append(self._outcome(job, outcome))
         await self.publisher.publish(outputs)
         self.tracker.finished(job.tp, job.record.offset)
+
+    async def _request(self, url: str, host: str, limits: FetchLimits) -> FetchResult:
+        proxy = self.proxies.choose(host, time.monotonic())
+        try:
+            result = await fetch(self.session, url, limits, proxy=proxy, resolver=self.resolver)
+        except FetchFailed as exc:
+            if proxy is not None and exc.reason == "proxy_error":
+                log.warning("fetcher: proxy %s failed; left out for a while", proxy)
+                self.proxies.failed(proxy, time.monotonic())
+            raise
+        if proxy is not None:
+            self.proxies.succeeded(proxy)
+        return result
 
     def _outcome(self, job: Job, outcome: FetchResult | FetchFailed) -> Output:
         url = job.request["url"]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 from aiokafka import TopicPartition
-
 from streamcrawl.core.schemas import validate
 from streamcrawl.delay.logic import DelayBuffer, fetch_value
 from streamcrawl.fetcher.politeness import HostScheduler
@@ -36,7 +36,7 @@ def test_one_host_is_released_no_faster_than_its_delay() -> None:
     starts = drain(scheduler, until=10)
     times = [t for t, _, _ in starts]
     assert [item for _, _, item in starts] == [f"a{i}" for i in range(5)]
-    assert all(later - earlier >= 1.0 - 1e-9 for earlier, later in zip(times, times[1:]))
+    assert all(later - earlier >= 1.0 - 1e-9 for earlier, later in itertools.pairwise(times))
     assert times[-1] < 4.1  # and no slower than needed
 
 
@@ -209,3 +209,23 @@ def test_delay_buffer_releases_in_due_order_and_drops_revoked() -> None:
     assert [h.offset for h in buffer.pop_due(25.0)] == [1, 0]
     assert buffer.drop_where(lambda held: held.tp == p0) == 1
     assert len(buffer) == 0 and buffer.next_due() is None
+
+
+def test_proxy_pool_keeps_a_host_on_one_proxy_and_skips_failed_ones() -> None:
+    from streamcrawl.fetcher.proxies import ProxyPool
+
+    assert ProxyPool([], 60).choose("a", 0) is None
+    pool = ProxyPool(["http://p1:8080", "http://p2:8080", "http://p3:8080"], cooldown_s=60)
+    hosts = [f"host{i}.example" for i in range(300)]
+    first = {host: pool.choose(host, 0) for host in hosts}
+    assert first == {host: pool.choose(host, 5) for host in hosts}  # sticky
+    assert len(set(first.values())) == 3  # spread over the pool
+    pool.failed("http://p1:8080", now=0)
+    moved = {host: pool.choose(host, 1) for host in hosts}
+    assert "http://p1:8080" not in moved.values()
+    # Only the failed proxy's hosts moved.
+    assert all(moved[h] == first[h] for h in hosts if first[h] != "http://p1:8080")
+    for proxy in ("http://p2:8080", "http://p3:8080"):
+        pool.failed(proxy, now=2)
+    assert pool.choose("x", 3) == "http://p1:8080"  # all cooling: the one back first
+    assert pool.choose(hosts[0], 70) == first[hosts[0]]
