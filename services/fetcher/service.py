@@ -558,8 +558,10 @@ class Fetcher:
         # A host may have been fetched by the previous owner a moment ago: its first
         # request here waits one delay from now.
         now = time.monotonic()
+        partitions = sorted(tp.partition for tp in assigned)
         for tp in assigned:
             self.assigned_at[tp] = now
+        log.info("fetcher: assigned %d partitions %s", len(partitions), partitions)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

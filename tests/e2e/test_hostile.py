@@ -1,0 +1,219 @@
+"""End to end against the hostile site: robots.txt, politeness, retries, traps, limits, SSRF.
+
+Every check reads the hostile server's own request log (arrival time of every
+request), not the crawler's view of itself. The crawl must finish on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from streamcrawl.core.config import Settings
+from streamcrawl.core.kafka import create_topics
+from streamcrawl.demo.hostile import HostileSite, LoggedRequest, expectations
+from streamcrawl.localstack.stack import StackConfig
+from streamcrawl.orchestrate import (
+    PipelineWatch,
+    StageProcesses,
+    child_env,
+    produce_seeds,
+    watch_until_drained,
+)
+
+from ..conftest import free_port, isolated_settings, kcat_consume
+from .test_crawl import stored_documents
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+CONFIGURED_DELAY = 0.5  # STREAMCRAWL_CRAWL_DELAY
+CRAWL_DELAY_A = 1.0  # robots.txt of host A: larger than ours, so it wins there
+CRAWL_DELAY_B = 0.2  # robots.txt of host B: smaller, so ours wins there
+RETRY_AFTER = 2
+CLOCK_TOLERANCE = 0.05  # both clocks are this machine's; allow scheduling jitter only
+FORBIDDEN_HOSTS = ("169.254.169.254", "10.1.2.3")
+FETCHER_RSS_LIMIT = 400 * 1024 * 1024
+
+
+@pytest.fixture()
+def hostile(tmp_path: Path) -> Iterator[HostileSite]:
+    with HostileSite(
+        tmp_path / "requests.jsonl",
+        free_port(),
+        free_port(),
+        crawl_delay_a=CRAWL_DELAY_A,
+        crawl_delay_b=CRAWL_DELAY_B,
+        retry_after=RETRY_AFTER,
+    ) as site:
+        yield site
+
+
+def hostile_settings(stack: StackConfig) -> Settings:
+    return isolated_settings(
+        stack,
+        crawl_delay=str(CONFIGURED_DELAY),
+        fetch_per_host_concurrency="4",
+        fetch_timeout="3",
+        fetch_read_timeout="2",
+        retry_max_attempts="3",
+        retry_base_delay="0.5",
+        retry_max_delay="10",
+        robots_retry="2",
+        max_calendar_pages="5",
+        max_depth="50",
+        log_level="INFO",
+    )
+
+
+def seed(site: HostileSite) -> dict[str, Any]:
+    return {
+        "url": site.base_a + "/",
+        "crawl_id": "hostile",
+        # The forbidden addresses are in scope on purpose: only the fetcher's SSRF
+        # check stands between them and a request.
+        "scope": {"allow_domains": ["127.0.0.1", *FORBIDDEN_HOSTS], "max_depth": 50},
+    }
+
+
+def fetcher_peak_rss(stages: StageProcesses) -> list[int]:
+    """VmHWM (peak resident set) of every running fetcher process, in bytes."""
+    peaks = []
+    for name, process in stages.processes.items():
+        if not name.startswith("fetcher"):
+            continue
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+        peaks.append(int(line.split()[1]) * 1024)
+    return peaks
+
+
+async def wait_for_stable_fetchers(log_dir: Path, count: int, timeout: float = 60) -> None:
+    """Until ``count`` fetchers each logged an assignment and together own every partition."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        latest = []
+        for log_file in sorted(log_dir.glob("fetcher*.log")):
+            lines = [ln for ln in log_file.read_text().splitlines() if "assigned" in ln]
+            if lines:
+                latest.append(int(lines[-1].split("assigned ")[1].split()[0]))
+        if len(latest) == count and sum(latest) == 12:
+            await asyncio.sleep(2.0)  # no rebalance right behind it
+            return
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"{count} fetchers never shared the partitions")
+
+
+async def crawl_hostile(
+    settings: Settings, site: HostileSite, log_dir: Path, fetchers: int
+) -> list[int]:
+    await create_topics(settings)
+    stages = StageProcesses(child_env(settings), log_dir)
+    watch = PipelineWatch(settings)
+    await watch.start()
+    stages.start()
+    try:
+        if fetchers > 1:
+            stages.scale("fetcher", fetchers)
+            await wait_for_stable_fetchers(log_dir, fetchers)
+        await produce_seeds(settings, [seed(site)])
+        await watch_until_drained(watch, stages, io.StringIO(), timeout=420)
+        return fetcher_peak_rss(stages)
+    finally:
+        await watch.stop()
+        await asyncio.to_thread(stages.stop)
+
+
+def by_host(requests: list[LoggedRequest]) -> dict[int, list[LoggedRequest]]:
+    hosts: dict[int, list[LoggedRequest]] = defaultdict(list)
+    for request in requests:
+        hosts[request.port].append(request)
+    return hosts
+
+
+def assert_polite(site: HostileSite, requests: list[LoggedRequest]) -> dict[int, float]:
+    """Per host, no two requests closer than the delay that applies; returns the minima."""
+    required = {
+        site.port_a: max(CONFIGURED_DELAY, CRAWL_DELAY_A),
+        site.port_b: max(CONFIGURED_DELAY, CRAWL_DELAY_B),
+    }
+    minima = {}
+    for port, seen in by_host(requests).items():
+        times = sorted(request.t for request in seen)
+        gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+        assert gaps, f"port {port}: only {len(times)} request"
+        minima[port] = min(gaps)
+        assert minima[port] >= required[port] - CLOCK_TOLERANCE, (
+            f"port {port}: requests {minima[port]:.3f}s apart, delay is {required[port]}s"
+        )
+    return minima
+
+
+def dead_letters(settings: Settings) -> list[dict[str, Any]]:
+    return [
+        json.loads(value)
+        for _, value in kcat_consume(settings.kafka_bootstrap, settings.topic_prefix + "dlq")
+    ]
+
+
+def failed_url(record: dict[str, Any]) -> str:
+    payload = json.loads(record["payload"])
+    return str(payload.get("redirect_to") or payload["url"])
+
+
+async def check_hostile_crawl(
+    settings: Settings, site: HostileSite, tmp_path: Path, fetchers: int
+) -> None:
+    peaks = await crawl_hostile(settings, site, tmp_path / "logs", fetchers)
+    requests = site.requests()
+    expected = expectations(site.port_a, site.port_b)
+    paths = [r.path for r in requests]
+
+    # Nothing disallowed, nofollowed or trapped was ever requested.
+    assert not set(paths) & set(expected.never_request), set(paths) & set(expected.never_request)
+    # Every URL that should be crawled was, with a 200 stored.
+    documents = await stored_documents(settings)
+    stored_ok = {doc["url"] for doc in documents if doc["status"] == 200}
+    assert expected.must_fetch <= stored_ok, sorted(expected.must_fetch - stored_ok)
+
+    minima = assert_polite(site, requests)
+
+    # Retry-After waited: the retry of the 429 came at least RETRY_AFTER seconds later.
+    limited = sorted(r.t for r in requests if r.path == "/rate-limited.html")
+    assert len(limited) == 2 and limited[1] - limited[0] >= RETRY_AFTER - CLOCK_TOLERANCE
+
+    # robots.txt: B's first answer was a 503, so B was retried later, then crawled.
+    robots_b = [r.t for r in requests if r.port == site.port_b and r.path == "/robots.txt"]
+    assert len(robots_b) >= 2
+
+    # Every failure is in crawl.dlq with its reason.
+    failures = {failed_url(record): record["reason"] for record in dead_letters(settings)}
+    for url, reason in expected.dlq_urls.items():
+        assert failures.get(url, "").startswith(reason), (url, failures.get(url))
+    always = next(r for r in dead_letters(settings) if r["reason"] == "http_503")
+    assert len(always["history"]) == 3
+
+    # Memory stayed bounded with a 50 MB page and a gzip bomb on the site.
+    assert peaks and max(peaks) < FETCHER_RSS_LIMIT, peaks
+    print(
+        f"\nhostile crawl, {fetchers} fetcher(s): {len(requests)} requests, "
+        f"min per-host gaps {minima}, fetcher peak RSS {[p // 2**20 for p in peaks]} MiB"
+    )
+
+
+async def test_hostile_site_one_fetcher(
+    stack: StackConfig, hostile: HostileSite, tmp_path: Path
+) -> None:
+    await check_hostile_crawl(hostile_settings(stack), hostile, tmp_path, fetchers=1)
+
+
+async def test_hostile_site_two_fetchers(
+    stack: StackConfig, hostile: HostileSite, tmp_path: Path
+) -> None:
+    await check_hostile_crawl(hostile_settings(stack), hostile, tmp_path, fetchers=2)
