@@ -229,3 +229,17 @@ def test_proxy_pool_keeps_a_host_on_one_proxy_and_skips_failed_ones() -> None:
         pool.failed(proxy, now=2)
     assert pool.choose("x", 3) == "http://p1:8080"  # all cooling: the one back first
     assert pool.choose(hosts[0], 70) == first[hosts[0]]
+
+
+def test_readme_documents_every_setting_and_host_delays_parse() -> None:
+    from pathlib import Path
+
+    import pytest
+    from streamcrawl.core.config import Settings, settings_doc
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert settings_doc() in readme  # regenerate the table when a setting changes
+    settings = Settings.from_env({"STREAMCRAWL_HOST_DELAYS": "slow.example=5, a.test:8080=0"})
+    assert settings.host_delay_map() == {"slow.example": 5.0, "a.test:8080": 0.0}
+    with pytest.raises(ValueError, match="HOST_DELAYS"):
+        Settings.from_env({"STREAMCRAWL_HOST_DELAYS": "slow.example"})
