@@ -66,6 +66,7 @@ class DedupStage(BatchStage):
                         admitted = decode_json(record, "fetch")
                     except DeadLetter:
                         continue  # never produced by us; nothing to remember
+                    # remember() also rebuilds the per-host and calendar counts.
                     bloom.remember(admitted["crawl_id"], admitted["url"])
         finally:
             await stop_consumer(consumer)
@@ -91,6 +92,8 @@ class DedupStage(BatchStage):
                 candidate["crawl_id"],
                 candidate["url"],
                 candidate["scope"].get("max_pages", 0),
+                self.settings.max_pages_per_host,
+                self.settings.max_calendar_pages,
             )
             if verdict is not None:
                 metrics.URLS_FILTERED.labels(self.name, verdict).inc()

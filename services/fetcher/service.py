@@ -110,7 +110,7 @@ def sitemap_candidates(
     candidates = []
     for listed in rules.sitemaps:
         try:
-            url = canonicalize(listed, settings.max_url_length)
+            url = canonicalize(listed, settings.max_url_length, settings.session_params)
         except InvalidURL:
             continue
         if not in_scope(url, request["scope"]["allow_domains"]):
