@@ -11,7 +11,14 @@ from typing import Any
 from ..core.config import Settings
 from ..core.errors import ReasonedError
 from ..core.schemas import SchemaError, validate
-from ..core.urls import InvalidURL, canonicalize, host_of, hostname_of, in_scope
+from ..core.urls import (
+    InvalidURL,
+    canonicalize,
+    host_of,
+    hostname_of,
+    in_scope,
+    repeated_segments,
+)
 
 DEFAULT_CRAWL_ID = "default"
 DEFAULT_PRIORITY = 5
@@ -91,7 +98,7 @@ def _seed_document(value: bytes | None) -> dict[str, Any]:
 
 def _canonical(url: str, settings: Settings) -> str:
     try:
-        return canonicalize(url, settings.max_url_length)
+        return canonicalize(url, settings.max_url_length, settings.session_params)
     except InvalidURL as exc:
         raise Rejected(exc.reason, str(exc)) from exc
 
@@ -99,26 +106,41 @@ def _canonical(url: str, settings: Settings) -> str:
 def candidates_from_page(
     page: dict[str, Any], settings: Settings, now: float | None = None
 ) -> tuple[list[dict[str, Any]], list[Drop]]:
-    """The in-scope candidates a parsed page leads to: its links, or its redirect target."""
+    """The in-scope candidates a parsed page leads to: its links, or its redirect target.
+
+    A sitemap's links are pages one level deeper than the sitemap; the sitemaps it lists
+    keep its depth (an index does not make its children deeper) and are candidates of
+    kind "sitemap", as is the target of a sitemap's redirect. Page candidates carry no
+    kind (the schema's default, "page").
+    """
     stamp = time.time() if now is None else now
     scope = page["scope"]
     redirect_to = page.get("redirect_to")
+    sitemap = page.get("kind") == "sitemap"
+    # (targets, their depth, their kind when not a page)
+    groups: list[tuple[list[str], int, str | None]]
     if redirect_to:
         # A redirect hop keeps the depth of the link that led to it.
         chain = [*page.get("redirect_chain", []), page["url"]]
-        targets, depth = [redirect_to], page["depth"]
+        groups = [([redirect_to], page["depth"], "sitemap" if sitemap else None)]
     else:
-        chain, targets, depth = [], page["links"], page["depth"] + 1
-    if depth > scope["max_depth"]:
-        return [], [Drop("max_depth")] * len(targets)
+        chain, groups = [], [(page["links"], page["depth"] + 1, None)]
+        if sitemap:
+            groups.append((page.get("sitemaps", []), page["depth"], "sitemap"))
     kept: list[dict[str, Any]] = []
     drops: list[Drop] = []
-    for target in targets:
-        outcome = _link_candidate(target, page, scope, depth, chain, settings, stamp)
-        if isinstance(outcome, Drop):
-            drops.append(outcome)
-        else:
-            kept.append(outcome)
+    for targets, depth, kind in groups:
+        if depth > scope["max_depth"]:
+            drops.extend([Drop("max_depth")] * len(targets))
+            continue
+        for target in targets:
+            outcome = _link_candidate(target, page, scope, depth, chain, settings, stamp)
+            if isinstance(outcome, Drop):
+                drops.append(outcome)
+            else:
+                if kind is not None:
+                    outcome["kind"] = kind
+                kept.append(outcome)
     return kept, drops
 
 
@@ -132,11 +154,14 @@ def _link_candidate(
     now: float,
 ) -> dict[str, Any] | Drop:
     try:
-        url = canonicalize(target, settings.max_url_length)
+        url = canonicalize(target, settings.max_url_length, settings.session_params)
     except InvalidURL as exc:
         return Drop(exc.reason)
     if not in_scope(url, scope["allow_domains"]):
         return Drop("out_of_scope")
+    # A relative-link loop (/x/x/x/, /a/b/a/b/a/b/); 0 turns the check off.
+    if settings.max_path_repeats and repeated_segments(url) > settings.max_path_repeats:
+        return Drop("repeated_path_segments")
     if url in chain:
         return Drop("redirect_loop")
     if len(chain) > 10:

@@ -12,6 +12,7 @@ from urllib.parse import urljoin
 from ..core.stage import BatchStage, DeadLetter, Output, Record, decode_json
 from ..core.topics import FETCHED, PAGES, PARSER_GROUP
 from .extract import extract_page, is_html
+from .sitemap import parse_sitemap
 
 _REDIRECT_STATUSES = {301, 302, 303, 307, 308}
 
@@ -29,7 +30,11 @@ def decode_body(fetched: dict[str, Any], limit: int) -> bytes:
 
 
 def page_from_fetched(fetched: dict[str, Any], body: bytes) -> dict[str, Any]:
-    """The crawl.pages record: parsed HTML, or the metadata of any other response."""
+    """The crawl.pages record: parsed HTML, or the metadata of any other response.
+
+    A response fetched as a sitemap (``kind`` "sitemap") is read as one whatever its
+    content type: its page URLs become ``links`` and the sitemaps it lists ``sitemaps``.
+    """
     status = fetched["status"]
     headers = fetched["headers"]
     page: dict[str, Any] = {
@@ -56,9 +61,19 @@ def page_from_fetched(fetched: dict[str, Any], body: bytes) -> dict[str, Any]:
         "body_bytes": fetched["body_bytes"],
         "truncated": fetched["truncated"],
     }
+    kind = fetched.get("kind")
+    if kind is not None:
+        page["kind"] = kind  # before the redirect check: a sitemap's redirect leads to one
+    if kind == "sitemap":
+        page["sitemaps"] = []
     location = headers.get("location")
     if status in _REDIRECT_STATUSES and location:
         page["redirect_to"] = urljoin(fetched["final_url"], location.strip())
+        return page
+    if kind == "sitemap":
+        if 200 <= status < 300:
+            sitemap = parse_sitemap(body)
+            page.update(links=list(sitemap.urls), sitemaps=list(sitemap.sitemaps))
         return page
     if 200 <= status < 300 and is_html(fetched["content_type"] or None, body[:1024]):
         extracted = extract_page(

@@ -1,8 +1,12 @@
 """The sink service: crawl.pages in, one MongoDB document per canonical URL out.
 
+A page is stored under its URL, or under the rel=canonical URL it declares when that is
+on its own host (see :func:`storage_id`), so spellings of one page share a document;
+the document keeps the URL that was fetched in ``url``.
+
 Each batch is first inserted in bulk (unordered), and only the documents whose
-URL is already stored are then replaced with upserts: the end state is that of an
-upsert per page, so a redelivered batch rewrites the same documents instead of
+``_id`` or URL is already stored are then replaced with upserts: the end state is that
+of an upsert per page, so a redelivered batch rewrites the same documents instead of
 adding new ones, while fresh pages take the fast path (FerretDB inserts about a
 hundred times faster than it upserts; see bench/RESULTS.md). Offsets are committed only after
 the database acknowledged the batch; while it is down the sink retries and the
@@ -18,11 +22,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from pymongo import AsyncMongoClient, ReplaceOne
-from pymongo.errors import BulkWriteError, PyMongoError
+from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
 from ..core import metrics
 from ..core.stage import BatchStage, Output, Record
 from ..core.topics import PAGES, SINK_GROUP
+from ..core.urls import InvalidURL, canonicalize, host_of
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +36,29 @@ DUPLICATE_KEY = 11000
 UPDATE_CHUNK = 50
 
 
+def storage_id(page: dict[str, Any]) -> str:
+    """The ``_id`` a page is stored under: the canonical form of the rel=canonical URL it
+    declares, when that is on the page's own host and the page is a 2xx answer (not a
+    redirect); otherwise its own URL.
+
+    So ``/a?x=1`` and ``/a`` that both declare ``/a`` share one document. A canonical on
+    another host is a claim this crawl cannot check (and would let one site overwrite
+    another's documents), so it is ignored.
+    """
+    url: str = page["url"]
+    declared = page.get("canonical")
+    status = page.get("status", 0)
+    if not declared or page.get("redirect_to") or not 200 <= status < 300:
+        return url
+    try:
+        canonical = canonicalize(declared)
+    except InvalidURL:
+        return url
+    return canonical if host_of(canonical) == host_of(url) else url
+
+
 def document_for(page: dict[str, Any], stored_at: float) -> dict[str, Any]:
-    return {"_id": page["url"], **page, "stored_at": stored_at}
+    return {"_id": storage_id(page), **page, "stored_at": stored_at}
 
 
 def classify_failures(error: BulkWriteError) -> tuple[set[int], dict[int, str]]:
@@ -75,10 +101,17 @@ class SinkStage(BatchStage):
 
     async def process(self, records: Sequence[Record]) -> list[Output]:
         pages, dead = self.decode_all(records, "page")
-        # The last version of a URL in a batch wins.
-        entries = list({page["url"]: (record, page) for record, page in pages}.values())
+        # The last version of a URL in a batch wins, and then the last page stored
+        # under one _id (spellings of a page that declare one canonical).
+        latest = {page["url"]: (record, page) for record, page in pages}.values()
+        stored_at = time.time()
+        by_id: dict[str, tuple[Record, dict[str, Any]]] = {}
+        for record, page in latest:
+            document = document_for(page, stored_at)
+            by_id[document["_id"]] = (record, document)
+        entries = list(by_id.values())
         if entries:
-            documents = [document_for(page, time.time()) for _, page in entries]
+            documents = [document for _, document in entries]
             rejected: dict[int, str] = await self._retry(
                 f"writing {len(documents)} pages", lambda: self._store(documents)
             )
@@ -94,17 +127,47 @@ class SinkStage(BatchStage):
             return {}
         except BulkWriteError as error:
             duplicates, rejected = classify_failures(error)
-        replacements = [
-            ReplaceOne({"_id": documents[i]["_id"]}, documents[i], upsert=True)
-            for i in sorted(duplicates)
-        ]
+        replacements = [documents[i] for i in sorted(duplicates)]
         # FerretDB 1.24 (SQLite) stops answering a bulk write of 100 or more updates
         # of existing documents; 50 at a time is safe and costs little.
         for start in range(0, len(replacements), UPDATE_CHUNK):
-            await self.collection.bulk_write(
-                replacements[start : start + UPDATE_CHUNK], ordered=False
-            )
+            await self._replace(replacements[start : start + UPDATE_CHUNK])
         return rejected
+
+    async def _replace(self, documents: list[dict[str, Any]]) -> None:
+        """Replace the stored documents with these, by ``_id``.
+
+        Their insert failed because the ``_id`` exists (the usual case: a redelivery, or
+        another spelling of the page) or because the URL is stored under another ``_id``
+        (its page declared another canonical, or none, when it was stored). That rare
+        second case breaks the unique index on ``url``: then the stale documents are
+        deleted and the write repeated. Only then, because FerretDB 1.24 scans the whole
+        collection for a delete by URL.
+        """
+        # No upsert: FerretDB 1.24 answers an upsert that breaks a unique index with a
+        # reply pymongo cannot read. A document no _id matched is inserted below.
+        requests = [ReplaceOne({"_id": doc["_id"]}, doc) for doc in documents]
+        try:
+            result = await self.collection.bulk_write(requests, ordered=False)
+            if result.matched_count == len(requests):
+                return
+        except BulkWriteError as error:  # MongoDB: code 11000 for each refused document
+            if classify_failures(error)[1]:
+                raise
+        except OperationFailure as error:  # FerretDB 1.24 refuses the whole command
+            log.info("sink: replacement refused (%s); removing stale URLs", str(error)[:300])
+        # Every document this finds holds one of these URLs under an _id none of these
+        # documents has, so it is stale. (An $or of per-document pairs would be exact
+        # but FerretDB runs it about six times slower.)
+        urls = [doc["url"] for doc in documents]
+        ids = [doc["_id"] for doc in documents]
+        await self.collection.delete_many({"url": {"$in": urls}, "_id": {"$nin": ids}})
+        await self.collection.bulk_write(requests, ordered=False)
+        try:
+            await self.collection.insert_many(documents, ordered=False)
+        except BulkWriteError as error:
+            if classify_failures(error)[1]:
+                raise  # code 11000 only means the replacement above took care of it
 
     async def _retry(self, what: str, action: Any) -> Any:
         delay = 0.5

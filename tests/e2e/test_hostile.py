@@ -10,6 +10,7 @@ import asyncio
 import io
 import itertools
 import json
+import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -17,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 from streamcrawl.core.config import Settings
 from streamcrawl.core.kafka import create_topics
+from streamcrawl.core.topics import HOST_PARTITIONS
 from streamcrawl.demo.hostile import HostileSite, LoggedRequest
 from streamcrawl.localstack.stack import StackConfig
 from streamcrawl.orchestrate import (
@@ -41,14 +44,32 @@ RETRY_AFTER = 2
 CLOCK_TOLERANCE = 0.05  # both clocks are this machine's; allow scheduling jitter only
 FORBIDDEN_HOSTS = ("169.254.169.254", "10.1.2.3")
 FETCHER_RSS_LIMIT = 400 * 1024 * 1024
+ROBOTS_READ = re.compile(r"robots.txt of (\S+) read")
+ASSIGNED = re.compile(r"fetcher: assigned (\d+) partitions")
+
+
+def partition_of(port: int) -> int:
+    key = f"127.0.0.1:{port}".encode()
+    return int(DefaultPartitioner()(key, list(range(HOST_PARTITIONS)), []))
+
+
+def ports_for_two_fetchers() -> tuple[int, int]:
+    """Ports whose hosts land on an even and an odd partition: with two members the
+    round-robin assignor gives them to different fetchers."""
+    port_a = free_port()
+    while True:
+        port_b = free_port()
+        if port_b != port_a and (partition_of(port_a) + partition_of(port_b)) % 2 == 1:
+            return port_a, port_b
 
 
 @pytest.fixture()
 def hostile(tmp_path: Path) -> Iterator[HostileSite]:
+    port_a, port_b = ports_for_two_fetchers()
     with HostileSite(
         tmp_path / "requests.jsonl",
-        free_port(),
-        free_port(),
+        port_a,
+        port_b,
         crawl_delay_a=CRAWL_DELAY_A,
         crawl_delay_b=CRAWL_DELAY_B,
         retry_after=RETRY_AFTER,
@@ -101,9 +122,9 @@ async def wait_for_stable_fetchers(log_dir: Path, count: int, timeout: float = 6
     while time.monotonic() < deadline:
         latest = []
         for log_file in sorted(log_dir.glob("fetcher*.log")):
-            lines = [ln for ln in log_file.read_text().splitlines() if "assigned" in ln]
-            if lines:
-                latest.append(int(lines[-1].split("assigned ")[1].split()[0]))
+            counts = ASSIGNED.findall(log_file.read_text())
+            if counts:
+                latest.append(int(counts[-1]))
         if len(latest) == count and sum(latest) == 12:
             await asyncio.sleep(2.0)  # no rebalance right behind it
             return
@@ -237,3 +258,9 @@ async def test_hostile_site_two_fetchers(
     stack: StackConfig, hostile: HostileSite, tmp_path: Path
 ) -> None:
     await check_hostile_crawl(hostile_settings(stack), hostile, tmp_path, fetchers=2)
+    # Each fetcher owned one of the two hosts: both did real work, politely.
+    readers = {
+        log_file.name: ROBOTS_READ.findall(log_file.read_text())
+        for log_file in (tmp_path / "logs").glob("fetcher*.log")
+    }
+    assert sorted(len(set(hosts)) for hosts in readers.values()) == [1, 1], readers

@@ -65,3 +65,40 @@ async def test_a_document_the_database_refuses_is_reported_not_retried(settings:
         assert [doc["url"] async for doc in collection.find({})] == ["http://a.example/ok"]
     finally:
         await client.close()
+
+
+async def test_spellings_declaring_one_canonical_are_one_document(settings: Settings) -> None:
+    def spelling(url: str, canonical: str | None, title: str) -> dict[str, Any]:
+        return {**page(url, title), "canonical": canonical, "redirect_to": None}
+
+    a, b = "http://a.example/a", "http://a.example/b"
+    sink = SinkStage(settings)
+    await sink.start()
+    try:
+        # One batch: /a is inserted, /a?x=1 with it falls back to a replacement.
+        await sink._store(
+            [
+                document_for(spelling(a, a, "a"), 1.0),
+                document_for(spelling(a + "?x=1", a, "a?x=1"), 1.0),
+            ]
+        )
+        # /b?x=1 is first stored under its own URL, then declares /b: the stale document
+        # goes (the unique URL index would refuse a second document with its URL).
+        await sink._store([document_for(spelling(b + "?x=1", None, "old"), 1.0)])
+        await sink._store([document_for(spelling(b, b, "b"), 2.0)])
+        await asyncio.wait_for(
+            sink._store([document_for(spelling(b + "?x=1", b, "b?x=1"), 3.0)]), 30
+        )
+        # And back: no canonical any more, stored under its own URL again.
+        await asyncio.wait_for(
+            sink._store([document_for(spelling(a + "?x=1", None, "own"), 4.0)]), 30
+        )
+    finally:
+        await sink.stop()
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
+    try:
+        collection = client[settings.mongo_database][settings.mongo_collection]
+        docs = {doc["_id"]: (doc["url"], doc["title"]) async for doc in collection.find({})}
+    finally:
+        await client.close()
+    assert docs == {b: (b + "?x=1", "b?x=1"), a + "?x=1": (a + "?x=1", "own")}
