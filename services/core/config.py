@@ -12,7 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .topics import MAX_MESSAGE_BYTES
+
 PREFIX = "STREAMCRAWL_"
+# A body travels zlib-compressed (incompressible data grows a little) and base64-encoded
+# (4/3) on crawl.fetched, next to up to 200 headers of 8 KiB: this keeps the largest
+# body inside the topic's message limit.
+MAX_BODY_CAP = (MAX_MESSAGE_BYTES - 2 * 1024 * 1024) * 3 // 4
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -72,7 +78,9 @@ class Settings:
     )
     max_body_bytes: int = field(
         default=2 * 1024 * 1024,
-        metadata={"doc": "Body cap; a larger body is cut and marked truncated."},
+        metadata={
+            "doc": "Body cap (decompressed, enforced while streaming); a larger body is cut and marked truncated. At most 4.5 MiB, the topic limit."
+        },
     )
     dns_cache_ttl: int = field(default=300, metadata={"doc": "Seconds DNS answers are cached."})
     crawl_delay: float = field(
@@ -200,6 +208,11 @@ class Settings:
             raise ValueError(f"{PREFIX}BLOOM_ERROR_RATE must be between 0 and 1")
         if self.fetch_concurrency < 1 or self.fetch_per_host_concurrency < 1:
             raise ValueError("fetch concurrency settings must be >= 1")
+        if self.max_body_bytes > MAX_BODY_CAP:
+            raise ValueError(
+                f"{PREFIX}MAX_BODY_BYTES={self.max_body_bytes} does not fit in a crawl.fetched "
+                f"message (at most {MAX_BODY_CAP}: the topic limit after base64 and headers)"
+            )
         if self.retry_max_attempts < 1:
             raise ValueError(f"{PREFIX}RETRY_MAX_ATTEMPTS must be >= 1")
         self.host_delay_map()

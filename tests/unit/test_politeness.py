@@ -243,3 +243,19 @@ def test_readme_documents_every_setting_and_host_delays_parse() -> None:
     assert settings.host_delay_map() == {"slow.example": 5.0, "a.test:8080": 0.0}
     with pytest.raises(ValueError, match="HOST_DELAYS"):
         Settings.from_env({"STREAMCRAWL_HOST_DELAYS": "slow.example"})
+
+
+def test_body_cap_must_fit_the_topic_message_limit() -> None:
+    import base64
+    import os
+    import zlib
+
+    import pytest
+    from streamcrawl.core.config import MAX_BODY_CAP, Settings
+    from streamcrawl.core.topics import MAX_MESSAGE_BYTES
+
+    worst = base64.b64encode(zlib.compress(os.urandom(MAX_BODY_CAP), 1))
+    assert len(worst) + 200 * 8192 < MAX_MESSAGE_BYTES
+    assert Settings.from_env({"STREAMCRAWL_MAX_BODY_BYTES": str(MAX_BODY_CAP)})
+    with pytest.raises(ValueError, match="MAX_BODY_BYTES"):
+        Settings.from_env({"STREAMCRAWL_MAX_BODY_BYTES": str(MAX_BODY_CAP + 1)})
