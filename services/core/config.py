@@ -79,7 +79,8 @@ class Settings:
     max_body_bytes: int = field(
         default=2 * 1024 * 1024,
         metadata={
-            "doc": "Body cap (decompressed, enforced while streaming); a larger body is cut and marked truncated. At most 4.5 MiB, the topic limit."
+            "doc": "Body cap (decompressed, enforced while streaming); a larger body is cut "
+            "and marked truncated. At most 4.5 MiB, the topic limit."
         },
     )
     dns_cache_ttl: int = field(default=300, metadata={"doc": "Seconds DNS answers are cached."})
