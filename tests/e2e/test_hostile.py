@@ -89,6 +89,9 @@ def hostile_settings(stack: StackConfig) -> Settings:
         retry_max_delay="10",
         robots_retry="2",
         max_calendar_pages="5",
+        # Host A has more URLs than fit in 5 s at its Crawl-delay: the rest must wait in
+        # crawl.retry instead of in the fetcher's memory.
+        host_queue_horizon="5",
         max_depth="50",
         log_level="INFO",
     )
@@ -240,11 +243,20 @@ async def check_hostile_crawl(
     always = next(r for r in dead_letters(settings) if r["reason"] == "http_503")
     assert len(always["history"]) == 3
 
+    # What waited went through crawl.retry: backoffs, the 429, B's robots.txt outage, and
+    # the URLs of busy host A beyond the 5 s horizon.
+    reasons = Counter(
+        json.loads(value)["retry_reason"]
+        for _, value in kcat_consume(settings.kafka_bootstrap, settings.topic_prefix + "retry")
+    )
+    assert {"host_busy", "http_429", "http_503", "timeout", "robots_unavailable"} <= set(reasons)
+
     # Memory stayed bounded with a 50 MB page and a gzip bomb on the site.
     assert peaks and max(peaks) < FETCHER_RSS_LIMIT, peaks
     print(
         f"\nhostile crawl, {fetchers} fetcher(s): {len(requests)} requests, "
-        f"min per-host gaps {minima}, fetcher peak RSS {[p // 2**20 for p in peaks]} MiB"
+        f"min per-host gaps {minima}, fetcher peak RSS {[p // 2**20 for p in peaks]} MiB, "
+        f"crawl.retry {dict(reasons)}"
     )
 
 
