@@ -94,9 +94,13 @@ class StageProcesses:
         for number in range(len(names), wanted):
             self.start_one(stage, f"{stage}-{number}" if number else stage)
         for name in names[wanted:][::-1]:
-            process = self.processes.pop(name)
-            process.send_signal(signal.SIGTERM)
-            self._retiring.append(process)
+            self.retire(name)
+
+    def retire(self, name: str) -> None:
+        """Stop one replica gracefully (SIGTERM: it drains, commits and hands over)."""
+        process = self.processes.pop(name)
+        process.send_signal(signal.SIGTERM)
+        self._retiring.append(process)
 
     def kill(self, stage: str) -> None:
         """SIGKILL, as a crash or an OOM kill would."""

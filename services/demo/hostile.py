@@ -659,7 +659,7 @@ async def serve(config: SiteConfig, log_path: Path) -> None:
                 app = web.Application(middlewares=[_logging_middleware(log, port)])
                 app.add_routes(routes)
                 # A short shutdown: the drip-fed page would otherwise hold it for minutes.
-                runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+                runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.25)
                 await runner.setup()
                 runners.append(runner)
                 await web.TCPSite(runner, HOST, port).start()

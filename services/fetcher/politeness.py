@@ -159,6 +159,16 @@ class HostScheduler(Generic[T]):
         self.pending -= len(removed)
         return removed
 
+    def handover_wait(self, now: float, allowance: Callable[[str], float]) -> float:
+        """How long to keep the hosts before another process may take them over.
+
+        The next owner knows only ``allowance(host)`` (the configured delay), not a
+        Crawl-delay read here, and waits that long after its assignment; so the hosts are
+        let go only once every host's next start is at most its allowance away.
+        """
+        waits = (state.next_start - now - allowance(host) for host, state in self._hosts.items())
+        return max(0.0, max(waits, default=0.0))
+
     def next_ready_at(self) -> float | None:
         return self._heap[0][0] if self._heap else None
 

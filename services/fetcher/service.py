@@ -172,14 +172,17 @@ class Fetcher:
             for suffix in (FETCH, FETCHED, RETRY, DISCOVERED)
         }
 
-    def delay_for(self, host: str) -> float:
-        """The larger of the configured delay and the host's Crawl-delay, capped."""
+    def configured_delay(self, host: str) -> float:
         hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
         configured = self.host_delays.get(
             host, self.host_delays.get(hostname, self.settings.crawl_delay)
         )
+        return min(self.settings.max_crawl_delay, configured)
+
+    def delay_for(self, host: str) -> float:
+        """The larger of the configured delay and the host's Crawl-delay, capped."""
         crawl_delay = self.robots.rules(host).crawl_delay(self.settings.user_agent) or 0.0
-        return min(self.settings.max_crawl_delay, max(configured, crawl_delay))
+        return min(self.settings.max_crawl_delay, max(self.configured_delay(host), crawl_delay))
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.settings
@@ -215,6 +218,7 @@ class Fetcher:
         )
         try:
             await asyncio.gather(self._consume(consumer, stop), self._dispatch(stop))
+            self._hand_back(None)
             await self._drain(timeout=25.0)
             await self._commit(consumer)
         finally:
@@ -546,13 +550,32 @@ class Fetcher:
         self, consumer: AIOKafkaConsumer, revoked: Iterable[TopicPartition]
     ) -> None:
         lost = set(revoked)
-        # Queued, unstarted URLs are simply left uncommitted: the new owner reads them again.
-        self.scheduler.remove_where(lambda job: job.tp in lost)
+        self._hand_back(lost)
         await self._drain(timeout=20.0, only=lost)
         await self._commit(consumer)
+        # The next owner of a host has not read its Crawl-delay yet: hold on until only
+        # the configured delay, which it does apply, is left to wait.
+        wait = self.scheduler.handover_wait(time.monotonic(), self.configured_delay)
+        if lost and wait > 0:
+            log.info("fetcher: handing hosts over in %.2fs (their Crawl-delay)", wait)
+            await asyncio.sleep(wait)
         for tp in lost:
             self.tracker.forget(tp)
             self.assigned_at.pop(tp, None)
+
+    def _hand_back(self, partitions: set[TopicPartition] | None) -> None:
+        """URLs still waiting for their host's turn go to crawl.retry, due when that turn
+        comes, so their offsets can be committed: the next owner of the partition does not
+        redo what this process already finished after them (no duplicate requests)."""
+        now = time.monotonic()
+        waiting = self.scheduler.remove_where(
+            lambda job: partitions is None or job.tp in partitions
+        )
+        for job in waiting:
+            wait = self.scheduler.wait_estimate(job.host, now)
+            self._defer(job, wait, "handover", count_attempt=False)
+        if waiting:
+            log.info("fetcher: %d waiting URLs handed back through crawl.retry", len(waiting))
 
     def partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         # A host may have been fetched by the previous owner a moment ago: its first

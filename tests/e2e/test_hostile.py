@@ -13,7 +13,7 @@ import json
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,8 +135,15 @@ async def wait_for_stable_fetchers(log_dir: Path, count: int, timeout: float = 6
     raise AssertionError(f"{count} fetchers never shared the partitions")
 
 
+Intervention = Callable[[StageProcesses, HostileSite, Path], Awaitable[None]]
+
+
 async def crawl_hostile(
-    settings: Settings, site: HostileSite, log_dir: Path, fetchers: int
+    settings: Settings,
+    site: HostileSite,
+    log_dir: Path,
+    fetchers: int,
+    during: Intervention | None = None,
 ) -> list[int]:
     await create_topics(settings)
     stages = StageProcesses(child_env(settings), log_dir)
@@ -148,6 +155,8 @@ async def crawl_hostile(
             stages.scale("fetcher", fetchers)
             await wait_for_stable_fetchers(log_dir, fetchers)
         await produce_seeds(settings, [seed(site)])
+        if during is not None:
+            await during(stages, site, log_dir)
         await watch_until_drained(watch, stages, io.StringIO(), timeout=420)
         return fetcher_peak_rss(stages)
     finally:
@@ -193,9 +202,13 @@ def failed_url(record: dict[str, Any]) -> str:
 
 
 async def check_hostile_crawl(
-    settings: Settings, site: HostileSite, tmp_path: Path, fetchers: int
+    settings: Settings,
+    site: HostileSite,
+    tmp_path: Path,
+    fetchers: int,
+    during: Intervention | None = None,
 ) -> None:
-    peaks = await crawl_hostile(settings, site, tmp_path / "logs", fetchers)
+    peaks = await crawl_hostile(settings, site, tmp_path / "logs", fetchers, during)
     requests = site.requests()
     expected = site.expectations()
     requested = Counter(r.url for r in requests)
@@ -276,3 +289,33 @@ async def test_hostile_site_two_fetchers(
         for log_file in (tmp_path / "logs").glob("fetcher*.log")
     }
     assert sorted(len(set(hosts)) for hosts in readers.values()) == [1, 1], readers
+
+
+def robots_readers(log_dir: Path, host: str) -> list[str]:
+    """Fetcher logs (names) that read ``host``'s robots.txt, in name order."""
+    return sorted(
+        log_file.name
+        for log_file in log_dir.glob("fetcher*.log")
+        if host in ROBOTS_READ.findall(log_file.read_text())
+    )
+
+
+async def retire_owner_of_host_a(stages: StageProcesses, site: HostileSite, log_dir: Path) -> None:
+    """Mid-crawl, gracefully stop the fetcher that owns host A (a scale-in or a rollout)."""
+    host_a = f"127.0.0.1:{site.port_a}"
+    while sum(r.port == site.port_a for r in site.requests()) < 10:
+        await asyncio.sleep(0.2)
+    (owner,) = robots_readers(log_dir, host_a)
+    stages.retire(owner.removesuffix(".log"))
+
+
+async def test_hostile_site_host_handed_over_mid_crawl(
+    stack: StackConfig, hostile: HostileSite, tmp_path: Path
+) -> None:
+    # The politeness checks include the gap across the hand-over of host A, whose
+    # Crawl-delay (1.0 s) the new owner has not read when it takes A over.
+    await check_hostile_crawl(
+        hostile_settings(stack), hostile, tmp_path, fetchers=2, during=retire_owner_of_host_a
+    )
+    readers = robots_readers(tmp_path / "logs", f"127.0.0.1:{hostile.port_a}")
+    assert len(readers) == 2, readers  # the other fetcher took host A over

@@ -259,3 +259,15 @@ def test_body_cap_must_fit_the_topic_message_limit() -> None:
     assert Settings.from_env({"STREAMCRAWL_MAX_BODY_BYTES": str(MAX_BODY_CAP)})
     with pytest.raises(ValueError, match="MAX_BODY_BYTES"):
         Settings.from_env({"STREAMCRAWL_MAX_BODY_BYTES": str(MAX_BODY_CAP + 1)})
+
+
+def test_handover_waits_until_only_the_configured_delay_is_left() -> None:
+    crawl_delay = {"a": 10.0, "b": 1.0}
+    scheduler: HostScheduler[str] = HostScheduler(1, crawl_delay.__getitem__)
+    scheduler.add("a", "a1", now=0.0)
+    scheduler.add("b", "b1", now=0.0)
+    assert len(scheduler.take_ready(0.0, 10)) == 2
+    # a may start again at 10, b at 1; the next owner waits 2 s (configured) by itself.
+    assert scheduler.handover_wait(0.0, lambda host: 2.0) == 8.0
+    assert scheduler.handover_wait(9.0, lambda host: 2.0) == 0.0
+    assert HostScheduler(1, crawl_delay.__getitem__).handover_wait(0.0, lambda h: 0.0) == 0.0
