@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .topics import MAX_MESSAGE_BYTES
+from .urls import DEFAULT_SESSION_PARAMS
 
 PREFIX = "STREAMCRAWL_"
 # A body travels zlib-compressed (incompressible data grows a little) and base64-encoded
@@ -160,17 +161,7 @@ class Settings:
         },
     )
     session_params: tuple[str, ...] = field(
-        default=(
-            "jsessionid",
-            "phpsessid",
-            "sid",
-            "sessionid",
-            "session_id",
-            "sessid",
-            "aspsessionid",
-            "cfid",
-            "cftoken",
-        ),
+        default=DEFAULT_SESSION_PARAMS,
         metadata={"doc": "Query parameters (and ;params) stripped from URLs as session ids."},
     )
     bloom_capacity: int = field(

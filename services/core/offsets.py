@@ -7,9 +7,15 @@ past the highest seen when none is): everything below it is finished.
 from __future__ import annotations
 
 import heapq
+import logging
 from dataclasses import dataclass, field
 
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from .kafka import export_lag
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,3 +71,18 @@ class OffsetTracker:
     def forget(self, tp: TopicPartition) -> None:
         self._partitions.pop(tp, None)
         self._committed.pop(tp, None)
+
+
+async def commit_finished(
+    consumer: AIOKafkaConsumer, tracker: OffsetTracker, group: str, stage: str
+) -> None:
+    """Commit the finished prefix of every partition still assigned; export the lag."""
+    offsets = {tp: off for tp, off in tracker.committable().items() if tp in consumer.assignment()}
+    if not offsets:
+        return
+    try:
+        await consumer.commit(offsets)
+        tracker.mark_committed(offsets)
+        export_lag(consumer, group, tracker.committed)
+    except (CommitFailedError, KafkaError) as exc:
+        log.warning("%s: commit failed (%s); will retry", stage, exc)

@@ -15,9 +15,8 @@ from .errors import ReasonedError
 ALLOWED_SCHEMES = ("http", "https")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
-# Query and ``;path`` parameters that carry a session id, not content. Equal to the
-# default of ``Settings.session_params`` (a unit test keeps the two equal); callers with
-# settings pass ``settings.session_params``.
+# Query and ``;path`` parameters that carry a session id, not content: the default of
+# ``Settings.session_params``; callers with settings pass ``settings.session_params``.
 DEFAULT_SESSION_PARAMS: tuple[str, ...] = (
     "jsessionid",
     "phpsessid",

@@ -16,12 +16,11 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, KafkaError
 
 from ..core import metrics
 from ..core.config import Settings
-from ..core.kafka import export_lag, kafka_reachable, make_consumer, make_producer
-from ..core.offsets import OffsetTracker
+from ..core.kafka import kafka_reachable, make_consumer, make_producer
+from ..core.offsets import OffsetTracker, commit_finished
 from ..core.stage import DeadLetter, Output, Publisher, Record, dead_letter, decode_json
 from ..core.topics import DELAY_GROUP, FETCH, RETRY, topic_name
 from .logic import DelayBuffer, Held, fetch_value
@@ -112,17 +111,7 @@ class DelayService:
         )
 
     async def _commit(self, consumer: AIOKafkaConsumer) -> None:
-        offsets = {
-            tp: off for tp, off in self.tracker.committable().items() if tp in consumer.assignment()
-        }
-        if not offsets:
-            return
-        try:
-            await consumer.commit(offsets)
-            self.tracker.mark_committed(offsets)
-            export_lag(consumer, DELAY_GROUP, self.tracker.committed)
-        except (CommitFailedError, KafkaError) as exc:
-            log.warning("delay: commit failed (%s); will retry", exc)
+        await commit_finished(consumer, self.tracker, DELAY_GROUP, STAGE)
 
     async def partitions_revoked(
         self, consumer: AIOKafkaConsumer, revoked: Iterable[TopicPartition]

@@ -708,6 +708,7 @@ class HostileSite:
         self.crawl_delay_a = crawl_delay_a
         self.crawl_delay_b = crawl_delay_b
         self.retry_after = retry_after
+        self.config = SiteConfig(port_a, port_b, crawl_delay_a, crawl_delay_b, retry_after)
         self.exit_code: int | None = None
         """The site process's exit status once stopped (0 after a clean SIGTERM)."""
         self._process: subprocess.Popen[bytes] | None = None
@@ -715,11 +716,11 @@ class HostileSite:
 
     @property
     def base_a(self) -> str:
-        return f"http://{HOST}:{self.port_a}"
+        return self.config.base_a
 
     @property
     def base_b(self) -> str:
-        return f"http://{HOST}:{self.port_b}"
+        return self.config.base_b
 
     def requests(self) -> list[LoggedRequest]:
         return read_log(self.log_path)

@@ -30,12 +30,11 @@ from urllib.parse import urljoin
 import aiohttp
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, KafkaError
 
 from ..core import metrics
 from ..core.config import Settings
-from ..core.kafka import export_lag, kafka_reachable, make_consumer, make_producer
-from ..core.offsets import OffsetTracker
+from ..core.kafka import kafka_reachable, make_consumer, make_producer
+from ..core.offsets import OffsetTracker, commit_finished
 from ..core.stage import DeadLetter, Output, Publisher, Record, dead_letter, decode_json
 from ..core.topics import DISCOVERED, FETCH, FETCHED, FETCHER_GROUP, RETRY, topic_name
 from ..core.urls import InvalidURL, canonicalize, host_of, in_scope
@@ -524,17 +523,7 @@ class Fetcher:
             await self._commit(consumer)
 
     async def _commit(self, consumer: AIOKafkaConsumer) -> None:
-        offsets = {
-            tp: off for tp, off in self.tracker.committable().items() if tp in consumer.assignment()
-        }
-        if not offsets:
-            return
-        try:
-            await consumer.commit(offsets)
-            self.tracker.mark_committed(offsets)
-            export_lag(consumer, FETCHER_GROUP, self.tracker.committed)
-        except (CommitFailedError, KafkaError) as exc:
-            log.warning("fetcher: commit failed (%s); will retry", exc)
+        await commit_finished(consumer, self.tracker, FETCHER_GROUP, STAGE)
 
     async def _drain(self, timeout: float, only: set[TopicPartition] | None = None) -> None:
         waiting = [
