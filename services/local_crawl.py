@@ -13,18 +13,15 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .core.config import PREFIX, Settings
-from .core.kafka import create_topics
 from .localstack.stack import LocalStack, StackConfig
 from .orchestrate import (
     Autoscaler,
     CrawlRequest,
-    PipelineWatch,
     Progress,
     ScalingPolicy,
-    StageProcesses,
-    child_env,
     count_stored,
     produce_seeds,
+    running_pipeline,
     watch_until_drained,
 )
 
@@ -91,12 +88,7 @@ async def _crawl(
     timeout: float | None,
     autoscaler: Autoscaler | None = None,
 ) -> Progress:
-    await create_topics(settings)
-    stages = StageProcesses(child_env(settings), log_dir)
-    watch = PipelineWatch(settings)
-    await watch.start()
-    stages.start()
-    try:
+    async with running_pipeline(settings, log_dir) as (stages, watch):
         print(
             f"crawl {request.crawl_id}: {len(request.urls)} seed(s); stage logs in {log_dir}",
             file=sys.stderr,
@@ -107,9 +99,6 @@ async def _crawl(
         return await watch_until_drained(
             watch, stages, sys.stderr, timeout=timeout, autoscaler=autoscaler
         )
-    finally:
-        await watch.stop()
-        await asyncio.to_thread(stages.stop)
 
 
 def _serve_demo_site(cleanup: ExitStack, pages: int) -> tuple[tuple[str, ...], dict[str, str]]:

@@ -13,7 +13,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -22,7 +23,7 @@ from aiokafka import TopicPartition
 from pymongo import AsyncMongoClient
 
 from .core.config import Settings
-from .core.kafka import OffsetProbe, keda_replicas, make_producer
+from .core.kafka import OffsetProbe, create_topics, keda_replicas, make_producer
 from .core.stage import encode
 from .core.topics import (
     DLQ,
@@ -261,6 +262,24 @@ class PipelineWatch:
         await self.probe.stop()
 
 
+@asynccontextmanager
+async def running_pipeline(
+    settings: Settings, log_dir: Path
+) -> AsyncIterator[tuple[StageProcesses, PipelineWatch]]:
+    """Topics created, every stage running as a process and a progress watch, for a block;
+    the stages are stopped (drained, committed) when it ends."""
+    await create_topics(settings)
+    stages = StageProcesses(child_env(settings), log_dir)
+    watch = PipelineWatch(settings)
+    await watch.start()
+    stages.start()
+    try:
+        yield stages, watch
+    finally:
+        await watch.stop()
+        await asyncio.to_thread(stages.stop)
+
+
 async def produce_seeds(
     settings: Settings, values: Sequence[dict[str, Any] | str], topic: str | None = None
 ) -> int:
@@ -358,5 +377,6 @@ __all__ = [
     "child_env",
     "count_stored",
     "produce_seeds",
+    "running_pipeline",
     "watch_until_drained",
 ]

@@ -16,7 +16,7 @@ import heapq
 import itertools
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -43,9 +43,6 @@ class HostScheduler(Generic[T]):
         self._heap: list[tuple[float, int, str]] = []
         self._sequence = itertools.count()
         self.pending = 0
-
-    def __contains__(self, host: str) -> bool:
-        return host in self._hosts
 
     @property
     def hosts(self) -> int:
@@ -171,11 +168,6 @@ class HostScheduler(Generic[T]):
 
     def next_ready_at(self) -> float | None:
         return self._heap[0][0] if self._heap else None
-
-    def queued(self) -> Iterator[tuple[str, T]]:
-        for host, state in self._hosts.items():
-            for item in state.queue:
-                yield host, item
 
     def _schedule(self, host: str, state: _Host[T], now: float) -> None:
         if state.paused:

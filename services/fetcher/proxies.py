@@ -24,9 +24,6 @@ class ProxyPool:
         self._cooldown = cooldown_s
         self._failed_until: dict[str, float] = {}
 
-    def __bool__(self) -> bool:
-        return bool(self._proxies)
-
     def choose(self, host: str, now: float) -> str | None:
         """The proxy for ``host`` (None: no pool configured, connect directly)."""
         if not self._proxies:
@@ -41,6 +38,3 @@ class ProxyPool:
 
     def succeeded(self, proxy: str) -> None:
         self._failed_until.pop(proxy, None)
-
-    def cooling(self, now: float) -> list[str]:
-        return [p for p in self._proxies if self._failed_until.get(p, 0.0) > now]

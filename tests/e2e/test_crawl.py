@@ -18,16 +18,14 @@ from typing import Any
 import pytest
 from pymongo import AsyncMongoClient
 from streamcrawl.core.config import Settings
-from streamcrawl.core.kafka import create_topics
 from streamcrawl.demo.nginx import NginxSite
 from streamcrawl.demo.site import SiteManifest, generate_site
 from streamcrawl.localstack.stack import StackConfig
 from streamcrawl.orchestrate import (
     Autoscaler,
-    PipelineWatch,
     ScalingPolicy,
     StageProcesses,
-    child_env,
+    running_pipeline,
     watch_until_drained,
 )
 
@@ -101,14 +99,9 @@ async def run_crawl(
     timeout: float = 600,
     autoscaler: Autoscaler | None = None,
 ) -> StageProcesses:
-    await create_topics(settings)
-    stages = StageProcesses(child_env(settings), tmp_path / "logs")
-    watch = PipelineWatch(settings)
-    await watch.start()
-    stages.start()
-    if autoscaler is not None:
-        stages.scale("fetcher", autoscaler.current)
-    try:
+    async with running_pipeline(settings, tmp_path / "logs") as (stages, watch):
+        if autoscaler is not None:
+            stages.scale("fetcher", autoscaler.current)
         kcat_produce(settings, settings.topic_prefix + "seeds", seeds)
         if interrupt is not None:
             while (await watch.progress()).stored < after_stored:
@@ -119,9 +112,6 @@ async def run_crawl(
         await watch_until_drained(
             watch, stages, io.StringIO(), timeout=timeout, autoscaler=autoscaler
         )
-    finally:
-        await watch.stop()
-        await asyncio.to_thread(stages.stop)
     return stages
 
 

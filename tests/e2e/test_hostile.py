@@ -20,15 +20,13 @@ from typing import Any
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from streamcrawl.core.config import Settings
-from streamcrawl.core.kafka import create_topics
 from streamcrawl.core.topics import HOST_PARTITIONS
 from streamcrawl.demo.hostile import HostileSite, LoggedRequest
 from streamcrawl.localstack.stack import StackConfig
 from streamcrawl.orchestrate import (
-    PipelineWatch,
     StageProcesses,
-    child_env,
     produce_seeds,
+    running_pipeline,
     watch_until_drained,
 )
 
@@ -145,12 +143,7 @@ async def crawl_hostile(
     fetchers: int,
     during: Intervention | None = None,
 ) -> list[int]:
-    await create_topics(settings)
-    stages = StageProcesses(child_env(settings), log_dir)
-    watch = PipelineWatch(settings)
-    await watch.start()
-    stages.start()
-    try:
+    async with running_pipeline(settings, log_dir) as (stages, watch):
         if fetchers > 1:
             stages.scale("fetcher", fetchers)
             await wait_for_stable_fetchers(log_dir, fetchers)
@@ -159,9 +152,6 @@ async def crawl_hostile(
             await during(stages, site, log_dir)
         await watch_until_drained(watch, stages, io.StringIO(), timeout=420)
         return fetcher_peak_rss(stages)
-    finally:
-        await watch.stop()
-        await asyncio.to_thread(stages.stop)
 
 
 def by_host(requests: list[LoggedRequest]) -> dict[int, list[LoggedRequest]]:
