@@ -1,0 +1,295 @@
+"""The one type of every message on every topic, and the builders that turn one into the next.
+
+These ``msgspec`` structs are the contract: ``schemas/*.json`` (what kcat users read) are
+generated from them (``python -m streamcrawl.core.messages``; a test fails when the committed
+files drift). A record is decoded and validated once, in C, where it enters a stage
+(:mod:`streamcrawl.core.runtime`); stages then work on typed objects and hand typed objects
+back, which the runtime encodes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta
+
+Url = Annotated[str, Meta(min_length=1, max_length=8192)]
+Host = Annotated[str, Meta(min_length=1, max_length=300)]
+Domain = Annotated[str, Meta(min_length=1, max_length=253)]
+CrawlId = Annotated[str, Meta(pattern="^[A-Za-z0-9_.:-]{1,128}$")]
+Depth = Annotated[int, Meta(ge=0)]
+Priority = Annotated[int, Meta(ge=0, le=9)]
+Reason = Annotated[str, Meta(pattern="^[a-z0-9_]{1,64}$")]
+Status = Annotated[int, Meta(ge=100, le=599)]
+Meta64 = Annotated[dict[str, Any], Meta(max_length=64)]
+Chain = Annotated[list[Url], Meta(max_length=50)]
+Kind = Annotated[
+    Literal["page", "sitemap"],
+    Meta(description="page (default) or sitemap: a sitemap's <loc> URLs become links."),
+]
+StageName = Literal["frontier", "dedup", "fetcher", "delay", "parser", "sink"]
+
+DEFAULT_CRAWL_ID = "default"
+DEFAULT_PRIORITY = 5
+MAX_HISTORY = 20
+
+
+class Message(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Base of every topic's type: unknown fields are refused, defaults left off the wire."""
+
+
+class SeedScope(Message, kw_only=True):
+    """The limits a seed may set; what it leaves out comes from the settings."""
+
+    allow_domains: Annotated[list[Domain], Meta(max_length=1000)] | None = None
+    max_depth: Annotated[int, Meta(ge=0, le=1000)] | None = None
+    max_pages: Annotated[int, Meta(ge=0)] | None = None
+
+
+class Scope(Message, kw_only=True):
+    """A crawl's limits, resolved by the frontier from the seed and the settings; every URL
+    of the crawl carries it, so no stage needs per-crawl state."""
+
+    allow_domains: Annotated[list[Domain], Meta(max_length=1000)]
+    max_depth: Annotated[int, Meta(ge=0, le=1000)]
+    max_pages: Annotated[int, Meta(ge=0)] = 0
+
+
+class Attempt(Message, kw_only=True):
+    """One failed attempt at a URL."""
+
+    at: float
+    outcome: Annotated[str, Meta(max_length=64)]
+    detail: Annotated[str, Meta(max_length=1024)] = ""
+    status: int | None = None
+
+
+History = Annotated[
+    list[Attempt], Meta(max_length=MAX_HISTORY, description="Earlier attempts, oldest first.")
+]
+
+
+class Seed(Message, kw_only=True):
+    """crawl.seeds, JSON form. A value that is not a JSON object is read as a plain-text URL
+    and becomes ``{"url": text}``."""
+
+    url: Url
+    crawl_id: CrawlId = DEFAULT_CRAWL_ID
+    priority: Priority = DEFAULT_PRIORITY
+    depth: Annotated[int, Meta(ge=0, le=1000)] = 0
+    meta: Meta64 | None = None
+    scope: SeedScope | None = None
+
+
+class Discovered(Message, kw_only=True):
+    """crawl.discovered: a candidate URL, canonicalised and in scope, keyed by host; dedup
+    decides whether it is fetched."""
+
+    url: Url
+    host: Host
+    crawl_id: CrawlId
+    depth: Depth
+    priority: Priority
+    scope: Scope
+    discovered_at: float
+    source: Annotated[str, Meta(max_length=8192)] | None = None
+    redirect_chain: Chain = []
+    meta: Meta64 | None = None
+    kind: Kind = "page"
+
+
+class Fetch(Discovered, kw_only=True):
+    """crawl.fetch: a URL cleared to fetch (new for its crawl id), keyed by host."""
+
+    admitted_at: float
+    attempt: Annotated[
+        int, Meta(ge=0, le=100, description="Attempts already made (0 on the first).")
+    ] = 0
+    history: History = []
+
+
+class Retry(Fetch, kw_only=True):
+    """crawl.retry: a crawl.fetch message waiting until ``due_at`` (a retry after a failure,
+    a URL whose host is busy, a host whose robots.txt is unavailable); the delay service
+    puts it back on crawl.fetch then. Keyed by host."""
+
+    due_at: Annotated[float, Meta(description="Unix time at which it goes back to crawl.fetch.")]
+    retry_reason: Reason
+
+
+class Timings(Message, kw_only=True):
+    total_s: Annotated[float, Meta(ge=0)]
+    ttfb_s: Annotated[float, Meta(ge=0)] = 0.0
+
+
+class Fetched(Message, kw_only=True):
+    """crawl.fetched: one HTTP response (redirects are not followed here: the target goes
+    back through frontier and dedup). ``body`` is the zlib-compressed body, base64 in JSON."""
+
+    url: Url
+    final_url: Url
+    host: Host
+    crawl_id: CrawlId
+    depth: Depth
+    priority: Priority = DEFAULT_PRIORITY
+    scope: Scope
+    redirect_chain: Chain = []
+    status: Status
+    headers: Annotated[dict[str, str], Meta(max_length=200)]
+    content_type: Annotated[str, Meta(max_length=256)]
+    body: bytes
+    body_encoding: Literal["zlib+base64"] = "zlib+base64"
+    body_bytes: Annotated[int, Meta(ge=0)]
+    truncated: bool
+    fetched_at: float
+    timings: Timings
+    meta: Meta64 | None = None
+    kind: Kind = "page"
+
+
+class Page(Message, kw_only=True, omit_defaults=False):
+    """crawl.pages: a parsed page (or a recorded non-HTML / redirect / error response),
+    keyed by URL. Every field is written, so downstream readers see one shape."""
+
+    url: Url
+    final_url: Url
+    host: Host
+    status: Status
+    fetched_at: float
+    content_type: Annotated[str, Meta(max_length=256)]
+    title: str | None
+    text: str
+    links: list[Url]
+    canonical: str | None
+    content_hash: str | None
+    depth: Depth
+    priority: Priority = DEFAULT_PRIORITY
+    crawl_id: CrawlId
+    scope: Scope
+    redirect_chain: Chain
+    redirect_to: str | None
+    noindex: bool
+    nofollow: bool
+    charset: str | None = None
+    body_bytes: Annotated[int, Meta(ge=0)] = 0
+    truncated: bool = False
+    meta: Meta64 | None = None
+    kind: Kind = "page"
+    sitemaps: Annotated[list[Url], Meta(description="Nested sitemaps a sitemap index lists.")] = []
+
+
+class DeadLetterRecord(Message, kw_only=True):
+    """crawl.dlq: a message that could not be processed: what failed, where, why, and the
+    original payload."""
+
+    stage: StageName
+    reason: Reason
+    detail: Annotated[str, Meta(max_length=4096)]
+    topic: str
+    partition: int | None = None
+    offset: int | None = None
+    key: str | None = None
+    payload: str
+    payload_encoding: Literal["utf-8", "base64"]
+    failed_at: float
+    history: History = []
+
+
+# The schema file of each topic's type: the public contract.
+SCHEMA_TYPES: dict[str, type[Message]] = {
+    "seed": Seed,
+    "discovered": Discovered,
+    "fetch": Fetch,
+    "retry": Retry,
+    "fetched": Fetched,
+    "page": Page,
+    "dlq": DeadLetterRecord,
+}
+
+M = TypeVar("M", bound=Message)
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decoder(kind: type[M]) -> msgspec.json.Decoder[M]:
+    return msgspec.json.Decoder(kind)
+
+
+def to_dict(message: Message) -> dict[str, Any]:
+    """Plain builtins (for MongoDB), every field included."""
+    result: dict[str, Any] = msgspec.structs.asdict(message)
+    return {
+        name: msgspec.to_builtins(value) if isinstance(value, msgspec.Struct | list) else value
+        for name, value in result.items()
+    }
+
+
+# -- builders: one message into the next ------------------------------------------------
+
+
+def fetch_from(candidate: Discovered, admitted_at: float) -> Fetch:
+    return Fetch(**msgspec.structs.asdict(candidate), admitted_at=admitted_at)
+
+
+def retry_from(request: Fetch, due_at: float, reason: str) -> Retry:
+    fields = msgspec.structs.asdict(request)
+    return Retry(**fields, due_at=due_at, retry_reason=reason)
+
+
+def fetch_from_retry(retry: Retry) -> Fetch:
+    fields = msgspec.structs.asdict(retry)
+    del fields["due_at"], fields["retry_reason"]
+    return Fetch(**fields)
+
+
+def with_attempt(request: Fetch, outcome: str, at: float, status: int | None, detail: str) -> Fetch:
+    """The request with one more attempt counted and recorded in its history."""
+    attempt = Attempt(at=at, outcome=outcome[:64], detail=detail[:1024], status=status)
+    history = [*request.history, attempt][-MAX_HISTORY:]
+    return msgspec.structs.replace(request, attempt=request.attempt + 1, history=history)
+
+
+# -- JSON Schemas -------------------------------------------------------------------------
+
+
+def json_schema(name: str) -> dict[str, Any]:
+    """The JSON Schema of one topic's type, as committed in ``schemas/NAME.json``."""
+    kind = SCHEMA_TYPES[name]
+    (root,), components = msgspec.json.schema_components([kind], ref_template="#/$defs/{name}")
+    schema: dict[str, Any] = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"streamcrawl/{name}.json",
+        **components[kind.__name__],
+    }
+    others = {key: value for key, value in components.items() if key != kind.__name__}
+    if others:
+        schema["$defs"] = others
+    assert root == {"$ref": f"#/$defs/{kind.__name__}"}
+    return schema
+
+
+def schema_text(name: str) -> str:
+    return json.dumps(json_schema(name), indent=2, sort_keys=True) + "\n"
+
+
+def write_schemas(directory: Path) -> list[Path]:
+    written = []
+    for name in SCHEMA_TYPES:
+        path = directory / f"{name}.json"
+        path.write_text(schema_text(name), "utf-8")
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":  # python -m streamcrawl.core.messages [DIR]
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("schemas")
+    for path in write_schemas(target):
+        print(path)
