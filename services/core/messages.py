@@ -1,7 +1,7 @@
 """The one type of every message on every topic, and the builders that turn one into the next.
 
 These ``msgspec`` structs are the contract: ``schemas/*.json`` (what kcat users read) are
-generated from them (``python -m streamcrawl.core.messages``; a test fails when the committed
+generated from them (``python -m streamcrawl.core.schemas``; a test fails when the committed
 files drift). A record is decoded and validated once, in C, where it enters a stage
 (:mod:`streamcrawl.core.runtime`); stages then work on typed objects and hand typed objects
 back, which the runtime encodes.
@@ -9,9 +9,6 @@ back, which the runtime encodes.
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -255,41 +252,3 @@ def with_attempt(request: Fetch, outcome: str, at: float, status: int | None, de
     attempt = Attempt(at=at, outcome=outcome[:64], detail=detail[:1024], status=status)
     history = [*request.history, attempt][-MAX_HISTORY:]
     return msgspec.structs.replace(request, attempt=request.attempt + 1, history=history)
-
-
-# -- JSON Schemas -------------------------------------------------------------------------
-
-
-def json_schema(name: str) -> dict[str, Any]:
-    """The JSON Schema of one topic's type, as committed in ``schemas/NAME.json``."""
-    kind = SCHEMA_TYPES[name]
-    (root,), components = msgspec.json.schema_components([kind], ref_template="#/$defs/{name}")
-    schema: dict[str, Any] = {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": f"streamcrawl/{name}.json",
-        **components[kind.__name__],
-    }
-    others = {key: value for key, value in components.items() if key != kind.__name__}
-    if others:
-        schema["$defs"] = others
-    assert root == {"$ref": f"#/$defs/{kind.__name__}"}
-    return schema
-
-
-def schema_text(name: str) -> str:
-    return json.dumps(json_schema(name), indent=2, sort_keys=True) + "\n"
-
-
-def write_schemas(directory: Path) -> list[Path]:
-    written = []
-    for name in SCHEMA_TYPES:
-        path = directory / f"{name}.json"
-        path.write_text(schema_text(name), "utf-8")
-        written.append(path)
-    return written
-
-
-if __name__ == "__main__":  # python -m streamcrawl.core.messages [DIR]
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("schemas")
-    for path in write_schemas(target):
-        print(path)
