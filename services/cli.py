@@ -9,11 +9,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .core.config import Settings
-from .core.kafka import create_topics, group_lag, keda_replicas
 from .core.topics import FETCH, FETCHER_GROUP, GROUP_INPUTS, HOST_PARTITIONS
 from .localstack.provision import ProvisionError
 from .localstack.stack import LocalStack, StackConfig, StackError
-from .orchestrate import STAGES
+from .registry import STAGE_NAMES
 
 log = logging.getLogger("streamcrawl")
 
@@ -58,6 +57,8 @@ def _stack_status(_: argparse.Namespace) -> int:
 
 
 def _topics_create(_: argparse.Namespace) -> int:
+    from .core.kafka import create_topics
+
     created = asyncio.run(create_topics(Settings.from_env()))
     print("created: " + (", ".join(created) if created else "all topics already exist"))
     return 0
@@ -73,36 +74,27 @@ def _run_stage(args: argparse.Namespace) -> int:
 
 
 def _seed(args: argparse.Namespace) -> int:
-    from .orchestrate import produce_seeds
+    from .crawl.seeds import SeedOptions, produce_seeds, seed_payloads
 
     urls = [line.strip() for line in sys.stdin] if args.urls == ["-"] else list(args.urls)
-    urls = [url for url in urls if url]
-    options = {
-        key: value
-        for key, value in (("crawl_id", args.crawl_id), ("priority", args.priority))
-        if value is not None
-    }
-    scope = {
-        key: value
-        for key, value in (
-            ("max_depth", args.max_depth),
-            ("max_pages", args.max_pages),
-            ("allow_domains", args.allow_domain),
-        )
-        if value
-    }
-    values: list[dict[str, object] | str] = []
-    for url in urls:
-        if options or scope:
-            values.append({"url": url, **options, **({"scope": scope} if scope else {})})
-        else:
-            values.append(url)  # the plain-text form, exactly what kcat would send
-    sent = asyncio.run(produce_seeds(Settings.from_env(), values))
+    options = SeedOptions(
+        crawl_id=args.crawl_id,
+        priority=args.priority,
+        max_depth=args.max_depth,
+        max_pages=args.max_pages,
+        allow_domains=tuple(args.allow_domain),
+    )
+    # Without options, the plain-text form: exactly what kcat would send.
+    payloads = seed_payloads([url for url in urls if url], options)
+    sent = asyncio.run(produce_seeds(Settings.from_env(), payloads))
     print(f"produced {sent} seed(s)")
     return 0
 
 
 def _lag(args: argparse.Namespace) -> int:
+    from .core.kafka import group_lag
+    from .crawl.autoscale import keda_replicas
+
     settings = Settings.from_env()
     groups = [args.group] if args.group else list(GROUP_INPUTS)
     fetch_lag = 0
@@ -133,7 +125,7 @@ def _lag(args: argparse.Namespace) -> int:
 
 
 def _crawl(args: argparse.Namespace) -> int:
-    from .local_crawl import crawl_command
+    from .crawl.local import crawl_command
 
     return crawl_command(args)
 
@@ -161,8 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
         handler=_topics_create
     )
 
+    # The stage's class is imported only once the arguments are parsed: ``run STAGE --help``
+    # never imports a stage.
     run = commands.add_parser("run", help="run one stage, as a pod would")
-    run.add_argument("stage", choices=STAGES)
+    run.add_argument("stage", choices=STAGE_NAMES)
     run.set_defaults(handler=_run_stage)
 
     seed = commands.add_parser("seed", help="produce seed URLs to crawl.seeds")

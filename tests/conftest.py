@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from streamcrawl.core.config import Settings
-from streamcrawl.local_crawl import free_port
+from streamcrawl.crawl.local import free_port
 from streamcrawl.localstack.stack import LocalStack, StackConfig
 
 KCAT = shutil.which("kcat")

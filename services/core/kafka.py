@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -235,24 +234,3 @@ async def group_lag(settings: Settings, group: str, topics: Iterable[str]) -> li
     finally:
         await probe.stop()
 
-
-def keda_replicas(
-    total_lag: int,
-    partitions: int,
-    lag_threshold: int,
-    activation_threshold: int,
-    min_replicas: int,
-    max_replicas: int,
-    allow_idle_consumers: bool = False,
-) -> int:
-    """The replica count KEDA's Kafka scaler and the HPA would settle on.
-
-    The scaler caps the metric at partitions x lagThreshold (unless idle consumers
-    are allowed); the HPA asks for ceil(metric / lagThreshold), clamped to
-    [max(1, min), max]; 0 <-> 1 is decided by the activation threshold alone.
-    """
-    metric = total_lag if allow_idle_consumers else min(total_lag, partitions * lag_threshold)
-    if metric <= activation_threshold and min_replicas == 0:
-        return 0
-    wanted = math.ceil(metric / lag_threshold) if lag_threshold > 0 else max_replicas
-    return max(max(1, min_replicas), min(wanted, max_replicas))

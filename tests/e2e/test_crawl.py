@@ -18,16 +18,13 @@ from typing import Any
 import pytest
 from pymongo import AsyncMongoClient
 from streamcrawl.core.config import Settings
+from streamcrawl.crawl.autoscale import Autoscaler, ScalingPolicy
+from streamcrawl.crawl.local import running_pipeline
+from streamcrawl.crawl.processes import StageProcesses
+from streamcrawl.crawl.watch import watch_until_drained
 from streamcrawl.demo.nginx import NginxSite
 from streamcrawl.demo.site import SiteManifest, generate_site
 from streamcrawl.localstack.stack import StackConfig
-from streamcrawl.orchestrate import (
-    Autoscaler,
-    ScalingPolicy,
-    StageProcesses,
-    running_pipeline,
-    watch_until_drained,
-)
 
 from ..conftest import free_port, isolated_settings, kcat_consume
 

@@ -21,16 +21,14 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from streamcrawl.core.config import Settings
 from streamcrawl.core.topics import HOST_PARTITIONS
-from streamcrawl.demo.hostile import HostileSite, LoggedRequest
+from streamcrawl.crawl.local import running_pipeline
+from streamcrawl.crawl.processes import StageProcesses
+from streamcrawl.crawl.seeds import SeedOptions, produce_seeds, seed_payloads
+from streamcrawl.crawl.watch import watch_until_drained
 from streamcrawl.localstack.stack import StackConfig
-from streamcrawl.orchestrate import (
-    StageProcesses,
-    produce_seeds,
-    running_pipeline,
-    watch_until_drained,
-)
 
 from ..conftest import free_port, isolated_settings, kcat_consume
+from ..support.hostile import HostileSite, LoggedRequest
 from .test_crawl import stored_documents
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -95,14 +93,15 @@ def hostile_settings(stack: StackConfig) -> Settings:
     )
 
 
-def seed(site: HostileSite) -> dict[str, Any]:
-    return {
-        "url": site.base_a + "/",
-        "crawl_id": "hostile",
+def seeds(site: HostileSite) -> list[bytes]:
+    options = SeedOptions(
+        crawl_id="hostile",
         # The forbidden addresses are in scope on purpose: only the fetcher's SSRF
         # check stands between them and a request.
-        "scope": {"allow_domains": ["127.0.0.1", *FORBIDDEN_HOSTS], "max_depth": 50},
-    }
+        allow_domains=("127.0.0.1", *FORBIDDEN_HOSTS),
+        max_depth=50,
+    )
+    return seed_payloads([site.base_a + "/"], options)
 
 
 def fetcher_peak_rss(stages: StageProcesses) -> list[int]:
@@ -147,7 +146,7 @@ async def crawl_hostile(
         if fetchers > 1:
             stages.scale("fetcher", fetchers)
             await wait_for_stable_fetchers(log_dir, fetchers)
-        await produce_seeds(settings, [seed(site)])
+        await produce_seeds(settings, seeds(site))
         if during is not None:
             await during(stages, site, log_dir)
         await watch_until_drained(watch, stages, io.StringIO(), timeout=420)

@@ -15,8 +15,8 @@ from aiokafka import AIOKafkaConsumer
 from streamcrawl.core.config import Settings
 from streamcrawl.core.kafka import create_topics, make_producer, stop_consumer
 from streamcrawl.core.stage import encode
+from streamcrawl.crawl.processes import StageProcesses, child_env
 from streamcrawl.localstack.stack import StackConfig
-from streamcrawl.orchestrate import StageProcesses, child_env
 
 from ..conftest import isolated_settings
 

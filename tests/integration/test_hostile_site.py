@@ -23,7 +23,9 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 import pytest
 from charset_normalizer import from_bytes
-from streamcrawl.demo.hostile import (
+from streamcrawl.crawl.local import free_port
+
+from ..support.hostile import (
     BOMB_BLOCK,
     BOMB_BLOCKS,
     HUGE_BYTES,
@@ -33,7 +35,6 @@ from streamcrawl.demo.hostile import (
     expectations,
     read_log,
 )
-from streamcrawl.local_crawl import free_port
 
 UA = "streamcrawl-hostile-test/1.0"
 HREF = re.compile(r'href="([^"]*)"')

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 from streamcrawl.core.config import Settings
 from streamcrawl.core.kafka import create_topics
-from streamcrawl.orchestrate import child_env, count_stored, produce_seeds
+from streamcrawl.crawl.processes import child_env
+from streamcrawl.crawl.seeds import produce_seeds
+from streamcrawl.crawl.watch import count_stored
 
 from ..conftest import free_port
 
@@ -77,9 +79,8 @@ async def test_sink_serves_health_metrics_and_lag(settings: Settings, tmp_path: 
         assert get(base + "/healthz") == (200, "ok\n")
 
         # Pages produced straight to crawl.pages (the sink's input), as raw JSON.
-        await produce_seeds(
-            settings, [json.dumps(page(n)) for n in range(5)], topic=settings.topic_prefix + "pages"
-        )
+        pages = [json.dumps(page(n)).encode() for n in range(5)]
+        await produce_seeds(settings, pages, topic=settings.topic_prefix + "pages")
         while await count_stored(settings, "endpoints") < 5:
             assert time.monotonic() < deadline + 60, "pages were not stored"
             await asyncio.sleep(0.5)

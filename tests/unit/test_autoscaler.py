@@ -1,7 +1,33 @@
+"""Fetcher autoscaling: KEDA's replica formula and the local HPA-like scaler."""
+
 from __future__ import annotations
 
 import pytest
-from streamcrawl.orchestrate import Autoscaler, ScalingPolicy
+from streamcrawl.crawl.autoscale import Autoscaler, ScalingPolicy, keda_replicas
+
+
+@pytest.mark.parametrize(
+    ("lag", "expected"), [(0, 1), (1, 1), (100, 1), (101, 2), (550, 6), (10_000, 12), (10**9, 12)]
+)
+def test_keda_formula(lag: int, expected: int) -> None:
+    assert (
+        keda_replicas(
+            lag,
+            partitions=12,
+            lag_threshold=100,
+            activation_threshold=1,
+            min_replicas=1,
+            max_replicas=20,
+        )
+        == expected
+    )
+
+
+def test_keda_scales_to_zero_only_below_activation() -> None:
+    assert keda_replicas(0, 12, 100, 5, 0, 12) == 0
+    assert keda_replicas(5, 12, 100, 5, 0, 12) == 0
+    assert keda_replicas(6, 12, 100, 5, 0, 12) == 1
+    assert keda_replicas(5000, 12, 100, 5, 0, 4) == 4
 
 
 def test_scales_up_at_once_and_down_only_after_the_window() -> None:

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import yaml
 from streamcrawl.core.config import PREFIX, Settings
+from streamcrawl.registry import STAGE_NAMES
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
-STAGES = ("frontier", "dedup", "fetcher", "delay", "parser", "sink")
 
 
 def _run_compose(compose: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -49,13 +49,13 @@ def test_compose_config_is_valid() -> None:
 
 def test_compose_services() -> None:
     services = _config()["services"]
-    assert {"kafka", "mongo", "prometheus", "grafana", "topics", *STAGES} <= set(services)
+    assert {"kafka", "mongo", "prometheus", "grafana", "topics", *STAGE_NAMES} <= set(services)
     assert services["kafka"]["image"] == "apache/kafka:4.1.1"
     assert services["mongo"]["image"] == "mongo:8.0"
     assert services["topics"]["command"] == ["topics", "create"]
     assert services["topics"]["depends_on"]["kafka"]["condition"] == "service_healthy"
     known = {PREFIX + name.upper() for name in Settings.__dataclass_fields__}
-    for stage in STAGES:
+    for stage in STAGE_NAMES:
         service = services[stage]
         assert "build" in service, stage
         assert service["command"] == ["run", stage]

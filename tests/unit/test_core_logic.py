@@ -3,7 +3,6 @@ from __future__ import annotations
 import pytest
 from aiokafka import TopicPartition
 from streamcrawl.core.config import Settings, settings_doc
-from streamcrawl.core.kafka import keda_replicas
 from streamcrawl.core.offsets import OffsetTracker
 from streamcrawl.core.schemas import SCHEMA_NAMES, SchemaError, load_schema, validate
 from streamcrawl.dedup.logic import Admission, PartitionFilter
@@ -75,30 +74,6 @@ def test_safe_addresses_by_default_and_explicit_allowances() -> None:
     assert is_allowed("127.0.0.1", loopback)
     assert not is_allowed("127.0.0.2", loopback)
     assert not is_allowed("169.254.169.254", loopback)
-
-
-@pytest.mark.parametrize(
-    ("lag", "expected"), [(0, 1), (1, 1), (100, 1), (101, 2), (550, 6), (10_000, 12), (10**9, 12)]
-)
-def test_keda_formula(lag: int, expected: int) -> None:
-    assert (
-        keda_replicas(
-            lag,
-            partitions=12,
-            lag_threshold=100,
-            activation_threshold=1,
-            min_replicas=1,
-            max_replicas=20,
-        )
-        == expected
-    )
-
-
-def test_keda_scales_to_zero_only_below_activation() -> None:
-    assert keda_replicas(0, 12, 100, 5, 0, 12) == 0
-    assert keda_replicas(5, 12, 100, 5, 0, 12) == 0
-    assert keda_replicas(6, 12, 100, 5, 0, 12) == 1
-    assert keda_replicas(5000, 12, 100, 5, 0, 4) == 4
 
 
 def test_settings_from_env_are_typed_and_validated() -> None:

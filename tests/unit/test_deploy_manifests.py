@@ -32,6 +32,7 @@ from streamcrawl.core.topics import (
     HOST_PARTITIONS,
     topic_name,
 )
+from streamcrawl.registry import STAGE_NAMES
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -44,7 +45,6 @@ DASHBOARD = DEPLOY / "grafana" / "dashboard.json"
 
 K8S_VERSION = "1.31"
 IMAGE = "ghcr.io/streamcrawl/streamcrawl"
-SERVICES = ("frontier", "dedup", "fetcher", "delay", "parser", "sink")
 METRICS_PORT = 9400
 
 Obj = dict[str, Any]
@@ -346,7 +346,7 @@ def _effective(container: Obj, pod: Obj, field: str) -> Any:
 def test_deployments(rendered: list[Obj]) -> None:
     objects = by_key(rendered)
     deployments = {name: obj for (kind, name), obj in objects.items() if kind == "Deployment"}
-    assert set(deployments) == set(SERVICES)
+    assert set(deployments) == set(STAGE_NAMES)
     for name, deployment in deployments.items():
         pod = deployment["spec"]["template"]["spec"]
         (container,) = pod["containers"]
@@ -489,7 +489,7 @@ def test_prometheus_scrapes_every_service_on_the_metrics_port() -> None:
         for static in job["static_configs"]
         for target in static["targets"]
     }
-    assert {f"{name}:{METRICS_PORT}" for name in SERVICES} <= targets
+    assert {f"{name}:{METRICS_PORT}" for name in STAGE_NAMES} <= targets
     assert [Path(rule).name for rule in config["rule_files"]] == [ALERTS.name]
 
 

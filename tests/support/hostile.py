@@ -13,7 +13,7 @@ afterwards what the crawler asked for, in what order and how far apart: the log 
 ground truth for politeness (robots, Crawl-delay, Retry-After), whatever the crawler
 reports about itself.
 
-Run it as ``python -m streamcrawl.demo.hostile --port-a N --port-b M --log FILE``; it
+Run it as ``python tests/support/hostile.py --port-a N --port-b M --log FILE``; it
 prints ``ready`` once both servers listen and stops cleanly on SIGTERM or SIGINT. Tests
 use :class:`HostileSite`, which does exactly that in a subprocess (a crawler under test
 must not share an event loop, or a GIL, with the site it is timed against), and
@@ -738,8 +738,8 @@ class HostileSite:
     def __enter__(self) -> HostileSite:
         command = [
             sys.executable,
-            "-m",
-            "streamcrawl.demo.hostile",
+            # By path, not ``-m``: it runs from any working directory.
+            str(Path(__file__).resolve()),
             "--port-a",
             str(self.port_a),
             "--port-b",

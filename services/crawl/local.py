@@ -1,4 +1,9 @@
-"""The ``streamcrawl crawl`` command: stack, stages, seeds, progress and summary."""
+"""``streamcrawl crawl``: the local stack, every stage as its own process, the seeds, a
+progress line and a summary; and :func:`running_pipeline`, the same for the end-to-end tests.
+
+The stages run exactly as pods would (``streamcrawl run <stage>``), so a local crawl
+exercises the same code, topics and consumer groups as production.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +14,56 @@ import socket
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import ExitStack, asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .core.config import PREFIX, Settings
-from .localstack.stack import LocalStack, StackConfig
-from .orchestrate import (
-    Autoscaler,
-    CrawlRequest,
-    Progress,
-    ScalingPolicy,
-    count_stored,
-    produce_seeds,
-    running_pipeline,
-    watch_until_drained,
-)
+from ..core.config import PREFIX, Settings
+from ..core.kafka import create_topics
+from ..localstack.stack import LocalStack, StackConfig
+from .autoscale import Autoscaler, ScalingPolicy
+from .processes import StageProcesses, child_env
+from .seeds import SeedOptions, produce_seeds, seed_payloads
+from .watch import PipelineWatch, Progress, count_stored, watch_until_drained
+
+
+@dataclass(frozen=True)
+class CrawlRequest:
+    urls: tuple[str, ...]
+    crawl_id: str = field(default_factory=lambda: "crawl-" + uuid.uuid4().hex[:12])
+    max_pages: int = 0
+    max_depth: int | None = None
+    allow_domains: tuple[str, ...] = ()
+
+    def seed_values(self) -> list[bytes]:
+        """One crawl.seeds record per URL, all under this crawl id and scope."""
+        options = SeedOptions(
+            crawl_id=self.crawl_id,
+            max_pages=self.max_pages,
+            max_depth=self.max_depth,
+            allow_domains=self.allow_domains,
+        )
+        return seed_payloads(self.urls, options)
+
+
+@asynccontextmanager
+async def running_pipeline(
+    settings: Settings, log_dir: Path
+) -> AsyncIterator[tuple[StageProcesses, PipelineWatch]]:
+    """Topics created, every stage running as a process and a progress watch, for a block;
+    the stages are stopped (drained, committed) when it ends."""
+    await create_topics(settings)
+    stages = StageProcesses(child_env(settings), log_dir)
+    watch = PipelineWatch(settings)
+    await watch.start()
+    stages.start()
+    try:
+        yield stages, watch
+    finally:
+        await watch.stop()
+        await asyncio.to_thread(stages.stop)
 
 
 def free_port() -> int:
@@ -102,8 +142,8 @@ async def _crawl(
 
 
 def _serve_demo_site(cleanup: ExitStack, pages: int) -> tuple[tuple[str, ...], dict[str, str]]:
-    from .demo.nginx import NginxSite
-    from .demo.site import generate_site
+    from ..demo.nginx import NginxSite
+    from ..demo.site import generate_site
 
     root = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="streamcrawl-demo-")))
     port = free_port()

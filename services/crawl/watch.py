@@ -1,0 +1,162 @@
+"""A crawl's progress, read from Kafka offsets (relative to where the topics stood at the
+start), and waiting until every consumer group has committed everything."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from aiokafka import TopicPartition
+from pymongo import AsyncMongoClient
+
+from ..core.config import Settings
+from ..core.kafka import OffsetProbe
+from ..core.topics import DLQ, FETCHED, FETCHER_GROUP, GROUP_INPUTS, PAGES, SINK_GROUP
+from .autoscale import Autoscaler
+from .processes import StageProcesses
+
+
+@dataclass
+class Progress:
+    fetched: int = 0
+    parsed: int = 0
+    stored: int = 0
+    queued: int = 0
+    errors: int = 0
+    lag_total: int = 0
+    elapsed: float = 0.0
+    fetchers: int = 1
+
+    @property
+    def rate(self) -> float:
+        return self.stored / self.elapsed if self.elapsed > 0 else 0.0
+
+    def line(self) -> str:
+        return (
+            f"fetched {self.fetched:>7}  parsed {self.parsed:>7}  stored {self.stored:>7}  "
+            f"queued {self.queued:>6}  errors {self.errors:>5}  fetchers {self.fetchers:>2}  "
+            f"{self.rate:7.1f} pages/s  [{self.elapsed:6.1f}s]"
+        )
+
+
+class PipelineWatch:
+    """Progress from Kafka offsets, relative to where the topics stood at the start."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.probe = OffsetProbe(settings)
+        self._baseline: dict[TopicPartition, int] = {}
+        self._sink_baseline = 0
+        self._started = time.monotonic()
+
+    def t(self, suffix: str) -> str:
+        return self.settings.topic_prefix + suffix
+
+    async def start(self) -> None:
+        await self.probe.start()
+        self._baseline = await self.probe.end_offsets(self.t(s) for s in (FETCHED, PAGES, DLQ))
+        self._sink_baseline = await self._sink_committed()
+        self._started = time.monotonic()
+
+    async def _sink_committed(self) -> int:
+        return sum(row.committed or 0 for row in await self.probe.lag(SINK_GROUP, [self.t(PAGES)]))
+
+    async def progress(self) -> Progress:
+        ends = await self.probe.end_offsets(self.t(s) for s in (FETCHED, PAGES, DLQ))
+
+        def delta(suffix: str) -> int:
+            return sum(
+                end - self._baseline.get(tp, 0)
+                for tp, end in ends.items()
+                if tp.topic == self.t(suffix)
+            )
+
+        lag_total = 0
+        queued = 0
+        for group, inputs in GROUP_INPUTS.items():
+            rows = await self.probe.lag(group, [self.t(s) for s in inputs])
+            group_lag = sum(row.lag for row in rows)
+            lag_total += group_lag
+            if group == FETCHER_GROUP:
+                queued = group_lag
+        return Progress(
+            fetched=delta(FETCHED),
+            parsed=delta(PAGES),
+            stored=await self._sink_committed() - self._sink_baseline,
+            queued=queued,
+            errors=delta(DLQ),
+            lag_total=lag_total,
+            elapsed=time.monotonic() - self._started,
+        )
+
+    async def stop(self) -> None:
+        await self.probe.stop()
+
+
+async def watch_until_drained(
+    watch: PipelineWatch,
+    stages: StageProcesses,
+    out: TextIO,
+    quiet_polls: int = 3,
+    interval: float = 1.0,
+    timeout: float | None = None,
+    autoscaler: Autoscaler | None = None,
+) -> Progress:
+    """Poll until every group has committed everything, several polls in a row."""
+    calm = 0
+    next_scale = time.monotonic()
+    last: Progress | None = None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    tty = out.isatty()
+    last_print = 0.0
+    while True:
+        await asyncio.sleep(interval)
+        progress = await watch.progress()
+        if autoscaler is not None and time.monotonic() >= next_scale:
+            next_scale = time.monotonic() + autoscaler.policy.polling_interval
+            _autoscale(autoscaler, stages, progress, out)
+        progress.fetchers = len(stages.replicas("fetcher"))
+        if tty:
+            out.write("\r" + progress.line())
+            out.flush()
+        elif time.monotonic() - last_print >= 5:
+            out.write(progress.line() + "\n")
+            last_print = time.monotonic()
+        dead = stages.dead()
+        if dead:
+            raise RuntimeError(f"stage(s) {', '.join(dead)} exited; see their logs")
+        unchanged = last is not None and (last.fetched, last.parsed, last.stored) == (
+            progress.fetched,
+            progress.parsed,
+            progress.stored,
+        )
+        calm = calm + 1 if progress.lag_total == 0 and unchanged else 0
+        last = progress
+        if calm >= quiet_polls:
+            if tty:
+                out.write("\n")
+            return progress
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError("the crawl did not drain in time")
+
+
+def _autoscale(
+    autoscaler: Autoscaler, stages: StageProcesses, progress: Progress, out: TextIO
+) -> None:
+    before = len(stages.replicas("fetcher"))
+    wanted = autoscaler.decide(progress.queued, time.monotonic())
+    if wanted != before:
+        stages.scale("fetcher", wanted)
+        out.write(f"\nautoscale: fetch lag {progress.queued} -> fetchers {before} -> {wanted}\n")
+
+
+async def count_stored(settings: Settings, crawl_id: str) -> int:
+    """Documents the sink stored in MongoDB for ``crawl_id``."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
+    try:
+        collection = client[settings.mongo_database][settings.mongo_collection]
+        return await collection.count_documents({"crawl_id": crawl_id})
+    finally:
+        await client.close()

@@ -1,0 +1,1 @@
+"""Test helpers that are no part of the product (the hostile test site)."""
