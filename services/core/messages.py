@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta
 
+from .errors import ReasonedError
+
 Url = Annotated[str, Meta(min_length=1, max_length=8192)]
 Host = Annotated[str, Meta(min_length=1, max_length=300)]
 Domain = Annotated[str, Meta(min_length=1, max_length=253)]
@@ -221,12 +223,9 @@ def decoder(kind: type[M]) -> msgspec.json.Decoder[M]:
 
 
 def to_dict(message: Message) -> dict[str, Any]:
-    """Plain builtins (for MongoDB), every field included."""
-    result: dict[str, Any] = msgspec.structs.asdict(message)
-    return {
-        name: msgspec.to_builtins(value) if isinstance(value, msgspec.Struct | list) else value
-        for name, value in result.items()
-    }
+    """Plain builtins (for MongoDB)."""
+    result: dict[str, Any] = msgspec.to_builtins(message)
+    return result
 
 
 # -- builders: one message into the next ------------------------------------------------
@@ -252,3 +251,35 @@ def with_attempt(request: Fetch, outcome: str, at: float, status: int | None, de
     attempt = Attempt(at=at, outcome=outcome[:64], detail=detail[:1024], status=status)
     history = [*request.history, attempt][-MAX_HISTORY:]
     return msgspec.structs.replace(request, attempt=request.attempt + 1, history=history)
+
+
+# -- crawl.seeds: plain text or JSON ------------------------------------------------------
+
+_MAX_SEED_BYTES = 64 * 1024
+_seed_decoder = msgspec.json.Decoder(Seed)
+
+
+class Undecodable(ReasonedError):
+    """A value that is not a message of its topic; ``reason`` is machine-readable."""
+
+
+def decode_seed(value: bytes | None) -> Seed:
+    """A crawl.seeds value: a JSON object (``schemas/seed.json``) or one plain-text URL."""
+    if not value or not value.strip():
+        raise Undecodable("empty_value", "the seed is empty")
+    if len(value) > _MAX_SEED_BYTES:
+        raise Undecodable("too_large", f"{len(value)} bytes > {_MAX_SEED_BYTES}")
+    try:
+        text = value.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise Undecodable("undecodable", f"not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    if text.startswith(("{", "[", '"')):
+        try:
+            return _seed_decoder.decode(text)
+        except msgspec.ValidationError as exc:
+            raise Undecodable("schema_violation", f"seed: {str(exc)[:300]}") from exc
+        except msgspec.DecodeError as exc:
+            raise Undecodable("invalid_json", str(exc)[:300]) from exc
+    if any(char.isspace() for char in text):
+        raise Undecodable("invalid_url", f"a plain-text seed is one URL, got {text[:200]!r}")
+    return Seed(url=text)

@@ -11,18 +11,32 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
+from typing import Any
+
+import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ..core import metrics
 from ..core.config import Settings
 from ..core.kafka import stop_consumer
-from ..core.stage import BatchStage, DeadLetter, Output, Record, decode_json
+from ..core.messages import Discovered, fetch_from
+from ..core.runtime import BatchStage, Input, Output, Received, json_input
 from ..core.topics import DEDUP_GROUP, DISCOVERED, FETCH
 from .logic import Admission, PartitionFilter
 
 log = logging.getLogger(__name__)
+
+
+class _Admitted(msgspec.Struct):
+    """What a replay needs of a crawl.fetch record (the rest is skipped, not decoded)."""
+
+    url: str
+    crawl_id: str
+
+
+_replay_decoder = msgspec.json.Decoder(_Admitted)
 
 
 class DedupStage(BatchStage):
@@ -33,8 +47,8 @@ class DedupStage(BatchStage):
         super().__init__(settings)
         self.admission = Admission()
 
-    def input_topics(self) -> tuple[str, ...]:
-        return (self.topic(DISCOVERED),)
+    def inputs(self) -> tuple[Input, ...]:
+        return (json_input(DISCOVERED, Discovered),)
 
     async def on_assigned(self, partitions: Iterable[TopicPartition]) -> None:
         for tp in partitions:
@@ -63,11 +77,11 @@ class DedupStage(BatchStage):
                 batch = await consumer.getmany(fetch, timeout_ms=1000, max_records=5000)
                 for record in batch.get(fetch, []):
                     try:
-                        admitted = decode_json(record, "fetch")
-                    except DeadLetter:
+                        admitted = _replay_decoder.decode(record.value or b"")
+                    except msgspec.DecodeError:
                         continue  # never produced by us; nothing to remember
                     # remember() also rebuilds the per-host and calendar counts.
-                    bloom.remember(admitted["crawl_id"], admitted["url"])
+                    bloom.remember(admitted.crawl_id, admitted.url)
         finally:
             await stop_consumer(consumer)
         log.info(
@@ -79,28 +93,34 @@ class DedupStage(BatchStage):
         self._export(partition, bloom)
         return bloom
 
-    async def process(self, records: Sequence[Record]) -> list[Output]:
+    async def process(self, batch: list[Received[Any]]) -> list[Output]:
         fetch_topic = self.topic(FETCH)
         now = time.time()
-        candidates, outputs = self.decode_all(records, "discovered")
-        for record, candidate in candidates:
-            if record.partition not in self.admission.filters:
+        outputs: list[Output] = []
+        for item in batch:
+            candidate: Discovered = item.message
+            partition = item.record.partition
+            if partition not in self.admission.filters:
                 # Assigned without the callback having run (should not happen): rebuild now.
-                self.admission.filters[record.partition] = await self._replay(record.partition)
+                self.admission.filters[partition] = await self._replay(partition)
             verdict = self.admission.decide(
-                record.partition,
-                candidate["crawl_id"],
-                candidate["url"],
-                candidate["scope"].get("max_pages", 0),
+                partition,
+                candidate.crawl_id,
+                candidate.url,
+                candidate.scope.max_pages,
                 self.settings.max_pages_per_host,
                 self.settings.max_calendar_pages,
             )
             if verdict is not None:
                 metrics.URLS_FILTERED.labels(self.name, verdict).inc()
                 continue
-            candidate["admitted_at"] = now
             outputs.append(
-                Output(fetch_topic, candidate, key=record.key, partition=record.partition)
+                Output(
+                    fetch_topic,
+                    fetch_from(candidate, now),
+                    key=item.record.key,
+                    partition=partition,
+                )
             )
         for partition, bloom in self.admission.filters.items():
             self._export(partition, bloom)

@@ -1,136 +1,72 @@
-"""The delay service: crawl.retry in, crawl.fetch out, each record at its due time.
+"""The delay stage: crawl.retry in, crawl.fetch out, each record at its due time.
 
-It never blocks a partition and never busy-loops: it reads while it has room,
-sleeps until the earliest due time (or new records), and pauses reading when
-``delay_max_held`` records are waiting. Partition p of crawl.retry goes back to
-partition p of crawl.fetch: both are keyed by host, so a host keeps its fetcher.
+It never blocks a partition and never busy-loops: the runtime reads while the buffer has
+room (``delay_max_held``), and the stage sleeps until the earliest due time or a new
+record. Partition p of crawl.retry goes back to partition p of crawl.fetch: both are keyed
+by host, so a host keeps its fetcher.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import contextlib
 import time
-from collections.abc import Iterable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka import TopicPartition
 
 from ..core import metrics
 from ..core.config import Settings
-from ..core.kafka import kafka_reachable, make_consumer, make_producer
-from ..core.offsets import OffsetTracker, commit_finished
-from ..core.stage import DeadLetter, Output, Publisher, Record, dead_letter, decode_json
-from ..core.topics import DELAY_GROUP, FETCH, RETRY, topic_name
-from .logic import DelayBuffer, Held, fetch_value
+from ..core.messages import Retry, fetch_from_retry
+from ..core.runtime import Input, Output, Received, StreamStage, json_input
+from ..core.topics import DELAY_GROUP, FETCH, RETRY
+from .logic import DelayBuffer
 
-log = logging.getLogger(__name__)
-STAGE = "delay"
 _MAX_SLEEP = 0.5
 
 
-class DelayService:
+class DelayStage(StreamStage):
+    name = "delay"
+    group = DELAY_GROUP
+
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.buffer = DelayBuffer(settings.delay_max_held)
-        self.tracker = OffsetTracker()
-        self._retry_topic = topic_name(settings.topic_prefix, RETRY)
-        self._fetch_topic = topic_name(settings.topic_prefix, FETCH)
+        super().__init__(settings)
+        self.buffer: DelayBuffer[Received[Retry]] = DelayBuffer(settings.delay_max_held)
+
+    def inputs(self) -> tuple[Input, ...]:
+        return (json_input(RETRY, Retry),)
+
+    def room(self) -> int:
+        return self.buffer.room
+
+    def admit(self, item: Received[Any]) -> None:
+        self.buffer.add(item.message.due_at, item)
+        metrics.DELAY_HELD.set(len(self.buffer))
 
     async def run(self, stop: asyncio.Event) -> None:
-        settings = self.settings
-        producer = make_producer(settings)
-        consumer = make_consumer(settings, DELAY_GROUP, max_poll_records=settings.batch_size)
-        await producer.start()
-        await consumer.start()
-        self.publisher = Publisher(producer, STAGE)
-        consumer.subscribe([self._retry_topic], listener=_Rebalance(self, consumer))
-        health = metrics.HealthServer(settings.metrics_port, lambda: kafka_reachable(consumer))
-        await health.start()
-        log.info("delay: consuming %s as group %s", self._retry_topic, DELAY_GROUP)
-        last_commit = 0.0
-        try:
-            while not stop.is_set():
-                await self._read(consumer)
-                await self._release(time.time())
-                if time.monotonic() - last_commit >= 1.0:
-                    await self._commit(consumer)
-                    last_commit = time.monotonic()
-            await self._commit(consumer)
-        finally:
-            await health.stop()
-            await consumer.stop()
-            await producer.stop()
-            log.info("delay: stopped")
+        while not stop.is_set():
+            await self.release(time.time())
+            due = self.buffer.next_due()
+            sleep = _MAX_SLEEP if due is None else min(_MAX_SLEEP, max(0.0, due - time.time()))
+            self.wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), timeout=sleep)
 
-    def _sleep_for(self, now: float) -> float:
-        due = self.buffer.next_due()
-        return _MAX_SLEEP if due is None else min(_MAX_SLEEP, max(0.0, due - now))
-
-    async def _read(self, consumer: AIOKafkaConsumer) -> None:
-        wait = self._sleep_for(time.time())
-        room = self.buffer.room
-        if room == 0:
-            # Full: what is held comes due first; new records wait in Kafka.
-            await asyncio.sleep(wait)
-            return
-        batches = await consumer.getmany(
-            timeout_ms=int(wait * 1000), max_records=min(room, self.settings.batch_size)
-        )
-        dead: list[tuple[TopicPartition, Record, Output]] = []
-        for tp, records in batches.items():
-            for record in records:
-                metrics.MESSAGES_IN.labels(STAGE).inc()
-                self.tracker.started(tp, record.offset)
-                try:
-                    value = decode_json(record, "retry")
-                except DeadLetter as exc:
-                    output = dead_letter(self.settings, STAGE, record, exc.reason, exc.detail)
-                    dead.append((tp, record, output))
-                    continue
-                self.buffer.add(tp, record.offset, record.key, value)
-        if dead:
-            await self.publisher.publish([output for _, _, output in dead])
-            for tp, record, _ in dead:
-                self.tracker.finished(tp, record.offset)
-        metrics.DELAY_HELD.set(len(self.buffer))
-
-    async def _release(self, now: float) -> None:
+    async def release(self, now: float) -> None:
         due = self.buffer.pop_due(now)
-        if not due:
-            return
-        await self.publisher.publish([self._output(held) for held in due])
-        for held in due:
-            self.tracker.finished(held.tp, held.offset)
-        metrics.DELAY_HELD.set(len(self.buffer))
+        if due:
+            await self.ctx.complete(due, [self.output(item) for item in due])
+            metrics.DELAY_HELD.set(len(self.buffer))
 
-    def _output(self, held: Held) -> Output:
+    def output(self, item: Received[Retry]) -> Output:
         return Output(
-            self._fetch_topic, fetch_value(held.value), key=held.key, partition=held.tp.partition
+            self.topic(FETCH),
+            fetch_from_retry(item.message),
+            key=item.record.key,
+            partition=item.record.partition,
         )
 
-    async def _commit(self, consumer: AIOKafkaConsumer) -> None:
-        await commit_finished(consumer, self.tracker, DELAY_GROUP, STAGE)
-
-    async def partitions_revoked(
-        self, consumer: AIOKafkaConsumer, revoked: Iterable[TopicPartition]
-    ) -> None:
-        lost = set(revoked)
-        await self._commit(consumer)
+    def hand_back(self, partitions: set[TopicPartition] | None) -> None:
         # Held records were never committed: the partition's next owner reads them again.
-        self.buffer.drop_where(lambda held: held.tp in lost)
-        for tp in lost:
-            self.tracker.forget(tp)
-
-
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, service: DelayService, consumer: AIOKafkaConsumer) -> None:
-        self._service = service
-        self._consumer = consumer
-
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        await self._service.partitions_revoked(self._consumer, revoked)
-
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        return None
+        if partitions is not None:
+            self.buffer.drop_where(lambda item: item.tp in partitions)

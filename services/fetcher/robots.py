@@ -1,6 +1,7 @@
 """robots.txt rules per host, pure: what a fetched robots.txt means, and for how long.
 
-RFC 9309 semantics: a 2xx body is parsed (with protego, a maintained parser);
+RFC 9309 semantics (the only I/O here is :func:`read_robots`, through a given request
+function): a 2xx body is parsed (with protego, a maintained parser);
 a 4xx means no rules (allow all); a 5xx, a 429 or no answer means "disallowed
 for now", and the host's URLs wait and are tried again later. The cache is an
 LRU bounded in hosts, so memory does not grow with the web.
@@ -10,9 +11,14 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from urllib.parse import urljoin
 
 from protego import Protego
+
+from ..core import metrics
+from .http import FetchFailed, FetchResult
 
 # Google's limit: a longer robots.txt is read up to here.
 ROBOTS_MAX_BYTES = 500 * 1024
@@ -123,3 +129,37 @@ class RobotsCache:
                 self._entries.move_to_end(oldest)
                 break
             self._entries.popitem(last=False)
+
+
+# -- reading one host's robots.txt, redirects included -------------------------------------
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# Failures after which nothing will be fetched from the host anyway: each URL fails alone.
+_FINAL_FAILURES = frozenset({"forbidden_address", "invalid_url"})
+
+
+async def read_robots(
+    url: str, get: Callable[[str], Awaitable[FetchResult]]
+) -> RobotsRules | None:
+    """The rules at ``url`` (a host's /robots.txt), following up to
+    :data:`ROBOTS_MAX_REDIRECTS` redirects; None when the host counts as unavailable.
+
+    ``get`` performs one request without following redirects (the fetcher's downloader,
+    with its limits and safety checks) and raises :class:`FetchFailed`.
+    """
+    for _ in range(ROBOTS_MAX_REDIRECTS + 1):
+        try:
+            result = await get(url)
+        except FetchFailed as exc:
+            metrics.ROBOTS_FETCHES.labels("unavailable").inc()
+            return RobotsRules(source=exc.reason) if exc.reason in _FINAL_FAILURES else None
+        location = result.headers.get("location")
+        if result.status in REDIRECT_STATUSES and location:
+            url = urljoin(url, location)
+            continue
+        rules = rules_from_response(result.status, result.body)
+        outcome = "unavailable" if rules is None else rules.source.replace(".", "_")
+        metrics.ROBOTS_FETCHES.labels(outcome).inc()
+        return rules
+    metrics.ROBOTS_FETCHES.labels("allow_all").inc()
+    return RobotsRules(source="too_many_redirects")

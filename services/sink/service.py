@@ -18,61 +18,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from pymongo import AsyncMongoClient, ReplaceOne
 from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
 from ..core import metrics
-from ..core.stage import BatchStage, Output, Record
+from ..core.messages import Page
+from ..core.runtime import BatchStage, Input, Output, Received, json_input
 from ..core.topics import PAGES, SINK_GROUP
-from ..core.urls import InvalidURL, canonicalize, host_of
+from .logic import classify_failures, document_for, latest_documents
 
 log = logging.getLogger(__name__)
 
-
-DUPLICATE_KEY = 11000
 UPDATE_CHUNK = 50
-
-
-def storage_id(page: dict[str, Any]) -> str:
-    """The ``_id`` a page is stored under: the canonical form of the rel=canonical URL it
-    declares, when that is on the page's own host and the page is a 2xx answer (not a
-    redirect); otherwise its own URL.
-
-    So ``/a?x=1`` and ``/a`` that both declare ``/a`` share one document. A canonical on
-    another host is a claim this crawl cannot check (and would let one site overwrite
-    another's documents), so it is ignored.
-    """
-    url: str = page["url"]
-    declared = page.get("canonical")
-    status = page.get("status", 0)
-    if not declared or page.get("redirect_to") or not 200 <= status < 300:
-        return url
-    try:
-        canonical = canonicalize(declared)
-    except InvalidURL:
-        return url
-    return canonical if host_of(canonical) == host_of(url) else url
-
-
-def document_for(page: dict[str, Any], stored_at: float) -> dict[str, Any]:
-    return {"_id": storage_id(page), **page, "stored_at": stored_at}
-
-
-def classify_failures(error: BulkWriteError) -> tuple[set[int], dict[int, str]]:
-    """Positions that failed only because the URL exists, and positions the database
-    rejected for good (a document-level write error is not cured by retrying)."""
-    duplicates: set[int] = set()
-    rejected: dict[int, str] = {}
-    for failure in error.details.get("writeErrors", []):
-        index = int(failure["index"])
-        if failure.get("code") == DUPLICATE_KEY:
-            duplicates.add(index)
-        else:
-            rejected[index] = f"code {failure.get('code')}: {failure.get('errmsg', '')[:500]}"
-    return duplicates, rejected
 
 
 class SinkStage(BatchStage):
@@ -80,8 +39,8 @@ class SinkStage(BatchStage):
     group = SINK_GROUP
     client: AsyncMongoClient[dict[str, Any]]
 
-    def input_topics(self) -> tuple[str, ...]:
-        return (self.topic(PAGES),)
+    def inputs(self) -> tuple[Input, ...]:
+        return (json_input(PAGES, Page),)
 
     async def start(self) -> None:
         self.client = AsyncMongoClient(self.settings.mongo_uri, serverSelectionTimeoutMS=10000)
@@ -99,25 +58,21 @@ class SinkStage(BatchStage):
         await self.client.admin.command("ping")
         return True
 
-    async def process(self, records: Sequence[Record]) -> list[Output]:
-        pages, dead = self.decode_all(records, "page")
-        # The last version of a URL in a batch wins, and then the last page stored
-        # under one _id (spellings of a page that declare one canonical).
-        latest = {page["url"]: (record, page) for record, page in pages}.values()
+    async def process(self, batch: list[Received[Any]]) -> list[Output]:
         stored_at = time.time()
-        by_id: dict[str, tuple[Record, dict[str, Any]]] = {}
-        for record, page in latest:
-            document = document_for(page, stored_at)
-            by_id[document["_id"]] = (record, document)
-        entries = list(by_id.values())
-        if entries:
-            documents = [document for _, document in entries]
-            rejected: dict[int, str] = await self._retry(
-                f"writing {len(documents)} pages", lambda: self._store(documents)
-            )
-            for index, reason in rejected.items():
-                dead.append(self.dead_letter(entries[index][0], "rejected_by_database", reason))
-            metrics.PAGES_STORED.inc(len(documents) - len(rejected))
+        pages: list[Page] = [item.message for item in batch]
+        chosen = latest_documents(pages, self.settings)
+        if not chosen:
+            return []
+        documents = [document_for(pages[i], stored_at, self.settings) for i in chosen]
+        rejected: dict[int, str] = await self._retry(
+            f"writing {len(documents)} pages", lambda: self._store(documents)
+        )
+        dead = [
+            self.dead_letter(batch[chosen[index]].record, "rejected_by_database", reason)
+            for index, reason in rejected.items()
+        ]
+        metrics.PAGES_STORED.inc(len(documents) - len(rejected))
         return dead
 
     async def _store(self, documents: list[dict[str, Any]]) -> dict[int, str]:

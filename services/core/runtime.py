@@ -1,0 +1,506 @@
+"""The one stage runtime: Kafka clients, decoding at the edge, publishing, commits,
+rebalances, health endpoints and graceful shutdown, for every stage.
+
+A stage is a plain class that declares its consumer group, its inputs (topic and message
+type) and its processing step; it never touches a Kafka client. Two shapes:
+
+- :class:`BatchStage` (frontier, dedup, parser, sink): ``process(batch) -> outputs``. The
+  runtime consumes a bounded batch, publishes what the step returned, waits for every
+  acknowledgement, then commits the batch.
+- :class:`StreamStage` (fetcher, delay): records are admitted one by one and finish out of
+  order (requests, timers); the stage reports each finished record with its outputs, and
+  the runtime commits only the finished prefix of each partition (:class:`OffsetTracker`).
+
+Delivery is at least once: an offset is committed only after what its record produced is
+acknowledged by the broker. A record that does not decode into its topic's type goes to
+the DLQ with the reason, once, here; the stage never sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import signal
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeAlias, TypeVar
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from . import metrics
+from .config import Settings
+from .errors import ReasonedError
+from .kafka import export_lag, kafka_reachable, make_consumer, make_producer
+from .messages import Attempt, DeadLetterRecord, Message, encode
+from .offsets import OffsetTracker, commit_finished
+from .topics import DLQ, topic_name
+
+log = logging.getLogger(__name__)
+
+Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
+M = TypeVar("M", bound=Message)
+
+
+class DeadLetter(ReasonedError):
+    """Raised while decoding or handling one record: it goes to the DLQ with this reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One message to produce. ``partition`` pins it; otherwise the key decides."""
+
+    topic: str
+    value: Message
+    key: bytes | None = None
+    partition: int | None = None
+
+
+@dataclass(slots=True)
+class Received(Generic[M]):
+    """A decoded record: the typed message, and the record it came from (for offsets and
+    dead letters)."""
+
+    record: Record
+    message: M
+
+    @property
+    def tp(self) -> TopicPartition:
+        return TopicPartition(self.record.topic, self.record.partition)
+
+
+Decode: TypeAlias = Callable[[bytes | None], Message]
+
+
+@dataclass(frozen=True)
+class Input:
+    """A topic a stage reads (by suffix: the prefix is configuration) and how its values
+    become messages."""
+
+    suffix: str
+    decode: Decode
+
+
+def json_input(suffix: str, kind: type[Message]) -> Input:
+    """The usual input: a JSON value of one message type, validated while it is parsed."""
+    decoder = msgspec.json.Decoder(kind)
+
+    def decode(value: bytes | None) -> Message:
+        if not value:
+            raise DeadLetter("empty_value", "the record has no value")
+        try:
+            message: Message = decoder.decode(value)
+        except msgspec.ValidationError as exc:
+            raise DeadLetter("schema_violation", f"{suffix}: {str(exc)[:300]}") from exc
+        except msgspec.DecodeError as exc:
+            raise DeadLetter("invalid_json", str(exc)[:300]) from exc
+        return message
+
+    return Input(suffix, decode)
+
+
+def dead_letter(
+    settings: Settings,
+    stage: str,
+    record: Record,
+    reason: str,
+    detail: str,
+    history: Sequence[Attempt] = (),
+) -> Output:
+    """The DLQ record for ``record``: why, where, and the original payload."""
+    payload = record.value or b""
+    try:
+        text, encoding = payload.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        text, encoding = base64.b64encode(payload).decode("ascii"), "base64"
+    key = record.key.decode("utf-8", "replace") if record.key is not None else None
+    value = DeadLetterRecord(
+        stage=stage,  # type: ignore[arg-type]
+        reason=reason,
+        detail=detail[:4096],
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=key,
+        payload=text,
+        payload_encoding=encoding,  # type: ignore[arg-type]
+        failed_at=time.time(),
+        history=list(history),
+    )
+    metrics.DLQ_RECORDS.labels(stage, reason).inc()
+    log.warning(
+        "%s: dead letter (%s) from %s[%d]@%d: %s",
+        stage,
+        reason,
+        record.topic,
+        record.partition,
+        record.offset,
+        detail[:300],
+    )
+    return Output(topic_name(settings.topic_prefix, DLQ), value, key=record.key)
+
+
+class Publisher:
+    """Sends outputs and waits for every acknowledgement; retries a batch until it lands."""
+
+    def __init__(self, producer: AIOKafkaProducer, stage: str) -> None:
+        self._producer = producer
+        self._stage = stage
+
+    async def publish(self, outputs: Sequence[Output]) -> None:
+        if not outputs:
+            return
+        payloads = [encode(out.value) for out in outputs]
+        delay = 0.5
+        while True:
+            try:
+                await self._send_all(outputs, payloads)
+                return
+            except KafkaError as exc:
+                # Never drop: the batch is resent (the producer is idempotent) until it lands.
+                log.error(
+                    "%s: publishing %d records failed (%s); retrying in %.1fs",
+                    self._stage,
+                    len(outputs),
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _send_all(self, outputs: Sequence[Output], payloads: list[bytes]) -> None:
+        send = self._producer.send
+        futures = [
+            await send(out.topic, payload, key=out.key, partition=out.partition)
+            for out, payload in zip(outputs, payloads, strict=True)
+        ]
+        await asyncio.gather(*futures)
+        for out in outputs:
+            metrics.MESSAGES_OUT.labels(self._stage, out.topic).inc()
+
+
+class Stage(ABC):
+    """What every stage declares. Hooks default to doing nothing."""
+
+    name: ClassVar[str]
+    group: ClassVar[str]
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @abstractmethod
+    def inputs(self) -> tuple[Input, ...]: ...
+
+    async def start(self) -> None:
+        """Open connections the stage needs (a database, an HTTP session)."""
+
+    async def stop(self) -> None:
+        """Close what :meth:`start` opened."""
+
+    async def on_assigned(self, partitions: Iterable[TopicPartition]) -> None:
+        """Rebuild per-partition state before the first record of a new partition."""
+
+    async def on_revoked(self, partitions: Iterable[TopicPartition]) -> None:
+        """Forget per-partition state of partitions another consumer now owns."""
+
+    async def ready(self) -> bool:
+        return True
+
+    def topic(self, suffix: str) -> str:
+        return topic_name(self.settings.topic_prefix, suffix)
+
+    def dead_letter(
+        self, record: Record, reason: str, detail: str, history: Sequence[Attempt] = ()
+    ) -> Output:
+        return dead_letter(self.settings, self.name, record, reason, detail, history)
+
+
+class BatchStage(Stage):
+    """Records in, outputs out, a bounded batch at a time."""
+
+    @abstractmethod
+    async def process(self, batch: list[Received[Any]]) -> list[Output]: ...
+
+
+class StreamContext(ABC):
+    """What a :class:`StreamStage` may ask of the runtime."""
+
+    @abstractmethod
+    async def complete(self, items: Sequence[Received[Any]], outputs: Sequence[Output]) -> None:
+        """Publish ``outputs``, then count ``items`` as finished (their offsets may commit)."""
+
+    @abstractmethod
+    def complete_later(self, item: Received[Any], outputs: Sequence[Output]) -> None:
+        """:meth:`complete` in a task of its own, for callers that cannot wait."""
+
+    @abstractmethod
+    def spawn(
+        self, work: Coroutine[Any, Any, None], partitions: Iterable[TopicPartition] = ()
+    ) -> None:
+        """Run ``work`` in a task the runtime waits for before giving ``partitions`` up."""
+
+
+class StreamStage(Stage):
+    """Records admitted one at a time, finished out of order.
+
+    The runtime reads while :meth:`room` is positive and hands each decoded record to
+    :meth:`admit`; :meth:`run` is the stage's own loop (dispatching requests, releasing
+    timers). Finished records are reported through ``self.ctx``. On a rebalance or at
+    shutdown, :meth:`hand_back` must finish (or move elsewhere) every record of the
+    partitions given that is not in flight, so their offsets can commit.
+    """
+
+    ctx: StreamContext
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.wakeup = asyncio.Event()
+
+    @abstractmethod
+    def room(self) -> int: ...
+
+    @abstractmethod
+    def admit(self, item: Received[Any]) -> None: ...
+
+    @abstractmethod
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+    def hand_back(self, partitions: set[TopicPartition] | None) -> None:
+        """Give up the records of ``partitions`` (all when None) that are not in flight."""
+
+    async def before_release(self, partitions: set[TopicPartition]) -> None:
+        """Last step before partitions go: their work is finished and committed."""
+
+
+# -- the runtime ------------------------------------------------------------------------
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+class _Edge:
+    """Decodes each record into its topic's message type, or into a dead letter."""
+
+    def __init__(self, stage: Stage) -> None:
+        self._stage = stage
+        self.decoders = {stage.topic(spec.suffix): spec.decode for spec in stage.inputs()}
+
+    def decode(self, record: Record) -> Received[Any] | Output:
+        try:
+            return Received(record, self.decoders[record.topic](record.value))
+        except ReasonedError as exc:  # DeadLetter, or a decoder's own Undecodable
+            metrics.MESSAGES_FAILED.labels(self._stage.name, exc.reason).inc()
+            return self._stage.dead_letter(record, exc.reason, exc.detail)
+
+
+class _Loop(ConsumerRebalanceListener, ABC):  # type: ignore[misc]
+    def __init__(self, stage: Stage, consumer: AIOKafkaConsumer, publisher: Publisher) -> None:
+        self.stage = stage
+        self.consumer = consumer
+        self.publisher = publisher
+        self.edge = _Edge(stage)
+
+    @abstractmethod
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self.stage.on_assigned(assigned)
+
+
+class _BatchLoop(_Loop):
+    stage: BatchStage
+
+    def __init__(self, stage: BatchStage, consumer: AIOKafkaConsumer, publisher: Publisher):
+        super().__init__(stage, consumer, publisher)
+        self.committed: dict[TopicPartition, int] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        stage, consumer = self.stage, self.consumer
+        batch_size = stage.settings.batch_size
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=500, max_records=batch_size)
+            if not batches:
+                continue
+            good: list[Received[Any]] = []
+            outputs: list[Output] = []
+            for records in batches.values():
+                metrics.MESSAGES_IN.labels(stage.name).inc(len(records))
+                for record in records:
+                    decoded = self.edge.decode(record)
+                    if isinstance(decoded, Output):
+                        outputs.append(decoded)
+                    else:
+                        good.append(decoded)
+            if good:
+                outputs.extend(await stage.process(good))
+            await self.publisher.publish(outputs)
+            offsets = {tp: batch[-1].offset + 1 for tp, batch in batches.items() if batch}
+            if await self._commit(offsets):
+                self.committed.update(offsets)
+            export_lag(consumer, stage.group, self.committed)
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> bool:
+        try:
+            await self.consumer.commit(offsets)
+            return True
+        except CommitFailedError as exc:
+            # The partitions moved during a rebalance; their new owner reprocesses the
+            # batch, which every downstream stage tolerates (idempotent by design).
+            log.warning(
+                "%s: commit failed after a rebalance (%s); records will be redelivered",
+                self.stage.name,
+                exc,
+            )
+            return False
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.stage.on_revoked(revoked)
+
+
+class _StreamLoop(_Loop, StreamContext):
+    stage: StreamStage
+    COMMIT_INTERVAL = 1.0
+    SHUTDOWN_DRAIN = 25.0
+    REVOKE_DRAIN = 20.0
+
+    def __init__(self, stage: StreamStage, consumer: AIOKafkaConsumer, publisher: Publisher):
+        super().__init__(stage, consumer, publisher)
+        self.tracker = OffsetTracker()
+        self.tasks: dict[asyncio.Task[None], frozenset[TopicPartition]] = {}
+        stage.ctx = self
+
+    # -- StreamContext ---------------------------------------------------------------
+
+    async def complete(self, items: Sequence[Received[Any]], outputs: Sequence[Output]) -> None:
+        await self._complete_records([item.record for item in items], outputs)
+
+    def complete_later(self, item: Received[Any], outputs: Sequence[Output]) -> None:
+        self._complete_record_later(item.record, outputs)
+
+    async def _complete_records(self, records: Sequence[Record], outputs: Sequence[Output]) -> None:
+        await self.publisher.publish(outputs)
+        for record in records:
+            self.tracker.finished(TopicPartition(record.topic, record.partition), record.offset)
+
+    def _complete_record_later(self, record: Record, outputs: Sequence[Output]) -> None:
+        tp = TopicPartition(record.topic, record.partition)
+        self.spawn(self._complete_records([record], outputs), (tp,))
+
+    def spawn(
+        self, work: Coroutine[Any, Any, None], partitions: Iterable[TopicPartition] = ()
+    ) -> None:
+        task = asyncio.create_task(work)
+        self.tasks[task] = frozenset(partitions)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.pop(task, None)
+        self.stage.wakeup.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: unexpected error: %r", self.stage.name, task.exception())
+
+    # -- loops -------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        committer = asyncio.create_task(self._commit_every(stop))
+        try:
+            await asyncio.gather(self._consume(stop), self.stage.run(stop))
+            self.stage.hand_back(None)
+            await self._drain(self.SHUTDOWN_DRAIN)
+            await self._commit()
+        finally:
+            committer.cancel()
+
+    async def _consume(self, stop: asyncio.Event) -> None:
+        stage, tracker = self.stage, self.tracker
+        batch_size = stage.settings.batch_size
+        while not stop.is_set():
+            room = stage.room()
+            if room <= 0:
+                await asyncio.sleep(0.05)
+                continue
+            batches = await self.consumer.getmany(
+                timeout_ms=200, max_records=min(room, batch_size)
+            )
+            for tp, records in batches.items():
+                metrics.MESSAGES_IN.labels(stage.name).inc(len(records))
+                for record in records:
+                    tracker.started(tp, record.offset)
+                    decoded = self.edge.decode(record)
+                    if isinstance(decoded, Output):
+                        self._complete_record_later(record, [decoded])
+                    else:
+                        stage.admit(decoded)
+            if batches:
+                stage.wakeup.set()
+
+    async def _commit_every(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(self.COMMIT_INTERVAL)
+            await self._commit()
+
+    async def _commit(self) -> None:
+        await commit_finished(self.consumer, self.tracker, self.stage.group, self.stage.name)
+
+    async def _drain(self, timeout: float, only: set[TopicPartition] | None = None) -> None:
+        waiting = [
+            task
+            for task, partitions in self.tasks.items()
+            if only is None or not partitions or partitions & only
+        ]
+        if waiting:
+            log.info("%s: finishing %d tasks in flight", self.stage.name, len(waiting))
+            await asyncio.wait(waiting, timeout=timeout)
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        lost = set(revoked)
+        self.stage.hand_back(lost)
+        await self._drain(self.REVOKE_DRAIN, only=lost)
+        await self._commit()
+        await self.stage.before_release(lost)
+        await self.stage.on_revoked(lost)
+        for tp in lost:
+            self.tracker.forget(tp)
+
+
+async def run_stage(stage: Stage, stop: asyncio.Event) -> None:
+    """Run ``stage`` until ``stop`` is set; finish what is in hand, commit, and return."""
+    settings = stage.settings
+    producer = make_producer(settings)
+    consumer = make_consumer(settings, stage.group, max_poll_records=settings.batch_size)
+    publisher = Publisher(producer, stage.name)
+    loop: _Loop
+    if isinstance(stage, StreamStage):
+        loop = _StreamLoop(stage, consumer, publisher)
+    elif isinstance(stage, BatchStage):
+        loop = _BatchLoop(stage, consumer, publisher)
+    else:
+        raise TypeError(f"{type(stage).__name__} is neither a BatchStage nor a StreamStage")
+    await stage.start()
+    await producer.start()
+    await consumer.start()
+    topics = list(loop.edge.decoders)
+    consumer.subscribe(topics, listener=loop)
+
+    async def ready() -> bool:
+        return await kafka_reachable(consumer) and await stage.ready()
+
+    health = metrics.HealthServer(settings.metrics_port, ready)
+    await health.start()
+    log.info("%s: consuming %s as group %s", stage.name, ", ".join(topics), stage.group)
+    try:
+        await loop.run(stop)
+    finally:
+        await health.stop()
+        await consumer.stop()
+        await producer.stop()
+        await stage.stop()
+        log.info("%s: stopped", stage.name)

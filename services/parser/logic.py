@@ -1,0 +1,88 @@
+"""The parser's step, pure: a crawl.fetched response in, a crawl.pages record out."""
+
+from __future__ import annotations
+
+import zlib
+from urllib.parse import urljoin
+
+from ..core.errors import ReasonedError
+from ..core.messages import Fetched, Page
+from .extract import extract_page, is_html
+from .sitemap import parse_sitemap
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+
+class Unparseable(ReasonedError):
+    """A response whose body cannot be read back; it goes to the DLQ."""
+
+
+def decode_body(fetched: Fetched, limit: int) -> bytes:
+    """The response body, inflated, never past ``limit`` bytes."""
+    try:
+        body = zlib.decompressobj().decompress(fetched.body, limit + 1)
+    except (zlib.error, ValueError) as exc:
+        raise Unparseable("corrupt_body", str(exc)) from exc
+    if len(body) > limit:
+        raise Unparseable("body_too_large", f"inflates past {limit} bytes")
+    return body
+
+
+def page_from_fetched(fetched: Fetched, body: bytes) -> Page:
+    """The crawl.pages record: parsed HTML, or the metadata of any other response.
+
+    A response fetched as a sitemap (``kind`` "sitemap") is read as one whatever its
+    content type: its page URLs become ``links`` and the sitemaps it lists ``sitemaps``.
+    """
+    page = Page(
+        url=fetched.url,
+        final_url=fetched.final_url,
+        host=fetched.host,
+        status=fetched.status,
+        fetched_at=fetched.fetched_at,
+        content_type=fetched.content_type,
+        title=None,
+        text="",
+        links=[],
+        canonical=None,
+        content_hash=None,
+        depth=fetched.depth,
+        priority=fetched.priority,
+        crawl_id=fetched.crawl_id,
+        scope=fetched.scope,
+        redirect_chain=fetched.redirect_chain,
+        redirect_to=None,
+        noindex=False,
+        nofollow=False,
+        body_bytes=fetched.body_bytes,
+        truncated=fetched.truncated,
+        meta=fetched.meta,
+        kind=fetched.kind,  # before the redirect check: a sitemap's redirect leads to one
+    )
+    status, headers = fetched.status, fetched.headers
+    location = headers.get("location")
+    if status in REDIRECT_STATUSES and location:
+        page.redirect_to = urljoin(fetched.final_url, location.strip())
+        return page
+    if not 200 <= status < 300:
+        return page
+    if fetched.kind == "sitemap":
+        sitemap = parse_sitemap(body)
+        page.links, page.sitemaps = list(sitemap.urls), list(sitemap.sitemaps)
+        return page
+    if is_html(fetched.content_type or None, body[:1024]):
+        extracted = extract_page(
+            body,
+            fetched.final_url,
+            fetched.content_type or None,
+            robots_header=headers.get("x-robots-tag"),
+        )
+        page.title = extracted.title
+        page.text = extracted.text
+        page.links = list(extracted.links)
+        page.canonical = extracted.canonical
+        page.content_hash = extracted.content_hash
+        page.noindex = extracted.noindex
+        page.nofollow = extracted.nofollow
+        page.charset = extracted.charset
+    return page

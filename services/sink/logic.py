@@ -1,0 +1,61 @@
+"""The sink's decisions, pure: which ``_id`` a page is stored under, its document, and
+which failed writes are duplicates (replace them) or refusals (dead-letter them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pymongo.errors import BulkWriteError
+
+from ..core.config import Settings
+from ..core.messages import Page, to_dict
+from ..core.scope import canonical_url
+from ..core.urls import InvalidURL, host_of
+
+DUPLICATE_KEY = 11000
+
+
+def storage_id(page: Page, settings: Settings) -> str:
+    """The ``_id`` a page is stored under: the canonical form (under the same settings as
+    the frontier's) of the rel=canonical URL it declares, when that is on the page's own
+    host and the page is a 2xx answer (not a redirect); otherwise its own URL.
+
+    So ``/a?x=1`` and ``/a`` that both declare ``/a`` share one document. A canonical on
+    another host is a claim this crawl cannot check (and would let one site overwrite
+    another's documents), so it is ignored.
+    """
+    declared = page.canonical
+    if not declared or page.redirect_to or not 200 <= page.status < 300:
+        return page.url
+    try:
+        canonical = canonical_url(declared, settings)
+    except InvalidURL:
+        return page.url
+    return canonical if host_of(canonical) == host_of(page.url) else page.url
+
+
+def document_for(page: Page, stored_at: float, settings: Settings) -> dict[str, Any]:
+    return {"_id": storage_id(page, settings), **to_dict(page), "stored_at": stored_at}
+
+
+def latest_documents(pages: list[Page], settings: Settings) -> list[int]:
+    """Positions of the pages to write: the last version of a URL in a batch wins, and
+    then the last page stored under one ``_id`` (spellings of a page that declare one
+    canonical)."""
+    by_url = {page.url: index for index, page in enumerate(pages)}
+    by_id = {storage_id(pages[index], settings): index for index in by_url.values()}
+    return list(by_id.values())
+
+
+def classify_failures(error: BulkWriteError) -> tuple[set[int], dict[int, str]]:
+    """Positions that failed only because the URL exists, and positions the database
+    rejected for good (a document-level write error is not cured by retrying)."""
+    duplicates: set[int] = set()
+    rejected: dict[int, str] = {}
+    for failure in error.details.get("writeErrors", []):
+        index = int(failure["index"])
+        if failure.get("code") == DUPLICATE_KEY:
+            duplicates.add(index)
+        else:
+            rejected[index] = f"code {failure.get('code')}: {failure.get('errmsg', '')[:500]}"
+    return duplicates, rejected
