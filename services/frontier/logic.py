@@ -6,7 +6,7 @@ import time
 
 from ..core.config import Settings
 from ..core.errors import ReasonedError
-from ..core.messages import Discovered, Kind, Page, Scope, Seed, decode_seed
+from ..core.messages import Discovered, Kind, Page, Scope, Seed, SeedScope, decode_seed
 from ..core.scope import Drop, Origin, canonical_url, scoped_candidate
 from ..core.urls import InvalidURL, host_of, hostname_of, in_scope
 
@@ -23,12 +23,11 @@ def seed_candidate(seed: Seed, settings: Settings, now: float | None = None) -> 
         url = canonical_url(seed.url, settings)
     except InvalidURL as exc:
         raise Rejected(exc.reason, str(exc)) from exc
-    given = seed.scope
-    allow = (given.allow_domains if given else None) or settings.allow_domains
+    given = seed.scope or SeedScope()
     scope = Scope(
-        allow_domains=list(allow or [hostname_of(url)]),
-        max_depth=settings.max_depth if given is None or given.max_depth is None else given.max_depth,
-        max_pages=settings.max_pages if given is None or given.max_pages is None else given.max_pages,
+        allow_domains=list(given.allow_domains or settings.allow_domains or [hostname_of(url)]),
+        max_depth=settings.max_depth if given.max_depth is None else given.max_depth,
+        max_pages=settings.max_pages if given.max_pages is None else given.max_pages,
     )
     if not in_scope(url, scope.allow_domains):
         raise Rejected("out_of_scope", f"{url} is outside {scope.allow_domains}")
