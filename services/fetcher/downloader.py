@@ -8,6 +8,7 @@ import time
 
 import aiohttp
 
+from ..core import metrics
 from ..core.config import Settings
 from .http import FetchFailed, FetchLimits, FetchResult, fetch
 from .proxies import ProxyPool
@@ -83,3 +84,14 @@ class Downloader:
         if proxy is not None:
             self.proxies.succeeded(proxy)
         return result
+
+
+def observe(outcome: FetchResult | FetchFailed) -> None:
+    """Count one page request's outcome in the fetch metrics."""
+    if isinstance(outcome, FetchFailed):
+        metrics.FETCH_REQUESTS.labels("error").inc()
+        return
+    metrics.FETCH_REQUESTS.labels(f"{outcome.status // 100}xx").inc()
+    metrics.FETCH_DURATION.observe(outcome.total_s)
+    metrics.PAGE_SIZE.observe(len(outcome.body))
+    metrics.FETCH_BYTES.inc(len(outcome.body))

@@ -186,3 +186,29 @@ class HostScheduler(Generic[T]):
             return
         state.heap_at = at
         heapq.heappush(self._heap, (at, next(self._sequence), host))
+
+
+class HostDelays:
+    """How long apart two requests to a host start: the larger of the configured delay
+    (``HOST_DELAYS`` for that host, else ``CRAWL_DELAY``) and its robots.txt Crawl-delay,
+    capped at ``MAX_CRAWL_DELAY``."""
+
+    def __init__(
+        self,
+        default: float,
+        per_host: dict[str, float],
+        cap: float,
+        crawl_delay: Callable[[str], float | None],
+    ) -> None:
+        self._default = default
+        self._per_host = per_host
+        self._cap = cap
+        self._crawl_delay = crawl_delay
+
+    def configured(self, host: str) -> float:
+        hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        configured = self._per_host.get(host, self._per_host.get(hostname, self._default))
+        return min(self._cap, configured)
+
+    def __call__(self, host: str) -> float:
+        return min(self._cap, max(self.configured(host), self._crawl_delay(host) or 0.0))

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,16 +27,15 @@ from ..core import metrics
 from ..core.config import Settings
 from ..core.messages import Fetch, retry_from
 from ..core.runtime import Input, Output, Received, StreamStage, json_input
-from ..core.scope import Drop, Origin, scoped_candidate
 from ..core.topics import DISCOVERED, FETCH, FETCHED, FETCHER_GROUP, RETRY
-from .downloader import Downloader
+from .downloader import Downloader, observe
 from .http import FetchFailed, FetchResult, check_literal_address
-from .politeness import HostScheduler
+from .politeness import HostDelays, HostScheduler
 from .retry import Deliver, GiveUp, RetryPolicy, Wait, decide, retry_or_give_up
 from .robots import RobotsCache, RobotsState, read_robots
+from .sitemaps import SitemapAnnouncer
 
 log = logging.getLogger(__name__)
-_ANNOUNCED_MAX = 100_000
 
 
 @dataclass
@@ -67,41 +65,33 @@ class FetcherStage(StreamStage):
             settings.retry_max_attempts, settings.retry_base_delay, settings.retry_max_delay
         )
         self.robots = RobotsCache(settings.robots_ttl, settings.robots_retry)
-        self.host_delays = settings.host_delay_map()
+        self.delay_for = HostDelays(
+            settings.crawl_delay,
+            settings.host_delay_map(),
+            settings.max_crawl_delay,
+            lambda host: self.robots.rules(host).crawl_delay(settings.user_agent),
+        )
         self.scheduler: HostScheduler[Job] = HostScheduler(
             settings.fetch_per_host_concurrency, self.delay_for
         )
+        self.sitemaps = SitemapAnnouncer(settings)
         self.requests_in_flight = 0
         self.assigned_at: dict[TopicPartition, float] = {}
-        self._announced: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     def inputs(self) -> tuple[Input, ...]:
         return (json_input(FETCH, Fetch),)
 
     async def start(self) -> None:
         await self.downloader.start()
+        settings = self.settings
         log.info(
-            "fetcher: %d requests in flight max, %.2fs per host",
-            self.settings.fetch_concurrency,
-            self.settings.crawl_delay,
+            "fetcher: %d requests max, %.2fs per host",
+            settings.fetch_concurrency,
+            settings.crawl_delay,
         )
 
     async def stop(self) -> None:
         await self.downloader.close()
-
-    # -- delays ------------------------------------------------------------------------
-
-    def configured_delay(self, host: str) -> float:
-        hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        configured = self.host_delays.get(
-            host, self.host_delays.get(hostname, self.settings.crawl_delay)
-        )
-        return min(self.settings.max_crawl_delay, configured)
-
-    def delay_for(self, host: str) -> float:
-        """The larger of the configured delay and the host's Crawl-delay, capped."""
-        crawl_delay = self.robots.rules(host).crawl_delay(self.settings.user_agent) or 0.0
-        return min(self.settings.max_crawl_delay, max(self.configured_delay(host), crawl_delay))
 
     # -- admission ---------------------------------------------------------------------
 
@@ -190,41 +180,21 @@ class FetcherStage(StreamStage):
         self.scheduler.refresh_delay(host, now)
         self.scheduler.resume(host, now)
         if rules is None:
-            log.warning(
-                "fetcher: robots.txt of %s unavailable; its URLs wait %.0fs",
-                host,
-                self.settings.robots_retry,
-            )
+            wait = self.settings.robots_retry
+            log.warning("fetcher: robots.txt of %s unavailable; its URLs wait %.0fs", host, wait)
             self._defer_host(host, [])
         else:
-            log.info(
-                "fetcher: robots.txt of %s read (%s), delay %.2fs, %d sitemaps",
-                host,
-                rules.source,
-                self.delay_for(host),
-                len(rules.sitemaps),
-            )
+            delay, sitemaps = self.delay_for(host), len(rules.sitemaps)
+            log.info("fetcher: robots.txt of %s: %s, delay %.2fs", host, rules.source, delay)
+            log.debug("fetcher: robots.txt of %s lists %d sitemaps", host, sitemaps)
         self.wakeup.set()
 
     def _sitemaps(self, job: Job) -> list[Output]:
-        """The in-scope sitemaps the host's robots.txt lists, once per crawl and host."""
-        request = job.request
-        key = (request.crawl_id, job.host)
-        if key in self._announced:
-            return []
-        self._announced[key] = None
-        if len(self._announced) > _ANNOUNCED_MAX:
-            self._announced.popitem(last=False)
-        origin = Origin(
-            request.crawl_id, request.scope, request.priority, urljoin(request.url, "/robots.txt")
-        )
-        outputs = []
-        for listed in self.robots.rules(job.host).sitemaps:
-            candidate = scoped_candidate(listed, origin, 0, self.settings, time.time(), "sitemap")
-            if not isinstance(candidate, Drop):
-                topic = self.topic(DISCOVERED)
-                outputs.append(Output(topic, candidate, key=candidate.host.encode()))
-        return outputs
+        listed = self.robots.rules(job.host).sitemaps
+        return [
+            Output(self.topic(DISCOVERED), candidate, key=candidate.host.encode())
+            for candidate in self.sitemaps.candidates(job.request, listed, time.time())
+        ]
 
     # -- one request -------------------------------------------------------------------
 
@@ -241,20 +211,10 @@ class FetcherStage(StreamStage):
             self.requests_in_flight -= 1
             metrics.FETCH_IN_FLIGHT.dec()
             self.scheduler.done(job.host, time.monotonic())
-        self._observe(outcome)
+        observe(outcome)
         outputs = self._sitemaps(job)
         outputs.append(self._decided(job, decide(job.request, outcome, self.policy, time.time())))
         await self.ctx.complete([job.item], outputs)
-
-    @staticmethod
-    def _observe(outcome: FetchResult | FetchFailed) -> None:
-        if isinstance(outcome, FetchFailed):
-            metrics.FETCH_REQUESTS.labels("error").inc()
-            return
-        metrics.FETCH_REQUESTS.labels(f"{outcome.status // 100}xx").inc()
-        metrics.FETCH_DURATION.observe(outcome.total_s)
-        metrics.PAGE_SIZE.observe(len(outcome.body))
-        metrics.FETCH_BYTES.inc(len(outcome.body))
 
     def _decided(self, job: Job, decision: Deliver | Wait | GiveUp) -> Output:
         record = job.item.record
@@ -312,7 +272,7 @@ class FetcherStage(StreamStage):
     async def before_release(self, partitions: set[TopicPartition]) -> None:
         # The next owner of a host has not read its Crawl-delay yet: hold on until only
         # the configured delay, which it does apply, is left to wait.
-        wait = self.scheduler.handover_wait(time.monotonic(), self.configured_delay)
+        wait = self.scheduler.handover_wait(time.monotonic(), self.delay_for.configured)
         if partitions and wait > 0:
             log.info("fetcher: handing hosts over in %.2fs (their Crawl-delay)", wait)
             await asyncio.sleep(wait)
