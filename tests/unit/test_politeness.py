@@ -5,11 +5,20 @@ from __future__ import annotations
 import itertools
 import random
 
+import msgspec
 from aiokafka import TopicPartition
-from streamcrawl.core.schemas import validate
-from streamcrawl.delay.logic import DelayBuffer, fetch_value
+from streamcrawl.core.messages import (
+    Fetch,
+    Retry,
+    Scope,
+    encode,
+    fetch_from_retry,
+    retry_from,
+    with_attempt,
+)
+from streamcrawl.delay.logic import DelayBuffer
 from streamcrawl.fetcher.politeness import HostScheduler
-from streamcrawl.fetcher.retry import RetryPolicy, parse_retry_after, with_attempt
+from streamcrawl.fetcher.retry import RetryPolicy, parse_retry_after
 from streamcrawl.fetcher.robots import ALLOW_ALL, RobotsCache, RobotsState, rules_from_response
 
 UA = "streamcrawl/0.1 (+https://github.com/streamcrawl/streamcrawl)"
@@ -180,34 +189,40 @@ def test_retry_after_forms() -> None:
 
 
 def test_attempts_are_recorded_and_the_retry_message_validates() -> None:
-    request = {
-        "url": "http://example.com/a",
-        "host": "example.com",
-        "crawl_id": "c",
-        "depth": 1,
-        "priority": 5,
-        "scope": {"allow_domains": ["example.com"], "max_depth": 3, "max_pages": 0},
-        "discovered_at": 1.0,
-        "admitted_at": 2.0,
-    }
+    request = Fetch(
+        url="http://example.com/a",
+        host="example.com",
+        crawl_id="c",
+        depth=1,
+        priority=5,
+        scope=Scope(allow_domains=["example.com"], max_depth=3, max_pages=0),
+        discovered_at=1.0,
+        admitted_at=2.0,
+    )
     once = with_attempt(request, "http_503", 10.0, 503, "")
     twice = with_attempt(once, "timeout", 20.0, None, "slow")
-    assert twice["attempt"] == 2
-    assert [h["outcome"] for h in twice["history"]] == ["http_503", "timeout"]
-    retry = {**twice, "due_at": 30.0, "retry_reason": "timeout"}
-    validate("retry", retry)
-    validate("fetch", fetch_value(retry))
+    assert twice.attempt == 2 and request.attempt == 0  # the request itself is unchanged
+    assert [h.outcome for h in twice.history] == ["http_503", "timeout"]
+    assert [(h.at, h.status, h.detail) for h in twice.history] == [
+        (10.0, 503, ""),
+        (20.0, None, "slow"),
+    ]
+    retry = retry_from(twice, 30.0, "timeout")
+    assert (retry.due_at, retry.retry_reason) == (30.0, "timeout")
+    assert msgspec.json.decode(encode(retry), type=Retry) == retry
+    back = fetch_from_retry(retry)
+    assert msgspec.json.decode(encode(back), type=Fetch) == back == twice
 
 
 def test_delay_buffer_releases_in_due_order_and_drops_revoked() -> None:
-    buffer = DelayBuffer(capacity=3)
+    buffer: DelayBuffer[tuple[TopicPartition, int]] = DelayBuffer(capacity=3)
     p0, p1 = TopicPartition("r", 0), TopicPartition("r", 1)
-    buffer.add(p0, 0, b"h", {"due_at": 30.0})
-    buffer.add(p0, 1, b"h", {"due_at": 10.0})
-    buffer.add(p1, 0, b"g", {"due_at": 20.0})
+    buffer.add(30.0, (p0, 0))
+    buffer.add(10.0, (p0, 1))
+    buffer.add(20.0, (p1, 0))
     assert buffer.room == 0 and buffer.next_due() == 10.0
-    assert [h.offset for h in buffer.pop_due(25.0)] == [1, 0]
-    assert buffer.drop_where(lambda held: held.tp == p0) == 1
+    assert buffer.pop_due(25.0) == [(p0, 1), (p1, 0)]
+    assert buffer.drop_where(lambda held: held[0] == p0) == 1
     assert len(buffer) == 0 and buffer.next_due() is None
 
 
