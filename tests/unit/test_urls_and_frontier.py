@@ -1,14 +1,21 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
+import msgspec
 import pytest
 from streamcrawl.core.config import Settings
-from streamcrawl.core.schemas import validate
+from streamcrawl.core.messages import Discovered, Page, Scope, Seed, SeedScope, encode
 from streamcrawl.core.urls import InvalidURL, canonicalize, host_of, in_scope
-from streamcrawl.frontier.logic import Rejected, candidates_from_page, parse_seed
+from streamcrawl.frontier.logic import Rejected, candidates_from_page, parse_seed, seed_candidate
 
 SETTINGS = Settings()
+
+
+def valid_discovered(candidate: Discovered) -> None:
+    """What goes on crawl.discovered reads back as the same message."""
+    assert msgspec.json.decode(encode(candidate), type=Discovered) == candidate
 
 
 @pytest.mark.parametrize(
@@ -59,11 +66,12 @@ def test_scope_matches_domain_and_subdomains_only() -> None:
 
 def test_plain_text_seed_defaults_to_its_own_host() -> None:
     candidate = parse_seed(b"HTTP://Example.com/start#top\n", SETTINGS, now=1.0)
-    validate("discovered", candidate)
-    assert candidate["url"] == "http://example.com/start"
-    assert candidate["host"] == "example.com"
-    assert candidate["scope"] == {"allow_domains": ["example.com"], "max_depth": 5, "max_pages": 0}
-    assert (candidate["depth"], candidate["crawl_id"]) == (0, "default")
+    valid_discovered(candidate)
+    assert candidate.url == "http://example.com/start"
+    assert candidate.host == "example.com"
+    assert candidate.scope == Scope(allow_domains=["example.com"], max_depth=5, max_pages=0)
+    assert (candidate.depth, candidate.crawl_id) == (0, "default")
+    assert candidate.discovered_at == 1.0
 
 
 def test_json_seed_carries_crawl_id_priority_and_scope() -> None:
@@ -75,14 +83,33 @@ def test_json_seed_carries_crawl_id_priority_and_scope() -> None:
         "scope": {"allow_domains": ["a.example", "b.example"], "max_depth": 2},
     }
     candidate = parse_seed(json.dumps(seed).encode(), SETTINGS, now=1.0)
-    validate("discovered", candidate)
-    assert (candidate["crawl_id"], candidate["priority"], candidate["meta"]) == (
+    valid_discovered(candidate)
+    assert (candidate.crawl_id, candidate.priority, candidate.meta) == (
         "c1",
         9,
         {"k": "v"},
     )
-    assert candidate["scope"]["allow_domains"] == ["a.example", "b.example"]
-    assert candidate["scope"]["max_depth"] == 2
+    assert candidate.scope.allow_domains == ["a.example", "b.example"]
+    assert candidate.scope.max_depth == 2
+    # The typed seed (as the frontier stage gets it from the runtime) gives the same.
+    typed = Seed(
+        url="http://a.example/",
+        crawl_id="c1",
+        priority=9,
+        meta={"k": "v"},
+        scope=SeedScope(allow_domains=["a.example", "b.example"], max_depth=2),
+    )
+    assert seed_candidate(typed, SETTINGS, now=1.0) == candidate
+
+
+def test_seed_depth_zero_limit_is_kept_and_settings_fill_the_rest() -> None:
+    candidate = seed_candidate(
+        Seed(url="http://a.example/", depth=2, scope=SeedScope(max_depth=0, max_pages=7)),
+        SETTINGS,
+        now=1.0,
+    )
+    assert candidate.depth == 2
+    assert candidate.scope == Scope(allow_domains=["a.example"], max_depth=0, max_pages=7)
 
 
 @pytest.mark.parametrize(
@@ -110,13 +137,24 @@ def test_malformed_seeds_are_rejected_with_a_reason(value: bytes, reason: str) -
     assert caught.value.reason == reason
 
 
-def _page(**changes: object) -> dict[str, object]:
-    page: dict[str, object] = {
+def _page(**changes: Any) -> Page:
+    fields: dict[str, Any] = {
         "url": "http://a.example/dir/page.html",
+        "final_url": "http://a.example/dir/page.html",
+        "host": "a.example",
+        "status": 200,
+        "fetched_at": 1.0,
+        "content_type": "text/html",
+        "title": None,
+        "text": "",
+        "canonical": None,
+        "content_hash": None,
+        "noindex": False,
+        "nofollow": False,
         "crawl_id": "c1",
         "depth": 1,
         "priority": 5,
-        "scope": {"allow_domains": ["a.example"], "max_depth": 3, "max_pages": 0},
+        "scope": Scope(allow_domains=["a.example"], max_depth=3, max_pages=0),
         "links": [
             "http://a.example/x.html",
             "http://A.example/x.html#frag",
@@ -127,21 +165,22 @@ def _page(**changes: object) -> dict[str, object]:
         "redirect_to": None,
         "redirect_chain": [],
     }
-    page.update(changes)
-    return page
+    fields.update(changes)
+    return Page(**fields)
 
 
 def test_links_become_candidates_in_scope_one_level_deeper() -> None:
     kept, drops = candidates_from_page(_page(), SETTINGS, now=1.0)
     for candidate in kept:
-        validate("discovered", candidate)
-    assert [c["url"] for c in kept] == [
+        valid_discovered(candidate)
+    assert [c.url for c in kept] == [
         "http://a.example/x.html",
         "http://a.example/x.html",
         "http://a.example/y.html",
     ]
-    assert {c["depth"] for c in kept} == {2}
-    assert {c["source"] for c in kept} == {"http://a.example/dir/page.html"}
+    assert {c.depth for c in kept} == {2}
+    assert {c.source for c in kept} == {"http://a.example/dir/page.html"}
+    assert {(c.crawl_id, c.priority, c.discovered_at) for c in kept} == {("c1", 4, 1.0)}
     assert sorted(d.reason for d in drops) == ["out_of_scope", "unsupported_scheme"]
 
 
@@ -157,8 +196,8 @@ def test_redirect_target_keeps_depth_and_records_chain_and_loops_stop() -> None:
         redirect_chain=["http://a.example/first.html"],
     )
     (candidate,), _ = candidates_from_page(page, SETTINGS)
-    assert candidate["depth"] == 1
-    assert candidate["redirect_chain"] == [
+    assert candidate.depth == 1
+    assert candidate.redirect_chain == [
         "http://a.example/first.html",
         "http://a.example/dir/page.html",
     ]
