@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import subprocess
@@ -22,18 +23,21 @@ import tempfile
 import textwrap
 import time
 import uuid
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from streamcrawl.core.config import Settings
 from streamcrawl.core.kafka import OffsetProbe, make_producer
-from streamcrawl.core.stage import BatchStage, Output, Record, run_batch_stage
-from streamcrawl.frontier.logic import Rejected, parse_seed
+from streamcrawl.core.messages import Seed, decode_seed
+from streamcrawl.core.runtime import BatchStage, Input, Output, Received, run_stage
+from streamcrawl.frontier.logic import Rejected, seed_candidate
 from streamcrawl.localstack.stack import LocalStack, StackConfig
 
 FAUST_APP = textwrap.dedent("""
-    import json, sys
+    import sys
     import faust
     from streamcrawl.core.config import Settings
+    from streamcrawl.core.messages import encode
     from streamcrawl.frontier.logic import Rejected, parse_seed
 
     source, sink, broker, app_id = sys.argv[1:5]
@@ -52,9 +56,8 @@ FAUST_APP = textwrap.dedent("""
                 candidate = parse_seed(value, settings)
             except Rejected:
                 continue
-            per_host[candidate["host"]] += 1
-            await out.send(key=candidate["host"].encode(),
-                           value=json.dumps(candidate).encode())
+            per_host[candidate.host] += 1
+            await out.send(key=candidate.host.encode(), value=encode(candidate))
 
     if __name__ == "__main__":
         sys.argv = [sys.argv[0], "worker", "-l", "warn"]
@@ -63,23 +66,27 @@ FAUST_APP = textwrap.dedent("""
 
 
 class FrontierOnly(BatchStage):
+    """The frontier's seed step on the stage runtime, reading ``source`` (full topic names:
+    the settings' topic prefix is emptied)."""
+
     name = "frontier"
 
     def __init__(self, settings: Settings, source: str, sink: str, group: str) -> None:
-        super().__init__(settings)
+        super().__init__(dataclasses.replace(settings, topic_prefix=""))
         self.source, self.sink, self.group = source, sink, group
 
-    def input_topics(self) -> tuple[str, ...]:
-        return (self.source,)
+    def inputs(self) -> tuple[Input, ...]:
+        return (Input(self.source, decode_seed),)
 
-    async def process(self, records: list[Record]) -> list[Output]:  # type: ignore[override]
+    async def process(self, batch: list[Received[Any]]) -> list[Output]:
         outputs = []
-        for record in records:
+        for item in batch:
+            seed: Seed = item.message
             try:
-                candidate = parse_seed(record.value, self.settings)
+                candidate = seed_candidate(seed, self.settings)
             except Rejected:
                 continue
-            outputs.append(Output(self.sink, candidate, key=candidate["host"].encode()))
+            outputs.append(Output(self.sink, candidate, key=candidate.host.encode()))
         return outputs
 
 
@@ -125,7 +132,7 @@ async def run_aiokafka(settings: Settings, count: int) -> float:
     await fill(settings, source, count)
     stop = asyncio.Event()
     stage = FrontierOnly(settings, source, sink, f"bench-{tag}")
-    task = asyncio.create_task(run_batch_stage(stage, stop))
+    task = asyncio.create_task(run_stage(stage, stop))
     try:
         return await wait_for(settings, sink, count, 300)
     finally:
