@@ -1,4 +1,4 @@
-# One image for every streamcrawl service: `streamcrawl run frontier|dedup|fetcher|parser|sink`.
+# One image for every streamcrawl service: `streamcrawl run <stage>`, a stage of services/registry.py.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
