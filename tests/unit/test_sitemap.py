@@ -4,22 +4,39 @@ the sink's canonical-keyed document id."""
 
 from __future__ import annotations
 
-import base64
 import gzip
 import time
 import zlib
+from dataclasses import replace
 from typing import Any
 
+import msgspec
 import pytest
 from streamcrawl.core.config import Settings
-from streamcrawl.core.schemas import validate
+from streamcrawl.core.messages import (
+    Discovered,
+    Fetched,
+    M,
+    Page,
+    Scope,
+    Timings,
+    encode,
+)
 from streamcrawl.frontier.logic import candidates_from_page
-from streamcrawl.parser.service import decode_body, page_from_fetched
+from streamcrawl.parser.logic import decode_body, page_from_fetched
 from streamcrawl.parser.sitemap import Sitemap, parse_sitemap
-from streamcrawl.sink.service import document_for, storage_id
+from streamcrawl.sink.logic import document_for, storage_id
 
 SETTINGS = Settings()
 NS = 'xmlns="http://www.sitemaps.org/schemas/sitemap/0.9"'
+SCOPE = Scope(allow_domains=["a.example"], max_depth=3, max_pages=0)
+
+
+def roundtrip(message: M) -> M:
+    """The message as the next stage reads it off its topic (validated by its type)."""
+    back = msgspec.json.decode(encode(message), type=type(message))
+    assert back == message
+    return back
 
 
 def urlset(*locs: str, extra: str = "") -> bytes:
@@ -212,44 +229,41 @@ def test_hostile_bodies_scan_in_linear_time(body: bytes) -> None:
 # --- parser: page_from_fetched ------------------------------------------------------------
 
 
-def fetched(body: bytes, **changes: Any) -> dict[str, Any]:
-    record: dict[str, Any] = {
+def fetched(body: bytes, **changes: Any) -> Fetched:
+    fields: dict[str, Any] = {
         "url": "http://a.example/sitemap.xml",
         "final_url": "http://a.example/sitemap.xml",
         "host": "a.example",
         "crawl_id": "c1",
         "depth": 0,
         "priority": 5,
-        "scope": {"allow_domains": ["a.example"], "max_depth": 3, "max_pages": 0},
+        "scope": SCOPE,
         "redirect_chain": [],
         "status": 200,
         "headers": {"content-type": "application/xml"},
         "content_type": "application/xml",
-        "body": base64.b64encode(zlib.compress(body, 1)).decode("ascii"),
-        "body_encoding": "zlib+base64",
+        "body": zlib.compress(body, 1),
         "body_bytes": len(body),
         "truncated": False,
         "fetched_at": 1.0,
-        "timings": {"total_s": 0.01},
+        "timings": Timings(total_s=0.01),
         "kind": "sitemap",
     }
-    record.update(changes)
-    validate("fetched", record)
-    return record
+    fields.update(changes)
+    return roundtrip(Fetched(**fields))
 
 
-def parsed(record: dict[str, Any]) -> dict[str, Any]:
-    page: dict[str, Any] = page_from_fetched(record, decode_body(record, SETTINGS.max_body_bytes))
-    validate("page", page)
-    return page
+def parsed(record: Fetched) -> Page:
+    page = page_from_fetched(record, decode_body(record, SETTINGS.max_body_bytes))
+    return roundtrip(page)
 
 
 def test_a_fetched_sitemap_becomes_a_page_of_links() -> None:
     page = parsed(fetched(urlset("http://a.example/1", "http://a.example/2")))
-    assert page["kind"] == "sitemap"
-    assert page["links"] == ["http://a.example/1", "http://a.example/2"]
-    assert page["sitemaps"] == []
-    assert (page["title"], page["text"], page["content_hash"]) == (None, "", None)
+    assert page.kind == "sitemap"
+    assert page.links == ["http://a.example/1", "http://a.example/2"]
+    assert page.sitemaps == []
+    assert (page.title, page.text, page.content_hash) == (None, "", None)
 
 
 def test_a_fetched_sitemap_index_lists_its_sitemaps() -> None:
@@ -257,43 +271,45 @@ def test_a_fetched_sitemap_index_lists_its_sitemaps() -> None:
         f"<sitemapindex {NS}><sitemap><loc>http://a.example/s1.xml</loc></sitemap></sitemapindex>"
     )
     page = parsed(fetched(body.encode()))
-    assert (page["links"], page["sitemaps"]) == ([], ["http://a.example/s1.xml"])
+    assert (page.links, page.sitemaps) == ([], ["http://a.example/s1.xml"])
 
 
 def test_a_gzipped_sitemap_of_any_content_type_is_read() -> None:
     body = gzip.compress(urlset("http://a.example/1"))
     page = parsed(fetched(body, content_type="application/octet-stream", headers={}))
-    assert page["links"] == ["http://a.example/1"]
+    assert page.links == ["http://a.example/1"]
 
 
 def test_only_kind_sitemap_is_read_as_a_sitemap() -> None:
     xml = urlset("http://a.example/1")
     page = parsed(fetched(xml, kind="page"))
-    assert page["kind"] == "page"
-    assert (page["links"], "sitemaps" in page) == ([], False)
-    untyped = fetched(xml)
-    del untyped["kind"]
+    assert page.kind == "page"
+    assert (page.links, page.sitemaps) == ([], [])
+    # A crawl.fetched record written without "kind" (older producers) is a page.
+    wire = msgspec.json.decode(encode(fetched(xml)))
+    del wire["kind"]
+    untyped = msgspec.json.decode(msgspec.json.encode(wire), type=Fetched)
     page = parsed(untyped)
-    assert ("kind" in page, page["links"]) == (False, [])
+    assert (page.kind, page.links, page.sitemaps) == ("page", [], [])
 
 
 def test_html_pages_carry_their_kind_through() -> None:
     html = b"<html><head><title>T</title></head><body><a href='/x'>x</a></body></html>"
     page = parsed(fetched(html, kind="page", content_type="text/html", headers={}))
-    assert (page["kind"], page["title"], page["links"]) == ("page", "T", ["http://a.example/x"])
+    assert (page.kind, page.title, page.links) == ("page", "T", ["http://a.example/x"])
 
 
 def test_a_failed_or_redirected_sitemap_stays_a_sitemap_without_links() -> None:
     page = parsed(fetched(b"not found", status=404))
-    assert (page["kind"], page["links"], page["sitemaps"]) == ("sitemap", [], [])
+    assert (page.kind, page.links, page.sitemaps) == ("sitemap", [], [])
     moved = parsed(fetched(b"", status=301, headers={"location": "https://a.example/sm.xml"}))
-    assert (moved["kind"], moved["redirect_to"]) == ("sitemap", "https://a.example/sm.xml")
+    assert (moved.kind, moved.redirect_to) == ("sitemap", "https://a.example/sm.xml")
 
 
 # --- frontier: candidates from a sitemap ----------------------------------------------------
 
 
-def sitemap_page(**changes: Any) -> dict[str, Any]:
+def sitemap_page(**changes: Any) -> Page:
     page = parsed(
         fetched(
             urlset(
@@ -303,8 +319,7 @@ def sitemap_page(**changes: Any) -> dict[str, Any]:
             )
         )
     )
-    page.update(changes)
-    return page
+    return msgspec.structs.replace(page, **changes)
 
 
 def test_sitemap_links_are_pages_one_level_deeper_and_sitemaps_keep_the_depth() -> None:
@@ -312,23 +327,25 @@ def test_sitemap_links_are_pages_one_level_deeper_and_sitemaps_keep_the_depth() 
         depth=1,
         sitemaps=["http://a.example/more.xml", "http://elsewhere.example/s.xml"],
     )
-    validate("page", page)
+    roundtrip(page)
     kept, drops = candidates_from_page(page, SETTINGS, now=1.0)
     for candidate in kept:
-        validate("discovered", candidate)
-    assert [(c["url"], c["depth"], c.get("kind")) for c in kept] == [
-        ("http://a.example/p1.html", 2, None),
-        ("http://www.a.example/p2.html", 2, None),
+        roundtrip(candidate)
+    assert [(c.url, c.depth, c.kind) for c in kept] == [
+        ("http://a.example/p1.html", 2, "page"),
+        ("http://www.a.example/p2.html", 2, "page"),
         ("http://a.example/more.xml", 1, "sitemap"),
     ]
-    assert {c["source"] for c in kept} == {"http://a.example/sitemap.xml"}
+    # A page candidate leaves "kind" off the wire (its default); a sitemap names it.
+    assert [b'"kind"' in encode(c) for c in kept] == [False, False, True]
+    assert {c.source for c in kept} == {"http://a.example/sitemap.xml"}
     assert [d.reason for d in drops] == ["out_of_scope", "out_of_scope"]
 
 
 def test_max_depth_applies_to_sitemap_links_and_sitemaps_separately() -> None:
     page = sitemap_page(depth=3, sitemaps=["http://a.example/more.xml"])
     kept, drops = candidates_from_page(page, SETTINGS, now=1.0)
-    assert [(c["url"], c["depth"], c["kind"]) for c in kept] == [
+    assert [(c.url, c.depth, c.kind) for c in kept] == [
         ("http://a.example/more.xml", 3, "sitemap")
     ]
     assert [d.reason for d in drops] == ["max_depth"] * 3
@@ -337,8 +354,8 @@ def test_max_depth_applies_to_sitemap_links_and_sitemaps_separately() -> None:
 def test_a_sitemap_redirect_leads_to_a_sitemap() -> None:
     page = parsed(fetched(b"", status=301, headers={"location": "https://a.example/sm.xml"}))
     (candidate,), _ = candidates_from_page(page, SETTINGS, now=1.0)
-    validate("discovered", candidate)
-    assert (candidate["url"], candidate["depth"], candidate["kind"]) == (
+    assert msgspec.json.decode(encode(candidate), type=Discovered) == candidate
+    assert (candidate.url, candidate.depth, candidate.kind) == (
         "https://a.example/sm.xml",
         0,
         "sitemap",
@@ -349,16 +366,36 @@ def test_ordinary_page_candidates_carry_no_kind() -> None:
     html = b"<html><body><a href='/x'>x</a></body></html>"
     page = parsed(fetched(html, kind="page", content_type="text/html", headers={}))
     (candidate,), _ = candidates_from_page(page, SETTINGS, now=1.0)
-    assert "kind" not in candidate and candidate["depth"] == 1
+    assert candidate.kind == "page" and candidate.depth == 1
+    assert b'"kind"' not in encode(candidate)
 
 
 # --- sink: the document id ------------------------------------------------------------------
 
 
-def stored(url: str, canonical: str | None, **changes: Any) -> dict[str, Any]:
-    page = {"url": url, "canonical": canonical, "status": 200, "redirect_to": None}
-    page.update(changes)
-    return page
+def stored(url: str, canonical: str | None, **changes: Any) -> Page:
+    fields: dict[str, Any] = {
+        "url": url,
+        "final_url": url,
+        "host": "a.example",
+        "status": 200,
+        "fetched_at": 1.0,
+        "content_type": "text/html",
+        "title": None,
+        "text": "",
+        "links": [],
+        "canonical": canonical,
+        "content_hash": None,
+        "depth": 0,
+        "crawl_id": "c1",
+        "scope": SCOPE,
+        "redirect_chain": [],
+        "redirect_to": None,
+        "noindex": False,
+        "nofollow": False,
+    }
+    fields.update(changes)
+    return Page(**fields)
 
 
 def test_spellings_declaring_one_canonical_share_a_document() -> None:
@@ -367,15 +404,24 @@ def test_spellings_declaring_one_canonical_share_a_document() -> None:
         stored("http://a.example/a", "http://a.example/a"),
         stored("http://a.example/a?utm=2", "/relative"),
     ]
-    assert [storage_id(p) for p in pages[:2]] == ["http://a.example/a"] * 2
-    assert storage_id(pages[2]) == "http://a.example/a?utm=2"
-    document = document_for(pages[0], 1.0)
+    assert [storage_id(p, SETTINGS) for p in pages[:2]] == ["http://a.example/a"] * 2
+    assert storage_id(pages[2], SETTINGS) == "http://a.example/a?utm=2"
+    document = document_for(pages[0], 1.0, SETTINGS)
     assert (document["_id"], document["url"]) == ("http://a.example/a", "http://a.example/a?x=1")
+    assert document["stored_at"] == 1.0 and document["scope"]["allow_domains"] == ["a.example"]
+
+
+def test_the_canonical_is_read_under_the_frontiers_settings() -> None:
+    page = stored("http://a.example/a?token=9", "http://a.example/a?token=1&sid=2")
+    # By default "sid" is a session id and "token" is kept.
+    assert storage_id(page, SETTINGS) == "http://a.example/a?token=1"
+    custom = replace(SETTINGS, session_params=("token",))
+    assert storage_id(page, custom) == "http://a.example/a?sid=2"
 
 
 def test_the_declared_canonical_is_put_in_canonical_form() -> None:
     page = stored("http://a.example/a?x=1", "HTTP://A.example:80/a#top")
-    assert storage_id(page) == "http://a.example/a"
+    assert storage_id(page, SETTINGS) == "http://a.example/a"
 
 
 @pytest.mark.parametrize(
@@ -391,5 +437,5 @@ def test_the_declared_canonical_is_put_in_canonical_form() -> None:
         stored("http://a.example/a", "http://a.example/b", status=404),
     ],
 )
-def test_otherwise_a_page_is_stored_under_its_own_url(page: dict[str, Any]) -> None:
-    assert storage_id(page) == "http://a.example/a"
+def test_otherwise_a_page_is_stored_under_its_own_url(page: Page) -> None:
+    assert storage_id(page, SETTINGS) == "http://a.example/a"
