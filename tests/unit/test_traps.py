@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 from urllib.parse import urljoin
 
+import msgspec
 import pytest
 from streamcrawl.core.config import Settings
+from streamcrawl.core.messages import Page, Scope
 from streamcrawl.core.urls import (
     DEFAULT_SESSION_PARAMS,
     calendar_pattern,
@@ -72,16 +74,16 @@ def test_session_spellings_collapse_to_one_candidate() -> None:
     )
     kept, drops = candidates_from_page(page, SETTINGS)
     assert drops == []
-    assert sorted({c["url"] for c in kept}) == [
+    assert sorted({c.url for c in kept}) == [
         f"{BASE}/session/other.html",
         f"{BASE}/session/page.html",
     ]
     seed = parse_seed(f"{BASE}/start?jsessionid=1".encode(), SETTINGS)
-    assert seed["url"] == f"{BASE}/start"
+    assert seed.url == f"{BASE}/start"
     # The frontier uses the settings' list, not the module default.
     custom = replace(SETTINGS, session_params=("token",))
     (candidate,), _ = candidates_from_page(_page([f"{BASE}/p?token=1&sid=2"]), custom)
-    assert candidate["url"] == f"{BASE}/p?sid=2"
+    assert candidate.url == f"{BASE}/p?sid=2"
 
 
 # -- repeated path segments ---------------------------------------------------------------
@@ -103,17 +105,28 @@ def test_repeated_segments_counts_the_most_frequent_segment(path: str, count: in
     assert repeated_segments(BASE + path) == count
 
 
-def _page(links: list[str], depth: int = 1) -> dict[str, object]:
-    return {
-        "url": f"{BASE}/dir/page.html",
-        "crawl_id": "c1",
-        "depth": depth,
-        "priority": 5,
-        "scope": {"allow_domains": ["127.0.0.1"], "max_depth": 50, "max_pages": 0},
-        "links": links,
-        "redirect_to": None,
-        "redirect_chain": [],
-    }
+def _page(links: list[str], depth: int = 1) -> Page:
+    return Page(
+        url=f"{BASE}/dir/page.html",
+        final_url=f"{BASE}/dir/page.html",
+        host="127.0.0.1:8080",
+        status=200,
+        fetched_at=1.0,
+        content_type="text/html",
+        title=None,
+        text="",
+        canonical=None,
+        content_hash=None,
+        noindex=False,
+        nofollow=False,
+        crawl_id="c1",
+        depth=depth,
+        priority=5,
+        scope=Scope(allow_domains=["127.0.0.1"], max_depth=50, max_pages=0),
+        links=links,
+        redirect_to=None,
+        redirect_chain=[],
+    )
 
 
 def test_frontier_cuts_repeated_segments_and_keeps_normal_paths() -> None:
@@ -127,7 +140,7 @@ def test_frontier_cuts_repeated_segments_and_keeps_normal_paths() -> None:
         "/p/123.html",
     ]
     kept, drops = candidates_from_page(_page([BASE + path for path in paths]), SETTINGS)
-    assert [c["url"] for c in kept] == [
+    assert [c.url for c in kept] == [
         f"{BASE}/loopdir/x/x/",
         f"{BASE}/2024/01/01/",
         f"{BASE}/docs/v1/api/v1/index.html",
@@ -140,12 +153,13 @@ def test_relative_link_loop_stops_after_the_limit() -> None:
     url, fetched = f"{BASE}/loopdir/x/", 0
     for _ in range(100):
         fetched += 1
-        page = _page([urljoin(url, "x/")]) | {"url": url}  # the extractor resolves links
+        # The extractor resolves links against the page's URL.
+        page = msgspec.structs.replace(_page([urljoin(url, "x/")]), url=url, final_url=url)
         kept, drops = candidates_from_page(page, SETTINGS)
         if not kept:
             assert [d.reason for d in drops] == ["repeated_path_segments"]
             break
-        url = kept[0]["url"]
+        url = kept[0].url
     assert fetched == SETTINGS.max_path_repeats
 
 
