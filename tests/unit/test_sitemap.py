@@ -345,9 +345,7 @@ def test_sitemap_links_are_pages_one_level_deeper_and_sitemaps_keep_the_depth() 
 def test_max_depth_applies_to_sitemap_links_and_sitemaps_separately() -> None:
     page = sitemap_page(depth=3, sitemaps=["http://a.example/more.xml"])
     kept, drops = candidates_from_page(page, SETTINGS, now=1.0)
-    assert [(c.url, c.depth, c.kind) for c in kept] == [
-        ("http://a.example/more.xml", 3, "sitemap")
-    ]
+    assert [(c.url, c.depth, c.kind) for c in kept] == [("http://a.example/more.xml", 3, "sitemap")]
     assert [d.reason for d in drops] == ["max_depth"] * 3
 
 
