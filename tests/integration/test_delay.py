@@ -4,17 +4,16 @@ and nothing lost when it is killed while holding retries."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
+import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer
 from streamcrawl.core.config import Settings
 from streamcrawl.core.kafka import create_topics, make_producer, stop_consumer
-from streamcrawl.core.stage import encode
+from streamcrawl.core.messages import Attempt, Fetch, Retry, Scope, encode, fetch_from_retry
 from streamcrawl.crawl.processes import StageProcesses, child_env
 from streamcrawl.localstack.stack import StackConfig
 
@@ -23,24 +22,24 @@ from ..conftest import isolated_settings
 pytestmark = pytest.mark.integration
 
 
-def retry_record(name: str, due_at: float) -> dict[str, Any]:
-    return {
-        "url": f"http://example.com/{name}",
-        "host": "example.com",
-        "crawl_id": "delay-test",
-        "depth": 1,
-        "priority": 5,
-        "scope": {"allow_domains": ["example.com"], "max_depth": 3, "max_pages": 0},
-        "discovered_at": 1.0,
-        "admitted_at": 2.0,
-        "attempt": 1,
-        "history": [{"at": 3.0, "outcome": "http_503", "status": 503}],
-        "due_at": due_at,
-        "retry_reason": "http_503",
-    }
+def retry_record(name: str, due_at: float) -> Retry:
+    return Retry(
+        url=f"http://example.com/{name}",
+        host="example.com",
+        crawl_id="delay-test",
+        depth=1,
+        priority=5,
+        scope=Scope(allow_domains=["example.com"], max_depth=3, max_pages=0),
+        discovered_at=1.0,
+        admitted_at=2.0,
+        attempt=1,
+        history=[Attempt(at=3.0, outcome="http_503", status=503)],
+        due_at=due_at,
+        retry_reason="http_503",
+    )
 
 
-async def produce_retries(settings: Settings, records: list[tuple[int, dict[str, Any]]]) -> None:
+async def produce_retries(settings: Settings, records: list[tuple[int, Retry]]) -> None:
     producer = make_producer(settings)
     await producer.start()
     try:
@@ -55,10 +54,15 @@ async def produce_retries(settings: Settings, records: list[tuple[int, dict[str,
         await producer.stop()
 
 
+_fetch_decoder = msgspec.json.Decoder(Fetch)
+
+
 async def collect_fetch(
     settings: Settings, expected: int, timeout: float
-) -> list[tuple[float, int, dict[str, Any]]]:
-    """(arrival time, partition, value) of crawl.fetch records, until ``expected`` arrived."""
+) -> list[tuple[float, int, Fetch]]:
+    """(arrival time, partition, value) of crawl.fetch records, until ``expected`` arrived;
+    each value decodes as a crawl.fetch message (unknown fields, such as a leftover
+    ``due_at``, would be refused)."""
     consumer = AIOKafkaConsumer(
         settings.topic_prefix + "fetch",
         bootstrap_servers=settings.kafka_bootstrap,
@@ -66,7 +70,7 @@ async def collect_fetch(
         enable_auto_commit=False,
     )
     await consumer.start()
-    seen: list[tuple[float, int, dict[str, Any]]] = []
+    seen: list[tuple[float, int, Fetch]] = []
     deadline = time.monotonic() + timeout
     try:
         while len(seen) < expected and time.monotonic() < deadline:
@@ -74,13 +78,15 @@ async def collect_fetch(
             for records in batches.values():
                 for record in records:
                     assert record.value is not None
-                    seen.append((time.time(), record.partition, json.loads(record.value)))
+                    seen.append(
+                        (time.time(), record.partition, _fetch_decoder.decode(record.value))
+                    )
         await asyncio.sleep(1.0)  # and nothing more comes
         extra = await consumer.getmany(timeout_ms=500)
         for records in extra.values():
             for record in records:
                 assert record.value is not None
-                seen.append((time.time(), record.partition, json.loads(record.value)))
+                seen.append((time.time(), record.partition, _fetch_decoder.decode(record.value)))
     finally:
         await stop_consumer(consumer)
     return seen
@@ -120,19 +126,21 @@ async def test_due_order_no_busy_loop_and_survives_sigkill(
         arrivals = await collect_fetch(settings, expected=3, timeout=40)
     finally:
         stages.stop()
-    names = Counter(value["url"].rsplit("/", 1)[1] for _, _, value in arrivals if value)
+    names = Counter(value.url.rsplit("/", 1)[1] for _, _, value in arrivals)
     # At least once: "early" was released before the kill but sits behind "late" in its
     # partition, so its offset could not be committed and it may be released again. The
     # others come exactly once; nothing is lost.
     assert names["late"] == 1 and names["other-partition"] == 1, names
     assert names["early"] in (1, 2) and set(names) == {"late", "early", "other-partition"}
-    first = {}
+    first: dict[str, tuple[float, int, Fetch]] = {}
     for arrived, partition, value in arrivals:
-        first.setdefault(value["url"].rsplit("/", 1)[1], (arrived, partition, value))
+        first.setdefault(value.url.rsplit("/", 1)[1], (arrived, partition, value))
     for name, offset in (("early", 2.0), ("other-partition", 3.0), ("late", 9.0)):
         arrived, _, value = first[name]
         assert arrived >= now + offset - 0.05, (name, arrived - now)  # never early
-        assert "due_at" not in value and "retry_reason" not in value
-        assert value["attempt"] == 1 and value["history"][0]["outcome"] == "http_503"
+        assert value.attempt == 1 and value.history[0].outcome == "http_503"
+        # The retry as it was, without due_at and retry_reason (the decoder refuses
+        # unknown fields), its attempts and history kept.
+        assert value == fetch_from_retry(retry_record(name, now + offset))
     assert first["early"][0] < first["late"][0]
     assert first["early"][1] == first["late"][1] == 0 and first["other-partition"][1] == 5

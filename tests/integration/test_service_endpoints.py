@@ -4,7 +4,6 @@ exported, and SIGTERM drains and exits cleanly."""
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 from streamcrawl.core.config import Settings
 from streamcrawl.core.kafka import create_topics
+from streamcrawl.core.messages import Page, Scope, encode
 from streamcrawl.crawl.processes import child_env
 from streamcrawl.crawl.seeds import produce_seeds
 from streamcrawl.crawl.watch import count_stored
@@ -35,27 +35,27 @@ def get(url: str) -> tuple[int, str]:
         return 0, ""
 
 
-def page(n: int) -> dict[str, object]:
-    return {
-        "url": f"http://a.example/{n}",
-        "final_url": f"http://a.example/{n}",
-        "host": "a.example",
-        "status": 200,
-        "fetched_at": 1.0,
-        "content_type": "text/html",
-        "title": f"t{n}",
-        "text": "x",
-        "links": [],
-        "canonical": None,
-        "content_hash": None,
-        "depth": 0,
-        "crawl_id": "endpoints",
-        "scope": {"allow_domains": ["a.example"], "max_depth": 1},
-        "redirect_chain": [],
-        "redirect_to": None,
-        "noindex": False,
-        "nofollow": False,
-    }
+def page(n: int) -> Page:
+    return Page(
+        url=f"http://a.example/{n}",
+        final_url=f"http://a.example/{n}",
+        host="a.example",
+        status=200,
+        fetched_at=1.0,
+        content_type="text/html",
+        title=f"t{n}",
+        text="x",
+        links=[],
+        canonical=None,
+        content_hash=None,
+        depth=0,
+        crawl_id="endpoints",
+        scope=Scope(allow_domains=["a.example"], max_depth=1),
+        redirect_chain=[],
+        redirect_to=None,
+        noindex=False,
+        nofollow=False,
+    )
 
 
 async def test_sink_serves_health_metrics_and_lag(settings: Settings, tmp_path: Path) -> None:
@@ -79,7 +79,7 @@ async def test_sink_serves_health_metrics_and_lag(settings: Settings, tmp_path: 
         assert get(base + "/healthz") == (200, "ok\n")
 
         # Pages produced straight to crawl.pages (the sink's input), as raw JSON.
-        pages = [json.dumps(page(n)).encode() for n in range(5)]
+        pages = [encode(page(n)) for n in range(5)]
         await produce_seeds(settings, pages, topic=settings.topic_prefix + "pages")
         while await count_stored(settings, "endpoints") < 5:
             assert time.monotonic() < deadline + 60, "pages were not stored"

@@ -7,26 +7,56 @@ import asyncio
 from typing import Any
 
 import pytest
+from aiokafka import ConsumerRecord
 from pymongo import AsyncMongoClient
 from streamcrawl.core.config import Settings
-from streamcrawl.sink.service import SinkStage, document_for
+from streamcrawl.core.messages import DeadLetterRecord, Page, Scope, encode
+from streamcrawl.core.runtime import Received
+from streamcrawl.sink.logic import document_for
+from streamcrawl.sink.service import SinkStage
 
 pytestmark = pytest.mark.integration
 
 
-def page(url: str, title: str) -> dict[str, Any]:
-    return {"url": url, "title": title, "status": 200, "crawl_id": "c"}
+def page(url: str, title: str, **changes: Any) -> Page:
+    fields: dict[str, Any] = {
+        "url": url,
+        "final_url": url,
+        "host": "a.example",
+        "status": 200,
+        "fetched_at": 1.0,
+        "content_type": "text/html",
+        "title": title,
+        "text": "",
+        "links": [],
+        "canonical": None,
+        "content_hash": None,
+        "depth": 0,
+        "crawl_id": "c",
+        "scope": Scope(allow_domains=["a.example"], max_depth=1),
+        "redirect_chain": [],
+        "redirect_to": None,
+        "noindex": False,
+        "nofollow": False,
+    }
+    fields.update(changes)
+    return Page(**fields)
 
 
 async def test_redelivery_replaces_and_never_duplicates(settings: Settings) -> None:
     sink = SinkStage(settings)
     await sink.start()
     try:
-        first = [document_for(page(f"http://a.example/{n}", "v1"), 1.0) for n in range(300)]
+        first = [
+            document_for(page(f"http://a.example/{n}", "v1"), 1.0, settings) for n in range(300)
+        ]
         await sink._store(first)
         # A redelivered batch overlapping the first, with newer content, plus new pages;
         # stored twice, the second time as 150 replacements (FerretDB needs them chunked).
-        second = [document_for(page(f"http://a.example/{n}", "v2"), 2.0) for n in range(250, 400)]
+        second = [
+            document_for(page(f"http://a.example/{n}", "v2"), 2.0, settings)
+            for n in range(250, 400)
+        ]
         await sink._store(second)
         await sink._store(second)
     finally:
@@ -49,10 +79,10 @@ async def test_a_document_the_database_refuses_is_reported_not_retried(settings:
     sink = SinkStage(settings)
     await sink.start()
     try:
-        hostile = {**page("http://a.example/hostile", "x"), "meta": {"$where": "1"}}
+        hostile = page("http://a.example/hostile", "x", meta={"$where": "1"})
         documents = [
-            document_for(page("http://a.example/ok", "ok"), 1.0),
-            document_for(hostile, 1.0),
+            document_for(page("http://a.example/ok", "ok"), 1.0, settings),
+            document_for(hostile, 1.0, settings),
         ]
         rejected = await asyncio.wait_for(sink._store(documents), 30)
     finally:
@@ -68,8 +98,8 @@ async def test_a_document_the_database_refuses_is_reported_not_retried(settings:
 
 
 async def test_spellings_declaring_one_canonical_are_one_document(settings: Settings) -> None:
-    def spelling(url: str, canonical: str | None, title: str) -> dict[str, Any]:
-        return {**page(url, title), "canonical": canonical, "redirect_to": None}
+    def spelling(url: str, canonical: str | None, title: str, at: float) -> dict[str, Any]:
+        return document_for(page(url, title, canonical=canonical), at, settings)
 
     a, b = "http://a.example/a", "http://a.example/b"
     sink = SinkStage(settings)
@@ -78,21 +108,17 @@ async def test_spellings_declaring_one_canonical_are_one_document(settings: Sett
         # One batch: /a is inserted, /a?x=1 with it falls back to a replacement.
         await sink._store(
             [
-                document_for(spelling(a, a, "a"), 1.0),
-                document_for(spelling(a + "?x=1", a, "a?x=1"), 1.0),
+                spelling(a, a, "a", 1.0),
+                spelling(a + "?x=1", a, "a?x=1", 1.0),
             ]
         )
         # /b?x=1 is first stored under its own URL, then declares /b: the stale document
         # goes (the unique URL index would refuse a second document with its URL).
-        await sink._store([document_for(spelling(b + "?x=1", None, "old"), 1.0)])
-        await sink._store([document_for(spelling(b, b, "b"), 2.0)])
-        await asyncio.wait_for(
-            sink._store([document_for(spelling(b + "?x=1", b, "b?x=1"), 3.0)]), 30
-        )
+        await sink._store([spelling(b + "?x=1", None, "old", 1.0)])
+        await sink._store([spelling(b, b, "b", 2.0)])
+        await asyncio.wait_for(sink._store([spelling(b + "?x=1", b, "b?x=1", 3.0)]), 30)
         # And back: no canonical any more, stored under its own URL again.
-        await asyncio.wait_for(
-            sink._store([document_for(spelling(a + "?x=1", None, "own"), 4.0)]), 30
-        )
+        await asyncio.wait_for(sink._store([spelling(a + "?x=1", None, "own", 4.0)]), 30)
     finally:
         await sink.stop()
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
@@ -102,3 +128,58 @@ async def test_spellings_declaring_one_canonical_are_one_document(settings: Sett
     finally:
         await client.close()
     assert docs == {b: (b + "?x=1", "b?x=1"), a + "?x=1": (a + "?x=1", "own")}
+
+
+def page_record(topic: str, offset: int, value: bytes) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(
+        topic=topic,
+        partition=0,
+        offset=offset,
+        timestamp=0,
+        timestamp_type=0,
+        key=None,
+        value=value,
+        checksum=None,
+        serialized_key_size=-1,
+        serialized_value_size=len(value),
+        headers=(),
+    )
+
+
+async def test_the_stage_stores_a_batch_and_dead_letters_what_the_database_refuses(
+    settings: Settings,
+) -> None:
+    """SinkStage.process on records decoded by its own input: the last version of a URL
+    in a batch wins, and a refused document is one dead letter naming its record."""
+    sink = SinkStage(settings)
+    (spec,) = sink.inputs()
+    values = [
+        encode(page("http://a.example/1", "old")),
+        encode(page("http://a.example/2", "two")),
+        encode(page("http://a.example/1", "new")),
+        encode(page("http://a.example/bad", "x", meta={"$where": "1"})),
+    ]
+    records = [page_record(sink.topic(spec.suffix), n, value) for n, value in enumerate(values)]
+    batch = [Received(record, spec.decode(record.value)) for record in records]
+    await sink.start()
+    try:
+        dead = await asyncio.wait_for(sink.process(batch), 60)
+    finally:
+        await sink.stop()
+    assert len(dead) == 1
+    (letter,) = dead
+    assert letter.topic == settings.topic_prefix + "dlq"
+    assert isinstance(letter.value, DeadLetterRecord)
+    assert (letter.value.stage, letter.value.reason, letter.value.offset) == (
+        "sink",
+        "rejected_by_database",
+        3,
+    )
+    assert letter.value.payload == values[3].decode()
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
+    try:
+        collection = client[settings.mongo_database][settings.mongo_collection]
+        docs = {doc["_id"]: doc["title"] async for doc in collection.find({})}
+    finally:
+        await client.close()
+    assert docs == {"http://a.example/1": "new", "http://a.example/2": "two"}
