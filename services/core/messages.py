@@ -19,10 +19,11 @@ from .errors import ReasonedError
 Url = Annotated[str, Meta(min_length=1, max_length=8192)]
 Host = Annotated[str, Meta(min_length=1, max_length=300)]
 Domain = Annotated[str, Meta(min_length=1, max_length=253)]
-CrawlId = Annotated[str, Meta(pattern="^[A-Za-z0-9_.:-]{1,128}$")]
-Depth = Annotated[int, Meta(ge=0)]
+# (?![\s\S]) rather than $: in Python a $ also matches before a final newline.
+CrawlId = Annotated[str, Meta(pattern="^[A-Za-z0-9_.:-]{1,128}(?![\\s\\S])")]
+Depth = Annotated[int, Meta(ge=0, le=1000)]
 Priority = Annotated[int, Meta(ge=0, le=9)]
-Reason = Annotated[str, Meta(pattern="^[a-z0-9_]{1,64}$")]
+Reason = Annotated[str, Meta(pattern="^[a-z0-9_]{1,64}(?![\\s\\S])")]
 Status = Annotated[int, Meta(ge=100, le=599)]
 Meta64 = Annotated[dict[str, Any], Meta(max_length=64)]
 Chain = Annotated[list[Url], Meta(max_length=50)]
@@ -121,6 +122,8 @@ class Retry(Fetch, kw_only=True):
 
 
 class Timings(Message, kw_only=True):
+    """How long the request took: in all, and to the first byte."""
+
     total_s: Annotated[float, Meta(ge=0)]
     ttfb_s: Annotated[float, Meta(ge=0)] = 0.0
 
