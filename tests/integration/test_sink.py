@@ -183,3 +183,29 @@ async def test_the_stage_stores_a_batch_and_dead_letters_what_the_database_refus
     finally:
         await client.close()
     assert docs == {"http://a.example/1": "new", "http://a.example/2": "two"}
+
+
+async def test_a_refused_replacement_of_a_stored_page_is_reported_not_retried(
+    settings: Settings,
+) -> None:
+    """A page already stored comes again with a document the database refuses (a seed's
+    meta with a $-key): it is dead-lettered like a refused insert, and the sink moves on."""
+    url = "http://a.example/again"
+    sink = SinkStage(settings)
+    await sink.start()
+    try:
+        assert await sink._store([document_for(page(url, "first"), 1.0, settings)]) == {}
+        hostile = page(url, "second", meta={"$where": "1"})
+        rejected = await asyncio.wait_for(
+            sink._retry("storing", lambda: sink._store([document_for(hostile, 2.0, settings)])),
+            60,
+        )
+    finally:
+        await sink.stop()
+    assert list(rejected) == [0] and "$where" in rejected[0]
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
+    try:
+        collection = client[settings.mongo_database][settings.mongo_collection]
+        assert [doc["title"] async for doc in collection.find({})] == ["first"]
+    finally:
+        await client.close()

@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from streamcrawl.core.config import Settings
 from streamcrawl.core.messages import (
     MAX_HISTORY,
     Attempt,
@@ -311,3 +312,25 @@ def test_history_keeps_the_latest_attempts_only() -> None:
     assert len(fetch.history) == MAX_HISTORY
     assert [a.at for a in fetch.history] == [NOW + n for n in range(5, MAX_HISTORY + 5)]
     assert msgspec.json.decode(encode(fetch), type=Fetch) == fetch
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="services bug: Settings accept RETRY_MAX_ATTEMPTS above 100, but Fetch.attempt "
+    "(so crawl.retry) allows at most 100: the delay stage dead-letters the 101st retry as "
+    "schema_violation instead of the fetcher giving up with the history",
+)
+def test_every_retry_the_settings_allow_fits_crawl_retry() -> None:
+    try:
+        settings = Settings.from_env({"STREAMCRAWL_RETRY_MAX_ATTEMPTS": "150"})
+    except ValueError:
+        return  # refused by the settings: also a fix
+    policy = RetryPolicy(settings.retry_max_attempts, 1.0, 10.0)
+    fetch = request()
+    decision = decide(fetch, response(500), policy, NOW)
+    while isinstance(decision, Wait):
+        # As the delay stage reads it back off crawl.retry.
+        retry = msgspec.json.decode(encode(decision.retry), type=Retry)
+        fetch = fetch_from_retry(retry)
+        decision = decide(fetch, response(500), policy, NOW)
+    assert isinstance(decision, GiveUp) and fetch.attempt == settings.retry_max_attempts - 1
