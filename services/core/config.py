@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .messages import MAX_ATTEMPTS
 from .topics import MAX_MESSAGE_BYTES
 from .urls import DEFAULT_SESSION_PARAMS
 
@@ -205,8 +206,9 @@ class Settings:
                 f"{PREFIX}MAX_BODY_BYTES={self.max_body_bytes} does not fit in a crawl.fetched "
                 f"message (at most {MAX_BODY_CAP}: the topic limit after base64 and headers)"
             )
-        if self.retry_max_attempts < 1:
-            raise ValueError(f"{PREFIX}RETRY_MAX_ATTEMPTS must be >= 1")
+        if not 1 <= self.retry_max_attempts <= MAX_ATTEMPTS:
+            # A retry's attempt count travels in crawl.retry, whose type caps it.
+            raise ValueError(f"{PREFIX}RETRY_MAX_ATTEMPTS must be between 1 and {MAX_ATTEMPTS}")
         self.host_delay_map()
 
     def host_delay_map(self) -> dict[str, float]:

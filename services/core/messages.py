@@ -36,6 +36,7 @@ StageName = Literal["frontier", "dedup", "fetcher", "delay", "parser", "sink"]
 DEFAULT_CRAWL_ID = "default"
 DEFAULT_PRIORITY = 5
 MAX_HISTORY = 20
+MAX_ATTEMPTS = 100
 
 
 class Message(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -107,7 +108,7 @@ class Fetch(Discovered, kw_only=True):
 
     admitted_at: float
     attempt: Annotated[
-        int, Meta(ge=0, le=100, description="Attempts already made (0 on the first).")
+        int, Meta(ge=0, le=MAX_ATTEMPTS, description="Attempts already made (0 on the first).")
     ] = 0
     history: History = []
 

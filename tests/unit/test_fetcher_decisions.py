@@ -314,17 +314,13 @@ def test_history_keeps_the_latest_attempts_only() -> None:
     assert msgspec.json.decode(encode(fetch), type=Fetch) == fetch
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="services bug: Settings accept RETRY_MAX_ATTEMPTS above 100, but Fetch.attempt "
-    "(so crawl.retry) allows at most 100: the delay stage dead-letters the 101st retry as "
-    "schema_violation instead of the fetcher giving up with the history",
-)
+def test_settings_refuse_more_attempts_than_crawl_retry_can_carry() -> None:
+    with pytest.raises(ValueError, match="RETRY_MAX_ATTEMPTS"):
+        Settings.from_env({"STREAMCRAWL_RETRY_MAX_ATTEMPTS": "150"})
+
+
 def test_every_retry_the_settings_allow_fits_crawl_retry() -> None:
-    try:
-        settings = Settings.from_env({"STREAMCRAWL_RETRY_MAX_ATTEMPTS": "150"})
-    except ValueError:
-        return  # refused by the settings: also a fix
+    settings = Settings.from_env({"STREAMCRAWL_RETRY_MAX_ATTEMPTS": "100"})
     policy = RetryPolicy(settings.retry_max_attempts, 1.0, 10.0)
     fetch = request()
     decision = decide(fetch, response(500), policy, NOW)
