@@ -165,6 +165,18 @@ class Settings:
         default=DEFAULT_SESSION_PARAMS,
         metadata={"doc": "Query parameters (and ;params) stripped from URLs as session ids."},
     )
+    state_dir: str = field(
+        default="",
+        metadata={
+            "doc": "Directory where dedup keeps a snapshot of each partition's filter and the "
+            "crawl.fetch offset it covers, so a restart replays only what came after. "
+            "Empty: no snapshots (a start replays all of crawl.fetch)."
+        },
+    )
+    dedup_snapshot_interval: float = field(
+        default=30.0,
+        metadata={"doc": "Seconds between two snapshots of a changed dedup partition."},
+    )
     bloom_capacity: int = field(
         default=1_000_000,
         metadata={"doc": "Initial Bloom filter capacity per partition (it grows as needed)."},

@@ -316,36 +316,60 @@ class _Loop(ConsumerRebalanceListener, ABC):  # type: ignore[misc]
 
 
 class _BatchLoop(_Loop):
+    """Batches are processed, published and committed under one lock that the rebalance
+    callbacks take too (as a Java consumer's poll loop runs them): a stage never sees a
+    revocation or an assignment in the middle of a batch. A batch fetched across a
+    rebalance is not processed but read again, under the assignment now in force."""
+
     stage: BatchStage
 
     def __init__(self, stage: BatchStage, consumer: AIOKafkaConsumer, publisher: Publisher):
         super().__init__(stage, consumer, publisher)
         self.committed: dict[TopicPartition, int] = {}
+        self._lock = asyncio.Lock()
+        self._generation = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        stage, consumer = self.stage, self.consumer
-        batch_size = stage.settings.batch_size
+        batch_size = self.stage.settings.batch_size
         while not stop.is_set():
-            batches = await consumer.getmany(timeout_ms=500, max_records=batch_size)
+            generation = self._generation
+            batches = await self.consumer.getmany(timeout_ms=500, max_records=batch_size)
             if not batches:
                 continue
-            good: list[Received[Any]] = []
-            outputs: list[Output] = []
-            for records in batches.values():
-                metrics.MESSAGES_IN.labels(stage.name).inc(len(records))
-                for record in records:
-                    decoded = self.edge.decode(record)
-                    if isinstance(decoded, Output):
-                        outputs.append(decoded)
-                    else:
-                        good.append(decoded)
-            if good:
-                outputs.extend(await stage.process(good))
-            await self.publisher.publish(outputs)
-            offsets = {tp: batch[-1].offset + 1 for tp, batch in batches.items() if batch}
-            if await self._commit(offsets):
-                self.committed.update(offsets)
-            export_lag(consumer, stage.group, self.committed)
+            async with self._lock:
+                if generation != self._generation:
+                    self._refetch(batches)
+                    continue
+                await self._handle(batches)
+
+    def _refetch(self, batches: dict[TopicPartition, list[Record]]) -> None:
+        """A rebalance came while this batch was fetched: it is read again, under the new
+        assignment (a partition now owned elsewhere is read from its committed offset)."""
+        assigned = self.consumer.assignment()
+        for tp, records in batches.items():
+            if records and tp in assigned:
+                self.consumer.seek(tp, records[0].offset)
+        log.info("%s: a rebalance came during the fetch; batch read again", self.stage.name)
+
+    async def _handle(self, batches: dict[TopicPartition, list[Record]]) -> None:
+        stage = self.stage
+        good: list[Received[Any]] = []
+        outputs: list[Output] = []
+        for records in batches.values():
+            metrics.MESSAGES_IN.labels(stage.name).inc(len(records))
+            for record in records:
+                decoded = self.edge.decode(record)
+                if isinstance(decoded, Output):
+                    outputs.append(decoded)
+                else:
+                    good.append(decoded)
+        if good:
+            outputs.extend(await stage.process(good))
+        await self.publisher.publish(outputs)
+        offsets = {tp: batch[-1].offset + 1 for tp, batch in batches.items() if batch}
+        if await self._commit(offsets):
+            self.committed.update(offsets)
+        export_lag(self.consumer, stage.group, self.committed)
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> bool:
         try:
@@ -362,7 +386,14 @@ class _BatchLoop(_Loop):
             return False
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        await self.stage.on_revoked(revoked)
+        async with self._lock:
+            self._generation += 1
+            await self.stage.on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        async with self._lock:
+            self._generation += 1
+            await self.stage.on_assigned(assigned)
 
 
 class _StreamLoop(_Loop, StreamContext):

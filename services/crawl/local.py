@@ -83,7 +83,12 @@ def _connection_env() -> dict[str, str]:
         file=sys.stderr,
     )
     LocalStack(config).up()
-    return config.connection_env()
+    env = config.connection_env()
+    # The local stack outlives a crawl: dedup keeps its snapshots beside it, so the next
+    # crawl's start replays only what came after them.
+    if not os.environ.get(PREFIX + "STATE_DIR"):
+        env[PREFIX + "STATE_DIR"] = str(config.data_dir / "dedup")
+    return env
 
 
 def crawl_command(args: argparse.Namespace) -> int:

@@ -61,6 +61,17 @@ class CountMinSketch:
         width = self.width
         return [offset + ((value >> shift) & 0xFFFFFFFF) % width for offset, shift in self._rows]
 
+    def to_bytes(self) -> bytes:
+        return self._table.tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, width: int, depth: int) -> CountMinSketch:
+        sketch = cls(width, depth)
+        if len(data) != sketch.nbytes:
+            raise ValueError(f"a {width}x{depth} sketch is {sketch.nbytes} bytes, got {len(data)}")
+        sketch._table = array("I", data)
+        return sketch
+
     def estimate(self, key: str) -> int:
         table = self._table
         return min([table[slot] for slot in self._slots(key)])
@@ -92,7 +103,7 @@ class PartitionFilter:
     def __init__(
         self, capacity: int, error_rate: float, sketch_width: int = 2**16, sketch_depth: int = 4
     ) -> None:
-        self._filter = ScalableBloomFilter(
+        self.bloom = ScalableBloomFilter(
             initial_capacity=capacity,
             error_rate=error_rate,
             mode=ScalableBloomFilter.LARGE_SET_GROWTH,
@@ -100,14 +111,23 @@ class PartitionFilter:
         self.admitted: Counter[str] = Counter()
         self.counts = CountMinSketch(sketch_width, sketch_depth)
 
+    @classmethod
+    def restore(
+        cls, bloom: ScalableBloomFilter, admitted: Counter[str], counts: CountMinSketch
+    ) -> PartitionFilter:
+        """A filter read back from a snapshot."""
+        restored = cls.__new__(cls)
+        restored.bloom, restored.admitted, restored.counts = bloom, admitted, counts
+        return restored
+
     def seen(self, crawl_id: str, url: str) -> bool:
-        return dedup_key(crawl_id, url) in self._filter
+        return dedup_key(crawl_id, url) in self.bloom
 
     def remember(self, crawl_id: str, url: str) -> None:
         """Record an admitted URL; live admission and the replay of crawl.fetch both
         come through here, so a rebuilt partition has the same counts."""
         # ScalableBloomFilter.add returns True when the key was (probably) present.
-        if not self._filter.add(dedup_key(crawl_id, url)):
+        if not self.bloom.add(dedup_key(crawl_id, url)):
             self.admitted[crawl_id] += 1
             self.counts.add(host_key(crawl_id, url))
             pattern = calendar_pattern(url)
@@ -123,16 +143,16 @@ class PartitionFilter:
         return self.counts.estimate(pattern_key(crawl_id, pattern))
 
     def __len__(self) -> int:
-        return len(self._filter)
+        return len(self.bloom)
 
     @property
     def fill_ratio(self) -> float:
-        return float(len(self._filter)) / max(1, int(self._filter.capacity))
+        return float(len(self.bloom)) / max(1, int(self.bloom.capacity))
 
     def estimated_false_positive_rate(self) -> float:
         """Probability that a new key is reported as seen, from each slice's real fill."""
         miss = 1.0
-        for bloom in self._filter.filters:
+        for bloom in self.bloom.filters:
             k, m = bloom.num_slices, bloom.bits_per_slice
             fp = (1.0 - math.exp(-bloom.count / m)) ** k
             miss *= 1.0 - fp

@@ -1,17 +1,24 @@
-"""The dedup service: crawl.discovered in, new URLs out to crawl.fetch.
+"""The dedup stage: crawl.discovered in, new URLs out to crawl.fetch.
 
-Partition p of crawl.discovered is written to partition p of crawl.fetch (both
-keyed by host, same partition count), so crawl.fetch partition p is the exact
-changelog of filter p. A dedup that takes over partition p, after a restart or
-a rebalance, replays it before it admits anything: a URL admitted once, even by
-a process killed before it committed, is never admitted again.
+Partition p of crawl.discovered is written to partition p of crawl.fetch (both keyed by
+host, same partition count), so crawl.fetch partition p is the exact changelog of filter
+p. A dedup that takes over partition p, after a restart or a rebalance, rebuilds its filter
+before it admits anything: from its last snapshot (``STATE_DIR``) plus the crawl.fetch
+records after the offset the snapshot covers, or from the whole partition without one. A
+URL admitted once, even by a process killed before it committed, is never admitted again.
+
+Snapshots are taken between batches (every ``DEDUP_SNAPSHOT_INTERVAL`` seconds for a
+changed partition, on revocation and at shutdown), when everything the filter holds has
+been published: a snapshot never claims a URL that is not on crawl.fetch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -24,6 +31,7 @@ from ..core.messages import Discovered, fetch_from
 from ..core.runtime import BatchStage, Input, Output, Received, json_input
 from ..core.topics import DEDUP_GROUP, DISCOVERED, FETCH
 from .logic import Admission, PartitionFilter
+from .snapshot import SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -45,55 +53,179 @@ class DedupStage(BatchStage):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.admission = Admission()
+        self.fetch_topic = self.topic(FETCH)
+        state = settings.state_dir
+        self.snapshots = SnapshotStore(Path(state), self.fetch_topic) if state else None
+        self._snapshot_at: dict[int, float] = {}
+        self._changed: set[int] = set()
+        self._replayer: AIOKafkaConsumer | None = None
+        self._replay_lock = asyncio.Lock()
+        self.replayed_records = 0  # crawl.fetch records read by rebuilds, for tests and logs
 
     def inputs(self) -> tuple[Input, ...]:
         return (json_input(DISCOVERED, Discovered),)
 
-    async def on_assigned(self, partitions: Iterable[TopicPartition]) -> None:
-        for tp in partitions:
-            if tp.topic == self.topic(DISCOVERED) and tp.partition not in self.admission.filters:
-                self.admission.filters[tp.partition] = await self._replay(tp.partition)
-
-    async def on_revoked(self, partitions: Iterable[TopicPartition]) -> None:
-        for tp in partitions:
-            self.admission.filters.pop(tp.partition, None)
-
-    async def _replay(self, partition: int) -> PartitionFilter:
-        bloom = PartitionFilter(self.settings.bloom_capacity, self.settings.bloom_error_rate)
-        started = time.monotonic()
-        fetch = TopicPartition(self.topic(FETCH), partition)
-        consumer = AIOKafkaConsumer(
+    async def start(self) -> None:
+        self._replayer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap,
             enable_auto_commit=False,
             isolation_level="read_committed",
         )
-        await consumer.start()
-        try:
-            consumer.assign([fetch])
-            await consumer.seek_to_beginning(fetch)
-            end = (await consumer.end_offsets([fetch]))[fetch]
-            while await consumer.position(fetch) < end:
-                batch = await consumer.getmany(fetch, timeout_ms=1000, max_records=5000)
-                for record in batch.get(fetch, []):
+        await self._replayer.start()
+
+    async def stop(self) -> None:
+        await self._snapshot(list(self.admission.filters), force=True)
+        if self._replayer is not None:
+            await stop_consumer(self._replayer)
+
+    async def on_assigned(self, partitions: Iterable[TopicPartition]) -> None:
+        wanted = [
+            tp.partition
+            for tp in partitions
+            if tp.topic == self.topic(DISCOVERED) and tp.partition not in self.admission.filters
+        ]
+        await self._rebuild(wanted)
+
+    async def on_revoked(self, partitions: Iterable[TopicPartition]) -> None:
+        lost = [tp.partition for tp in partitions if tp.partition in self.admission.filters]
+        await self._snapshot(lost, force=True)
+        for partition in lost:
+            self.admission.filters.pop(partition, None)
+            self._changed.discard(partition)
+
+    # -- rebuilding a partition's filter -----------------------------------------------
+
+    async def _rebuild(self, partitions: list[int]) -> None:
+        """Filters for ``partitions``: snapshot (if any) plus the crawl.fetch records after
+        it, all partitions read in one pass. One rebuild at a time, so a partition is never
+        rebuilt twice concurrently (a later filter never replaces one that admitted more)."""
+        async with self._replay_lock:
+            partitions = [p for p in partitions if p not in self.admission.filters]
+            if not partitions:
+                return
+            started = time.monotonic()
+            filters, starts = await self._starting_points(partitions)
+            replayed = await self._replay(filters, starts)
+            self.replayed_records += replayed
+            for partition, bloom in filters.items():
+                self.admission.filters[partition] = bloom
+                self._snapshot_at[partition] = time.monotonic()
+                self._export(partition, bloom)
+            log.info(
+                "dedup: partitions %s rebuilt in %.2fs (%d crawl.fetch records replayed, "
+                "%d from snapshots)",
+                partitions,
+                time.monotonic() - started,
+                replayed,
+                sum(1 for offset in starts.values() if offset is not None),
+            )
+
+    async def _starting_points(
+        self, partitions: list[int]
+    ) -> tuple[dict[int, PartitionFilter], dict[int, int | None]]:
+        assert self._replayer is not None
+        tps = [TopicPartition(self.fetch_topic, p) for p in partitions]
+        firsts = await self._replayer.beginning_offsets(tps)
+        ends = await self._replayer.end_offsets(tps)
+        filters: dict[int, PartitionFilter] = {}
+        starts: dict[int, int | None] = {}
+        for tp in tps:
+            snapshot = self.snapshots.load(tp.partition) if self.snapshots else None
+            if snapshot is not None and snapshot.offset > ends[tp]:
+                log.warning(
+                    "dedup: snapshot of %s[%d] covers offset %d past the end %d (topic "
+                    "recreated?); replaying from the start",
+                    tp.topic,
+                    tp.partition,
+                    snapshot.offset,
+                    ends[tp],
+                )
+                snapshot = None
+            if snapshot is not None and snapshot.offset < firsts[tp]:
+                log.warning(
+                    "dedup: records %d..%d of %s[%d] expired after the snapshot; URLs "
+                    "admitted only there may be admitted again",
+                    snapshot.offset,
+                    firsts[tp],
+                    tp.topic,
+                    tp.partition,
+                )
+            filters[tp.partition] = (
+                snapshot.filter
+                if snapshot is not None
+                else PartitionFilter(self.settings.bloom_capacity, self.settings.bloom_error_rate)
+            )
+            starts[tp.partition] = snapshot.offset if snapshot is not None else None
+        return filters, starts
+
+    async def _replay(
+        self, filters: dict[int, PartitionFilter], starts: dict[int, int | None]
+    ) -> int:
+        replayer = self._replayer
+        assert replayer is not None
+        tps = [TopicPartition(self.fetch_topic, p) for p in filters]
+        replayer.assign(tps)
+        for tp in tps:
+            start = starts[tp.partition]
+            if start is None:
+                await replayer.seek_to_beginning(tp)
+            else:
+                replayer.seek(tp, start)
+        ends = await replayer.end_offsets(tps)
+        pending = {tp for tp in tps if await replayer.position(tp) < ends[tp]}
+        replayed = 0
+        while pending:
+            batches = await replayer.getmany(*pending, timeout_ms=1000, max_records=5000)
+            for tp, records in batches.items():
+                bloom = filters[tp.partition]
+                for record in records:
                     try:
                         admitted = _replay_decoder.decode(record.value or b"")
                     except msgspec.DecodeError:
                         continue  # never produced by us; nothing to remember
                     # remember() also rebuilds the per-host and calendar counts.
                     bloom.remember(admitted.crawl_id, admitted.url)
-        finally:
-            await stop_consumer(consumer)
-        log.info(
-            "dedup: partition %d rebuilt from %d fetch records in %.2fs",
-            partition,
-            len(bloom),
-            time.monotonic() - started,
-        )
-        self._export(partition, bloom)
-        return bloom
+                replayed += len(records)
+            pending = {tp for tp in pending if await replayer.position(tp) < ends[tp]}
+        replayer.assign([])
+        return replayed
+
+    # -- snapshots -----------------------------------------------------------------------
+
+    async def _snapshot(self, partitions: Iterable[int], force: bool = False) -> None:
+        """Snapshot the changed ``partitions`` (those due, unless ``force``). Called only
+        between batches, when every URL in the filters is on crawl.fetch."""
+        if self.snapshots is None or self._replayer is None:
+            return
+        now = time.monotonic()
+        due = [
+            p
+            for p in partitions
+            if p in self._changed
+            and (
+                force
+                or now - self._snapshot_at.get(p, 0.0) >= self.settings.dedup_snapshot_interval
+            )
+        ]
+        if not due:
+            return
+        tps = [TopicPartition(self.fetch_topic, p) for p in due]
+        ends = await self._replayer.end_offsets(tps)
+        store = self.snapshots
+        for tp in tps:
+            bloom = self.admission.filters[tp.partition]
+            size = await asyncio.to_thread(store.save, tp.partition, bloom, ends[tp])
+            self._snapshot_at[tp.partition] = now
+            self._changed.discard(tp.partition)
+            log.debug(
+                "dedup: snapshot of partition %d at %d (%d bytes)", tp.partition, ends[tp], size
+            )
+
+    # -- the step --------------------------------------------------------------------------
 
     async def process(self, batch: list[Received[Any]]) -> list[Output]:
-        fetch_topic = self.topic(FETCH)
+        # The previous batch is published and committed: its URLs are on crawl.fetch.
+        await self._snapshot(list(self.admission.filters))
         now = time.time()
         outputs: list[Output] = []
         for item in batch:
@@ -101,7 +233,7 @@ class DedupStage(BatchStage):
             partition = item.record.partition
             if partition not in self.admission.filters:
                 # Assigned without the callback having run (should not happen): rebuild now.
-                self.admission.filters[partition] = await self._replay(partition)
+                await self._rebuild([partition])
             verdict = self.admission.decide(
                 partition,
                 candidate.crawl_id,
@@ -113,9 +245,10 @@ class DedupStage(BatchStage):
             if verdict is not None:
                 metrics.URLS_FILTERED.labels(self.name, verdict).inc()
                 continue
+            self._changed.add(partition)
             outputs.append(
                 Output(
-                    fetch_topic,
+                    self.fetch_topic,
                     fetch_from(candidate, now),
                     key=item.record.key,
                     partition=partition,

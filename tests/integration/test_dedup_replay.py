@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -95,6 +96,7 @@ async def test_a_batch_during_the_assignment_replay_is_not_admitted_twice(
     await create_topics(settings)
     await fill_history(settings, HISTORY)
     stage = DedupStage(settings)
+    await stage.start()
     partition = TopicPartition(settings.topic_prefix + "discovered", 0)
 
     assigning = asyncio.create_task(stage.on_assigned([partition]))
@@ -103,6 +105,8 @@ async def test_a_batch_during_the_assignment_replay_is_not_admitted_twice(
     first = await stage.process([received(settings, candidate("new"), 0)])
     await assigning
     again = await stage.process([received(settings, candidate("new"), 1)])
+    await stage.stop()
+    assert stage.replayed_records == HISTORY, "partition 0 was rebuilt more than once"
 
     assert [out.value.url for out in first] == ["http://example.com/new"]
     assert again == [], "a URL admitted during the replay was admitted a second time"
@@ -210,3 +214,91 @@ async def test_rebalances_during_a_crawl_admit_no_url_twice(stack: StackConfig) 
     twice = {url: count for url, count in Counter(admitted).items() if count > 1}
     assert not twice, f"{len(twice)} URLs admitted more than once, e.g. {list(twice)[:3]}"
     assert set(admitted) == set(urls)
+
+
+async def test_a_restart_replays_only_what_came_after_its_snapshot(
+    stack: StackConfig, tmp_path: Path
+) -> None:
+    settings = isolated_settings(stack, state_dir=str(tmp_path))
+    await create_topics(settings)
+    await fill_history(settings, 5000)
+    partition = TopicPartition(settings.topic_prefix + "discovered", 0)
+
+    first = DedupStage(settings)
+    await first.start()
+    await first.on_assigned([partition])
+    assert first.replayed_records == 5000
+    outputs = await first.process([received(settings, candidate("a"), 0)])
+    await produce_outputs(settings, outputs)  # what the runtime does after process()
+    await first.on_revoked([partition])  # snapshot: 5,001 records covered
+    await first.stop()
+    assert (tmp_path / f"{settings.topic_prefix}fetch-0.dedup").is_file()
+
+    # Another dedup owned the partition meanwhile and admitted two more URLs.
+    await fill_tail(settings, ["b", "c"])
+
+    second = DedupStage(settings)
+    await second.start()
+    await second.on_assigned([partition])
+    try:
+        assert second.replayed_records == 2, "only the records after the snapshot"
+        for n, path in enumerate(["a", "b", "c"]):
+            assert await second.process([received(settings, candidate(path), 10 + n)]) == []
+        old = candidate("old/4999", "earlier-crawl")
+        assert await second.process([received(settings, old, 20)]) == []
+        fresh = await second.process([received(settings, candidate("d"), 21)])
+        assert [out.value.url for out in fresh] == ["http://example.com/d"]
+    finally:
+        await second.stop()
+
+
+async def test_an_unreadable_snapshot_means_a_full_replay(
+    stack: StackConfig, tmp_path: Path
+) -> None:
+    settings = isolated_settings(stack, state_dir=str(tmp_path))
+    await create_topics(settings)
+    await fill_history(settings, 300)
+    (tmp_path / f"{settings.topic_prefix}fetch-0.dedup").write_bytes(b"half a file")
+    stage = DedupStage(settings)
+    await stage.start()
+    try:
+        await stage.on_assigned([TopicPartition(settings.topic_prefix + "discovered", 0)])
+        assert stage.replayed_records == 300
+        old = candidate("old/299", "earlier-crawl")
+        assert await stage.process([received(settings, old, 0)]) == []
+    finally:
+        await stage.stop()
+
+
+async def produce_outputs(settings: Settings, outputs: list[Output]) -> None:
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        for out in outputs:
+            await producer.send_and_wait(
+                out.topic, encode(out.value), key=out.key, partition=out.partition
+            )
+    finally:
+        await producer.stop()
+
+
+async def fill_tail(settings: Settings, paths: list[str]) -> None:
+    outputs = [
+        Output(
+            settings.topic_prefix + "fetch",
+            Fetch(
+                url=f"http://example.com/{path}",
+                host="example.com",
+                crawl_id="replay-test",
+                depth=1,
+                priority=5,
+                scope=SCOPE,
+                discovered_at=1.0,
+                admitted_at=2.0,
+            ),
+            key=b"example.com",
+            partition=0,
+        )
+        for path in paths
+    ]
+    await produce_outputs(settings, outputs)
