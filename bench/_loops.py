@@ -75,7 +75,17 @@ def main() -> None:
         result = uvloop.run(crawl(target, concurrency))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
-    print(json.dumps(result))
+    print(json.dumps({**result, "vmhwm_kib": vmhwm_kib()}))
+
+
+def vmhwm_kib() -> int:
+    """Peak RSS of this process since its exec (wait4's ru_maxrss also counts what the
+    parent's pages weighed before the exec)."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
 
 
 if __name__ == "__main__":

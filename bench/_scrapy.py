@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import scrapy
+from _loops import vmhwm_kib
 from scrapy.crawler import CrawlerProcess
 from scrapy.linkextractors import LinkExtractor
 from scrapy.spiders import CrawlSpider, Rule
@@ -61,6 +62,7 @@ def main() -> None:
                 "dupefilter_filtered": stats.get("dupefilter/filtered", 0),
                 "offsite_filtered": stats.get("offsite/filtered", 0),
                 "finish_reason": stats.get("finish_reason"),
+                "vmhwm_kib": vmhwm_kib(),
             }
         )
     )

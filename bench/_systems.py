@@ -225,7 +225,10 @@ class Bench:
         below = [(p, s) for p, s in sampler.seen.items() if p != pid and p not in fixed]
         name = _PROCESS_NAMES[result.system]
         if not below:
-            result.procs.append(ProcUse(name, total, maxrss, "wait4 rusage"))
+            # ru_maxrss counts the parent's pages from before the exec: take VmHWM instead.
+            peak = max(own.hwm_kib if own else 0, _reported_hwm(result))
+            how = "wait4 rusage, VmHWM" if peak else "wait4 rusage"
+            result.procs.append(ProcUse(name, total, peak or maxrss, how))
         else:
             own_cpu = own.cpu_last if own else 0.0
             result.procs.append(
@@ -377,6 +380,14 @@ _SUMMARY = {
     "fetched_records": re.compile(r"fetched\s+(\d+)\n"),
 }
 _ORDER = ("frontier", "dedup", "fetcher", "delay", "parser", "sink")
+
+
+def _reported_hwm(result: RunResult) -> int:
+    """The VmHWM a bench script printed on its last line, read before its exit."""
+    lines = result.detail.get("output_tail", "").strip().splitlines()
+    with contextlib.suppress(ValueError, TypeError, AttributeError, IndexError):
+        return int(json.loads(lines[-1]).get("vmhwm_kib", 0))
+    return 0
 
 
 def _stage_label(pid: int) -> str:
