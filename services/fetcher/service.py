@@ -185,7 +185,7 @@ class FetcherStage(StreamStage):
             self._defer_host(host, [])
         else:
             delay, sitemaps = self.delay_for(host), len(rules.sitemaps)
-            log.info("fetcher: robots.txt of %s: %s, delay %.2fs", host, rules.source, delay)
+            log.info("fetcher: robots.txt of %s read (%s), delay %.2fs", host, rules.source, delay)
             log.debug("fetcher: robots.txt of %s lists %d sitemaps", host, sitemaps)
         self.wakeup.set()
 
@@ -254,7 +254,8 @@ class FetcherStage(StreamStage):
         now = time.monotonic()
         for tp in partitions:
             self.assigned_at[tp] = now
-        log.info("fetcher: assigned partitions %s", sorted(tp.partition for tp in partitions))
+        numbers = sorted(tp.partition for tp in partitions)
+        log.info("fetcher: assigned %d partitions %s", len(numbers), numbers)
 
     def hand_back(self, partitions: set[TopicPartition] | None) -> None:
         """URLs still waiting for their host's turn go to crawl.retry, due when that turn
