@@ -97,7 +97,7 @@ def _lag(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     groups = [args.group] if args.group else list(GROUP_INPUTS)
-    fetch_lag = 0
+    fetch_lag = lagging = 0
     for group in groups:
         topics = [settings.topic_prefix + suffix for suffix in GROUP_INPUTS.get(group, (FETCH,))]
         for row in asyncio.run(group_lag(settings, group, topics)):
@@ -108,6 +108,7 @@ def _lag(args: argparse.Namespace) -> int:
             )
             if row.group == FETCHER_GROUP:
                 fetch_lag += row.lag
+                lagging += row.lag > 0
     replicas = keda_replicas(
         fetch_lag,
         HOST_PARTITIONS,
@@ -115,11 +116,13 @@ def _lag(args: argparse.Namespace) -> int:
         args.activation_threshold,
         args.min_replicas,
         args.max_replicas,
+        partitions_with_lag=lagging,
     )
     print(
-        f"fetcher lag {fetch_lag}: KEDA would run {replicas} fetcher replica(s) "
-        f"(lagThreshold={args.lag_threshold}, activation={args.activation_threshold}, "
-        f"min={args.min_replicas}, max={args.max_replicas}, partitions={HOST_PARTITIONS})"
+        f"fetcher lag {fetch_lag} in {lagging} partition(s): KEDA would run {replicas} "
+        f"fetcher replica(s) (lagThreshold={args.lag_threshold}, "
+        f"activation={args.activation_threshold}, min={args.min_replicas}, "
+        f"max={args.max_replicas}, partitions={HOST_PARTITIONS}, limitToPartitionsWithLag)"
     )
     return 0
 

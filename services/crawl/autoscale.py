@@ -21,14 +21,18 @@ def keda_replicas(
     min_replicas: int,
     max_replicas: int,
     allow_idle_consumers: bool = False,
+    partitions_with_lag: int | None = None,
 ) -> int:
     """The replica count KEDA's Kafka scaler and the HPA would settle on.
 
     The scaler caps the metric at partitions x lagThreshold (unless idle consumers
-    are allowed); the HPA asks for ceil(metric / lagThreshold), clamped to
-    [max(1, min), max]; 0 <-> 1 is decided by the activation threshold alone.
+    are allowed), or with ``limitToPartitionsWithLag`` (``partitions_with_lag`` given) at
+    partitions-with-lag x lagThreshold, so a backlog in one partition asks for one
+    replica; the HPA asks for ceil(metric / lagThreshold), clamped to [max(1, min), max];
+    0 <-> 1 is decided by the activation threshold alone.
     """
-    metric = total_lag if allow_idle_consumers else min(total_lag, partitions * lag_threshold)
+    useful = partitions if partitions_with_lag is None else partitions_with_lag
+    metric = total_lag if allow_idle_consumers else min(total_lag, useful * lag_threshold)
     if metric <= activation_threshold and min_replicas == 0:
         return 0
     wanted = math.ceil(metric / lag_threshold) if lag_threshold > 0 else max_replicas
@@ -46,6 +50,9 @@ class ScalingPolicy:
     polling_interval: float = 5.0
     cooldown: float = 30.0
     partitions: int = HOST_PARTITIONS
+    # KEDA's limitToPartitionsWithLag: only partitions with work can use a replica (one
+    # host's backlog sits in one partition; more fetchers could not help it).
+    limit_to_partitions_with_lag: bool = True
 
     @classmethod
     def parse(cls, spec: str, **options: Any) -> ScalingPolicy:
@@ -72,7 +79,7 @@ class Autoscaler:
     def __post_init__(self) -> None:
         self.current = self.current or self.policy.min_replicas
 
-    def recommend(self, lag: int) -> int:
+    def recommend(self, lag: int, partitions_with_lag: int | None = None) -> int:
         p = self.policy
         return keda_replicas(
             lag,
@@ -81,10 +88,11 @@ class Autoscaler:
             p.activation_lag_threshold,
             p.min_replicas,
             p.max_replicas,
+            partitions_with_lag=partitions_with_lag if p.limit_to_partitions_with_lag else None,
         )
 
-    def decide(self, lag: int, now: float) -> int:
-        wanted = self.recommend(lag)
+    def decide(self, lag: int, now: float, partitions_with_lag: int | None = None) -> int:
+        wanted = self.recommend(lag, partitions_with_lag)
         self.history = [(t, r) for t, r in self.history if now - t < self.policy.cooldown]
         self.history.append((now, wanted))
         target = wanted if wanted >= self.current else max(r for _, r in self.history)

@@ -24,6 +24,7 @@ class Progress:
     parsed: int = 0
     stored: int = 0
     queued: int = 0
+    queued_partitions: int = 0
     errors: int = 0
     lag_total: int = 0
     elapsed: float = 0.0
@@ -74,18 +75,20 @@ class PipelineWatch:
             )
 
         lag_total = 0
-        queued = 0
+        queued = queued_partitions = 0
         for group, inputs in GROUP_INPUTS.items():
             rows = await self.probe.lag(group, [self.t(s) for s in inputs])
             group_lag = sum(row.lag for row in rows)
             lag_total += group_lag
             if group == FETCHER_GROUP:
                 queued = group_lag
+                queued_partitions = sum(1 for row in rows if row.lag > 0)
         return Progress(
             fetched=delta(FETCHED),
             parsed=delta(PAGES),
             stored=await self._sink_committed() - self._sink_baseline,
             queued=queued,
+            queued_partitions=queued_partitions,
             errors=delta(DLQ),
             lag_total=lag_total,
             elapsed=time.monotonic() - self._started,
@@ -146,7 +149,7 @@ def _autoscale(
     autoscaler: Autoscaler, stages: StageProcesses, progress: Progress, out: TextIO
 ) -> None:
     before = len(stages.replicas("fetcher"))
-    wanted = autoscaler.decide(progress.queued, time.monotonic())
+    wanted = autoscaler.decide(progress.queued, time.monotonic(), progress.queued_partitions)
     if wanted != before:
         stages.scale("fetcher", wanted)
         out.write(f"\nautoscale: fetch lag {progress.queued} -> fetchers {before} -> {wanted}\n")

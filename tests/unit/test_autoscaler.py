@@ -58,3 +58,20 @@ def test_spec_parsing() -> None:
     policy = ScalingPolicy.parse("2:5", lag_threshold=7, polling_interval=1.0, cooldown=3.0)
     assert (policy.min_replicas, policy.max_replicas, policy.lag_threshold) == (2, 5, 7)
     assert ScalingPolicy.parse("3").max_replicas == 3
+
+
+def test_limit_to_partitions_with_lag_caps_replicas_at_the_partitions_that_have_work() -> None:
+    # A one-host crawl: all of crawl.fetch's lag sits in the host's partition.
+    assert keda_replicas(10_000, 12, 100, 1, 1, 12) == 12
+    assert keda_replicas(10_000, 12, 100, 1, 1, 12, partitions_with_lag=1) == 1
+    assert keda_replicas(10_000, 12, 100, 1, 1, 12, partitions_with_lag=3) == 3
+    assert keda_replicas(150, 12, 100, 1, 1, 12, partitions_with_lag=3) == 2
+    assert keda_replicas(0, 12, 100, 1, 0, 12, partitions_with_lag=0) == 0
+
+
+def test_the_local_autoscaler_never_scales_out_a_single_host_crawl() -> None:
+    scaler = Autoscaler(ScalingPolicy(1, 12, lag_threshold=100, cooldown=30, partitions=12))
+    for second in range(0, 60, 5):
+        assert scaler.decide(lag=20_000, now=second, partitions_with_lag=1) == 1
+    assert scaler.decide(lag=20_000, now=60, partitions_with_lag=4) == 4
+    assert scaler.events == [(60, 20_000, 1, 4)]

@@ -307,6 +307,9 @@ def test_scaled_object_matches_the_topic_contract(rendered: list[Obj]) -> None:
     assert meta["version"] and re.fullmatch(r"\d+\.\d+\.\d+", meta["version"])
     assert int(meta["lagThreshold"]) == 100 and int(meta["activationLagThreshold"]) == 1
     assert meta["offsetResetPolicy"] == "earliest"
+    # One host's backlog is one partition's: only partitions with lag may add replicas
+    # (KEDA refuses this together with allowIdleConsumers).
+    assert meta["limitToPartitionsWithLag"] == "true" and meta["allowIdleConsumers"] == "false"
     auth = by_key(rendered)[("TriggerAuthentication", trigger["authenticationRef"]["name"])]
     params = {ref["parameter"]: ref for ref in auth["spec"]["secretTargetRef"]}
     assert set(params) == {"sasl", "username", "password", "tls", "ca"}
