@@ -165,6 +165,13 @@ class Settings:
         default=DEFAULT_SESSION_PARAMS,
         metadata={"doc": "Query parameters (and ;params) stripped from URLs as session ids."},
     )
+    frontier_recent_urls: int = field(
+        default=100_000,
+        metadata={
+            "doc": "Links the frontier remembers having sent to dedup, so a link repeated on "
+            "many pages (navigation) is one message, not one per page (0: off)."
+        },
+    )
     state_dir: str = field(
         default="",
         metadata={

@@ -10,7 +10,14 @@ from ..core.messages import Discovered, Kind, Page, Scope, Seed, SeedScope, deco
 from ..core.scope import Drop, Origin, canonical_url, scoped_candidate
 from ..core.urls import InvalidURL, host_of, hostname_of, in_scope
 
-__all__ = ["Drop", "Rejected", "candidates_from_page", "parse_seed", "seed_candidate"]
+__all__ = [
+    "Drop",
+    "RecentlySent",
+    "Rejected",
+    "candidates_from_page",
+    "parse_seed",
+    "seed_candidate",
+]
 
 
 class Rejected(ReasonedError):
@@ -89,3 +96,34 @@ def candidates_from_page(
             else:
                 kept.append(outcome)
     return kept, drops
+
+
+class RecentlySent:
+    """The (crawl id, URL) pairs this frontier sent to dedup lately, in bounded memory.
+
+    Pages of one site repeat the same navigation links; dedup would drop every repeat, but
+    each one would still be a Kafka message through two stages. Two generations of at
+    most ``capacity`` keys each: when the current one is full it becomes the old one and
+    the oldest is forgotten, so memory stays under ``2 * capacity`` keys. Forgetting is
+    harmless (dedup still decides); it only costs a message.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._current: set[tuple[str, str]] = set()
+        self._previous: set[tuple[str, str]] = set()
+
+    def __len__(self) -> int:
+        return len(self._current) + len(self._previous)
+
+    def first_time(self, crawl_id: str, url: str) -> bool:
+        """True (and remembered) unless the pair was sent lately."""
+        if self.capacity <= 0:
+            return True
+        key = (crawl_id, url)
+        if key in self._current or key in self._previous:
+            return False
+        if len(self._current) >= self.capacity:
+            self._previous, self._current = self._current, set()
+        self._current.add(key)
+        return True

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from ..core import metrics
+from ..core.config import Settings
 from ..core.messages import Discovered, Page, Seed, decode_seed
 from ..core.runtime import BatchStage, Input, Output, Received, json_input
 from ..core.topics import DISCOVERED, FRONTIER_GROUP, PAGES, SEEDS
-from .logic import Rejected, candidates_from_page, seed_candidate
+from .logic import RecentlySent, Rejected, candidates_from_page, seed_candidate
 
 # A redirect that cannot be followed is a failed fetch, not a scope decision: it is
 # dead-lettered so the user sees it.
@@ -18,6 +19,10 @@ FAILED_REDIRECTS = frozenset({"redirect_loop", "too_many_redirects"})
 class FrontierStage(BatchStage):
     name = "frontier"
     group = FRONTIER_GROUP
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.recent = RecentlySent(settings.frontier_recent_urls)
 
     def inputs(self) -> tuple[Input, ...]:
         return (Input(SEEDS, decode_seed), json_input(PAGES, Page))
@@ -42,7 +47,12 @@ class FrontierStage(BatchStage):
     def _from_page(self, item: Received[Page]) -> list[Output]:
         page = item.message
         candidates, drops = candidates_from_page(page, self.settings)
-        outputs = [self._discovered(candidate) for candidate in candidates]
+        outputs = []
+        for candidate in candidates:
+            if self.recent.first_time(candidate.crawl_id, candidate.url):
+                outputs.append(self._discovered(candidate))
+            else:
+                metrics.URLS_FILTERED.labels(self.name, "recently_sent").inc()
         for drop in drops:
             metrics.URLS_FILTERED.labels(self.name, drop.reason).inc()
             if drop.reason in FAILED_REDIRECTS:

@@ -360,6 +360,29 @@ async def test_frontier_turns_page_links_into_candidates_one_level_deeper() -> N
         assert (candidate.source, candidate.scope) == ("http://a.example/dir/page.html", SCOPE)
 
 
+async def test_frontier_sends_a_link_repeated_on_many_pages_once() -> None:
+    stage = FrontierStage(SETTINGS)
+    nav = ["http://a.example/", "http://a.example/about.html"]
+    records = [
+        record(
+            "crawl.pages",
+            encode(page(url=f"http://a.example/p{n}.html", links=[*nav, f"http://a.example/q{n}"])),
+            partition=1,
+            offset=n,
+            key=b"k",
+        )
+        for n in range(3)
+    ]
+    outputs = await run_batch(stage, records)
+    urls = [out.value.url for out in outputs]
+    assert sorted(urls) == sorted([*nav, *(f"http://a.example/q{n}" for n in range(3))])
+    # Another crawl of the same site is a different story.
+    other = record(
+        "crawl.pages", encode(page(crawl_id="c2", links=nav)), partition=1, offset=9, key=b"k"
+    )
+    assert [out.value.url for out in await run_batch(stage, [other])] == nav
+
+
 async def test_frontier_follows_redirects_and_dead_letters_loops() -> None:
     stage = FrontierStage(SETTINGS)
     hop = page(status=301, redirect_to="http://a.example/b", redirect_chain=["http://a.example/0"])

@@ -208,3 +208,20 @@ def test_redirect_target_keeps_depth_and_records_chain_and_loops_stop() -> None:
     )
     kept, drops = candidates_from_page(looping, SETTINGS)
     assert kept == [] and [d.reason for d in drops] == ["redirect_loop"]
+
+
+def test_recently_sent_links_are_sent_once_in_bounded_memory() -> None:
+    from streamcrawl.frontier.logic import RecentlySent
+
+    recent = RecentlySent(capacity=3)
+    assert recent.first_time("c", "http://a/1")
+    assert not recent.first_time("c", "http://a/1")
+    assert recent.first_time("other-crawl", "http://a/1")  # per crawl id
+    for n in range(2, 8):
+        assert recent.first_time("c", f"http://a/{n}")
+        assert len(recent) <= 6
+    # The oldest generation was forgotten: sending again is allowed (dedup still decides).
+    assert recent.first_time("c", "http://a/1")
+    assert not recent.first_time("c", "http://a/7")
+    off = RecentlySent(capacity=0)
+    assert off.first_time("c", "http://a/1") and off.first_time("c", "http://a/1")
