@@ -106,17 +106,19 @@ class DedupStage(BatchStage):
             started = time.monotonic()
             filters, starts = await self._starting_points(partitions)
             replayed = await self._replay(filters, starts)
-            self.replayed_records += replayed
+            self.replayed_records += sum(replayed.values())
             for partition, bloom in filters.items():
                 self.admission.filters[partition] = bloom
                 self._snapshot_at[partition] = time.monotonic()
+                if replayed.get(partition):
+                    self._changed.add(partition)  # the next snapshot spares that replay
                 self._export(partition, bloom)
             log.info(
                 "dedup: partitions %s rebuilt in %.2fs (%d crawl.fetch records replayed, "
                 "%d from snapshots)",
                 partitions,
                 time.monotonic() - started,
-                replayed,
+                sum(replayed.values()),
                 sum(1 for offset in starts.values() if offset is not None),
             )
 
@@ -160,7 +162,8 @@ class DedupStage(BatchStage):
 
     async def _replay(
         self, filters: dict[int, PartitionFilter], starts: dict[int, int | None]
-    ) -> int:
+    ) -> dict[int, int]:
+        """Replay crawl.fetch into ``filters`` from ``starts``; records read per partition."""
         replayer = self._replayer
         assert replayer is not None
         tps = [TopicPartition(self.fetch_topic, p) for p in filters]
@@ -173,7 +176,7 @@ class DedupStage(BatchStage):
                 replayer.seek(tp, start)
         ends = await replayer.end_offsets(tps)
         pending = {tp for tp in tps if await replayer.position(tp) < ends[tp]}
-        replayed = 0
+        replayed: dict[int, int] = {}
         while pending:
             batches = await replayer.getmany(*pending, timeout_ms=1000, max_records=5000)
             for tp, records in batches.items():
@@ -185,7 +188,7 @@ class DedupStage(BatchStage):
                         continue  # never produced by us; nothing to remember
                     # remember() also rebuilds the per-host and calendar counts.
                     bloom.remember(admitted.crawl_id, admitted.url)
-                replayed += len(records)
+                replayed[tp.partition] = replayed.get(tp.partition, 0) + len(records)
             pending = {tp for tp in pending if await replayer.position(tp) < ends[tp]}
         replayer.assign([])
         return replayed
