@@ -11,12 +11,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,9 +102,35 @@ class KafkaDistribution:
         return str(self.libs / "*")
 
 
+@contextmanager
+def exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` (created if needed) for a block: concurrent
+    provisioning and ``stack up`` calls, in any process, wait for each other."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def ensure_kafka(cache: Path | None = None) -> KafkaDistribution:
     """Return the cached Kafka class path, downloading it from Maven Central if absent."""
-    home = (cache or default_cache_dir()) / f"kafka-{KAFKA_VERSION}"
+    root = cache or default_cache_dir()
+    with exclusive(root / ".provision.lock"):
+        return _ensure_kafka(root)
+
+
+def ensure_ferretdb(cache: Path | None = None) -> Path:
+    """Return the path of a FerretDB binary, building it from the Go module proxy if absent."""
+    root = cache or default_cache_dir()
+    with exclusive(root / ".provision.lock"):
+        return _ensure_ferretdb(root)
+
+
+def _ensure_kafka(cache: Path) -> KafkaDistribution:
+    home = cache / f"kafka-{KAFKA_VERSION}"
     libs = home / "libs"
     marker = home / ".complete"
     if marker.exists():
@@ -133,9 +162,8 @@ def ensure_kafka(cache: Path | None = None) -> KafkaDistribution:
     return KafkaDistribution(libs)
 
 
-def ensure_ferretdb(cache: Path | None = None) -> Path:
-    """Return the path of a FerretDB binary, building it from the Go module proxy if absent."""
-    home = (cache or default_cache_dir()) / f"ferretdb-{FERRETDB_VERSION}"
+def _ensure_ferretdb(cache: Path) -> Path:
+    home = cache / f"ferretdb-{FERRETDB_VERSION}"
     binary = home / "ferretdb"
     if binary.exists():
         return binary

@@ -26,10 +26,12 @@ from pathlib import Path
 from .provision import (
     FERRETDB_VERSION,
     KAFKA_VERSION,
+    KafkaDistribution,
     ProvisionError,
     default_cache_dir,
     ensure_ferretdb,
     ensure_kafka,
+    exclusive,
 )
 
 log = logging.getLogger(__name__)
@@ -130,9 +132,14 @@ class LocalStack:
     # ---- public API -------------------------------------------------------
 
     def up(self, timeout: float = 120.0) -> None:
-        """Start what is not running (reusing what is) and wait until both answer."""
+        """Start what is not running (reusing what is) and wait until both answer. Two
+        ``up`` calls on one data directory wait for each other (the second reuses)."""
         kafka = ensure_kafka(self.config.cache_dir)
         ferretdb = ensure_ferretdb(self.config.cache_dir)
+        with exclusive(self.config.data_dir / ".stack.lock"):
+            self._up(kafka, ferretdb, timeout)
+
+    def _up(self, kafka: KafkaDistribution, ferretdb: Path, timeout: float) -> None:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         state = self._load_state()
         if not self._alive(state.get("kafka")):
@@ -321,6 +328,9 @@ class LocalStack:
     @staticmethod
     def _check_free(what: str, variable: str, port: int) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            # As the servers themselves do: a crashed server's TIME_WAIT sockets must not
+            # make its port look taken; only a listener (or a bound socket) does.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError as exc:
