@@ -150,13 +150,15 @@ def wait_child(
         time.sleep(every)
 
 
-def kafka_log_bytes(data_dir: Path, prefix: str) -> int:
-    """Bytes of record data (``*.log`` segments) in the partitions of the topics named
-    ``prefix...`` (index files are preallocated and sparse, so they are left out)."""
-    total = 0
+def kafka_log_bytes(data_dir: Path, prefix: str) -> dict[str, int]:
+    """Bytes of record data (``*.log`` segments) per topic named ``prefix...`` (index
+    files are preallocated and sparse, so they are left out)."""
+    sizes: dict[str, int] = {}
     if not data_dir.exists():
-        return 0
+        return sizes
     for partition in data_dir.iterdir():
         if partition.is_dir() and partition.name.startswith(prefix):
-            total += sum(f.stat().st_size for f in partition.glob("*.log"))
-    return total
+            topic = partition.name.rsplit("-", 1)[0]
+            size = sum(f.stat().st_size for f in partition.glob("*.log"))
+            sizes[topic] = sizes.get(topic, 0) + size
+    return sizes

@@ -194,7 +194,11 @@ class Bench:
         self._read_log(result, mark)
         self._account(result, process.pid, usage, sampler, fixed, before, after)
         if prefix is not None and self.stack is not None:
-            result.kafka_bytes = kafka_log_bytes(self.stack.kafka_data, prefix)
+            topics = kafka_log_bytes(self.stack.kafka_data, prefix)
+            result.kafka_bytes = sum(topics.values())
+            result.detail["kafka_topic_bytes"] = {
+                topic[len(prefix) :]: size for topic, size in sorted(topics.items())
+            }
         return result
 
     def _read_log(self, result: RunResult, mark: int) -> None:
