@@ -15,6 +15,7 @@ been published: a snapshot never claims a URL that is not on crawl.fetch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -61,6 +62,7 @@ class DedupStage(BatchStage):
         self._replayer: AIOKafkaConsumer | None = None
         self._replay_lock = asyncio.Lock()
         self.replayed_records = 0  # crawl.fetch records read by rebuilds, for tests and logs
+        self._rebuilding: asyncio.Task[None] | None = None
 
     def inputs(self) -> tuple[Input, ...]:
         return (json_input(DISCOVERED, Discovered),)
@@ -74,19 +76,37 @@ class DedupStage(BatchStage):
         await self._replayer.start()
 
     async def stop(self) -> None:
+        if self._rebuilding is not None and not self._rebuilding.done():
+            self._rebuilding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rebuilding
         await self._snapshot(list(self.admission.filters), force=True)
         if self._replayer is not None:
             await stop_consumer(self._replayer)
 
     async def on_assigned(self, partitions: Iterable[TopicPartition]) -> None:
+        # The rebuild runs beside the group's callbacks, not in them: a replay of millions
+        # of records must not stop the consumer's heartbeats (the member would be dropped
+        # from the group). The first batch of a partition waits for it in process().
         wanted = [
             tp.partition
             for tp in partitions
             if tp.topic == self.topic(DISCOVERED) and tp.partition not in self.admission.filters
         ]
-        await self._rebuild(wanted)
+        if wanted:
+            self._rebuilding = asyncio.create_task(self._rebuild(wanted))
+
+    async def rebuilt(self) -> None:
+        """Wait until the rebuild the last assignment started is over."""
+        if self._rebuilding is not None:
+            await asyncio.shield(self._rebuilding)
 
     async def on_revoked(self, partitions: Iterable[TopicPartition]) -> None:
+        if self._rebuilding is not None and not self._rebuilding.done():
+            # A rebuild must not install filters for partitions that are leaving.
+            self._rebuilding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rebuilding
         lost = [tp.partition for tp in partitions if tp.partition in self.admission.filters]
         await self._snapshot(lost, force=True)
         for partition in lost:
@@ -235,7 +255,7 @@ class DedupStage(BatchStage):
             candidate: Discovered = item.message
             partition = item.record.partition
             if partition not in self.admission.filters:
-                # Assigned without the callback having run (should not happen): rebuild now.
+                # Waits for the rebuild on_assigned started (or starts one).
                 await self._rebuild([partition])
             verdict = self.admission.decide(
                 partition,

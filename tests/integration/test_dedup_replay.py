@@ -99,11 +99,12 @@ async def test_a_batch_during_the_assignment_replay_is_not_admitted_twice(
     await stage.start()
     partition = TopicPartition(settings.topic_prefix + "discovered", 0)
 
-    assigning = asyncio.create_task(stage.on_assigned([partition]))
+    await stage.on_assigned([partition])  # starts the rebuild beside the group's callbacks
+    rebuilding = asyncio.create_task(stage.rebuilt())
     await asyncio.sleep(0.05)
-    assert not assigning.done(), "the replay should still be running"
+    assert not rebuilding.done(), "the replay should still be running"
     first = await stage.process([received(settings, candidate("new"), 0)])
-    await assigning
+    await rebuilding
     again = await stage.process([received(settings, candidate("new"), 1)])
     await stage.stop()
     assert stage.replayed_records == HISTORY, "partition 0 was rebuilt more than once"
@@ -227,6 +228,7 @@ async def test_a_restart_replays_only_what_came_after_its_snapshot(
     first = DedupStage(settings)
     await first.start()
     await first.on_assigned([partition])
+    await first.rebuilt()
     assert first.replayed_records == 5000
     outputs = await first.process([received(settings, candidate("a"), 0)])
     await produce_outputs(settings, outputs)  # what the runtime does after process()
@@ -240,6 +242,7 @@ async def test_a_restart_replays_only_what_came_after_its_snapshot(
     second = DedupStage(settings)
     await second.start()
     await second.on_assigned([partition])
+    await second.rebuilt()
     try:
         assert second.replayed_records == 2, "only the records after the snapshot"
         for n, path in enumerate(["a", "b", "c"]):
@@ -263,6 +266,7 @@ async def test_an_unreadable_snapshot_means_a_full_replay(
     await stage.start()
     try:
         await stage.on_assigned([TopicPartition(settings.topic_prefix + "discovered", 0)])
+        await stage.rebuilt()
         assert stage.replayed_records == 300
         old = candidate("old/299", "earlier-crawl")
         assert await stage.process([received(settings, old, 0)]) == []
