@@ -7,6 +7,7 @@ robots.txt lists. Each decision is a candidate or a :class:`Drop` with its reaso
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .config import Settings
 from .messages import Discovered, Kind, Scope
@@ -24,7 +25,14 @@ class Drop:
 
 def canonical_url(url: str, settings: Settings) -> str:
     """The one spelling of ``url`` under these settings (raises :class:`InvalidURL`)."""
-    return canonicalize(url, settings.max_url_length, settings.session_params)
+    return _canonical(url, settings.max_url_length, settings.session_params)
+
+
+# Canonicalising costs ~40-70 us a URL (w3lib), and a site's pages repeat the same links
+# (navigation, footers): the frontier sees each of them once per page. Bounded, so memory is.
+@lru_cache(maxsize=1 << 16)
+def _canonical(url: str, max_length: int, session_params: tuple[str, ...]) -> str:
+    return canonicalize(url, max_length, session_params)
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,18 @@ def scoped_candidate(
         url = canonical_url(target, settings)
     except InvalidURL as exc:
         return Drop(exc.reason)
+    return candidate_for(url, origin, depth, settings, now, kind)
+
+
+def candidate_for(
+    url: str,
+    origin: Origin,
+    depth: int,
+    settings: Settings,
+    now: float,
+    kind: Kind = "page",
+) -> Discovered | Drop:
+    """:func:`scoped_candidate` for a URL already in canonical form."""
     if not in_scope(url, origin.scope.allow_domains):
         return Drop("out_of_scope")
     # A relative-link loop (/x/x/x/, /a/b/a/b/a/b/); 0 turns the check off.

@@ -7,7 +7,7 @@ import time
 from ..core.config import Settings
 from ..core.errors import ReasonedError
 from ..core.messages import Discovered, Kind, Page, Scope, Seed, SeedScope, decode_seed
-from ..core.scope import Drop, Origin, canonical_url, scoped_candidate
+from ..core.scope import Drop, Origin, candidate_for, canonical_url
 from ..core.urls import InvalidURL, host_of, hostname_of, in_scope
 
 __all__ = [
@@ -61,13 +61,18 @@ def parse_seed(value: bytes | None, settings: Settings, now: float | None = None
 
 
 def candidates_from_page(
-    page: Page, settings: Settings, now: float | None = None
+    page: Page,
+    settings: Settings,
+    now: float | None = None,
+    recent: RecentlySent | None = None,
 ) -> tuple[list[Discovered], list[Drop]]:
     """The in-scope candidates a parsed page leads to: its links, or its redirect target.
 
     A sitemap's links are pages one level deeper than the sitemap; the sitemaps it lists
     keep its depth (an index does not make its children deeper) and are candidates of
-    kind "sitemap", as is the target of a sitemap's redirect.
+    kind "sitemap", as is the target of a sitemap's redirect. With ``recent``, a link this
+    frontier decided lately for the same crawl (sent, or left out of scope) is skipped
+    before any further work, and dropped as ``recently_sent``.
     """
     stamp = time.time() if now is None else now
     sitemap = page.kind == "sitemap"
@@ -75,9 +80,11 @@ def candidates_from_page(
     # (targets, their depth, their kind)
     groups: list[tuple[list[str], int, Kind]]
     if page.redirect_to:
-        # A redirect hop keeps the depth of the link that led to it.
+        # A redirect hop keeps the depth of the link that led to it; whether it loops
+        # depends on its chain, so it is always decided afresh.
         chain = (*page.redirect_chain, page.url)
         groups = [([page.redirect_to], page.depth, "sitemap" if sitemap else "page")]
+        recent = None
     else:
         chain, groups = (), [(page.links, page.depth + 1, "page")]
         if sitemap:
@@ -90,7 +97,15 @@ def candidates_from_page(
             drops.extend([Drop("max_depth")] * len(targets))
             continue
         for target in targets:
-            outcome = scoped_candidate(target, origin, depth, settings, stamp, kind)
+            try:
+                url = canonical_url(target, settings)
+            except InvalidURL as exc:
+                drops.append(Drop(exc.reason))
+                continue
+            if recent is not None and not recent.first_time(page.crawl_id, url):
+                drops.append(RECENTLY_SENT)
+                continue
+            outcome = candidate_for(url, origin, depth, settings, stamp, kind)
             if isinstance(outcome, Drop):
                 drops.append(outcome)
             else:
@@ -98,8 +113,12 @@ def candidates_from_page(
     return kept, drops
 
 
+RECENTLY_SENT = Drop("recently_sent")
+
+
 class RecentlySent:
-    """The (crawl id, URL) pairs this frontier sent to dedup lately, in bounded memory.
+    """The (crawl id, URL) pairs this frontier decided lately (sent to dedup, or left out of
+    scope), in bounded memory.
 
     Pages of one site repeat the same navigation links; dedup would drop every repeat, but
     each one would still be a Kafka message through two stages. Two generations of at

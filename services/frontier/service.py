@@ -46,13 +46,8 @@ class FrontierStage(BatchStage):
 
     def _from_page(self, item: Received[Page]) -> list[Output]:
         page = item.message
-        candidates, drops = candidates_from_page(page, self.settings)
-        outputs = []
-        for candidate in candidates:
-            if self.recent.first_time(candidate.crawl_id, candidate.url):
-                outputs.append(self._discovered(candidate))
-            else:
-                metrics.URLS_FILTERED.labels(self.name, "recently_sent").inc()
+        candidates, drops = candidates_from_page(page, self.settings, recent=self.recent)
+        outputs = [self._discovered(candidate) for candidate in candidates]
         for drop in drops:
             metrics.URLS_FILTERED.labels(self.name, drop.reason).inc()
             if drop.reason in FAILED_REDIRECTS:
