@@ -208,15 +208,30 @@ async def test_malformed_seeds_go_to_the_dlq_and_good_seeds_crawl(
 
 
 @pytest.mark.skipif(KCAT is None, reason="Debian's kcat is not installed")
+@pytest.mark.parametrize("only_lagging_partitions", [False, True])
 async def test_autoscaled_fetchers_share_the_group_and_lose_nothing(
-    stack: StackConfig, site: Site, tmp_path: Path
+    stack: StackConfig, site: Site, tmp_path: Path, only_lagging_partitions: bool
 ) -> None:
+    """The test site is one host, so all of crawl.fetch's lag sits in one partition. Counting
+    every partition (KEDA's default) scales out, and the fetchers share the group without
+    losing or repeating a page; counting only partitions with lag (limitToPartitionsWithLag,
+    our default) never adds a fetcher that could get no work."""
     settings = crawl_settings(stack)
-    policy = ScalingPolicy(1, 3, lag_threshold=50, polling_interval=1.0, cooldown=4.0)
+    policy = ScalingPolicy(
+        1,
+        3,
+        lag_threshold=50,
+        polling_interval=1.0,
+        cooldown=4.0,
+        limit_to_partitions_with_lag=only_lagging_partitions,
+    )
     autoscaler = Autoscaler(policy)
     await run_crawl(settings, tmp_path, [site.manifest.entry_url.encode()], autoscaler=autoscaler)
     assert_complete_and_unique(site, await stored_documents(settings))
     peaks = [after for _, _, _, after in autoscaler.events]
-    assert peaks and max(peaks) > 1, autoscaler.events  # the lag made it scale out
     logs = sorted(p.name for p in (tmp_path / "logs").glob("fetcher*.log"))
+    if only_lagging_partitions:
+        assert peaks == [] and logs == ["fetcher.log"], autoscaler.events
+        return
+    assert peaks and max(peaks) > 1, autoscaler.events  # the lag made it scale out
     assert len(logs) == max(peaks)  # each replica ran as its own process
