@@ -28,8 +28,9 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
         "linger_ms": 5,
         "max_batch_size": 1024 * 1024,
         "max_request_size": MAX_MESSAGE_BYTES,
-        # lz4: cheap in CPU, and crawl.pages (text and links as JSON) shrinks several-fold.
-        "compression_type": "lz4",
+        # zstd (level 3): crawl.pages (text and links as JSON) shrinks ~5x for ~60 us a page.
+        # Not lz4: aiokafka compresses it at level 9, ~18x zstd's CPU for less gain.
+        "compression_type": "zstd",
         "request_timeout_ms": 30000,
     }
     options.update(overrides)
