@@ -179,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     crawl.add_argument("--demo-pages", type=int, default=2000)
     crawl.add_argument("--timeout", type=float, default=None, help="give up after N seconds")
     crawl.add_argument(
+        "--count-stored",
+        action="store_true",
+        help="end by counting this crawl's documents in MongoDB (a FerretDB/SQLite count scans "
+        "the collection); by default the summary counts the sink's writes from Kafka offsets",
+    )
+    crawl.add_argument(
         "--autoscale",
         metavar="MIN:MAX",
         help="scale fetcher processes on crawl.fetch lag, as KEDA would",
