@@ -5,11 +5,13 @@
 
 Each NAME=PYTHON is an interpreter with a streamcrawl installed (for example a worktree of
 an older commit with its own virtualenv). The site is generated and served by nginx once;
-the installs then crawl it in turn, ``--rounds`` times each, alternating, each run on fresh
-topics and a fresh collection (its own ``STREAMCRAWL_TOPIC_PREFIX`` and
-``STREAMCRAWL_MONGO_COLLECTION``) of one local stack, with the same settings as
-``crawl --demo``. Every run's pages/s is read from the crawl command's summary, and the
-pages requested more than once are counted from nginx's access log (must be 0).
+the installs then crawl it in turn, ``--rounds`` times each, alternating. Each run gets a
+fresh collection and fresh topics (its own ``STREAMCRAWL_MONGO_COLLECTION`` and
+``STREAMCRAWL_TOPIC_PREFIX``) of one local stack, or with ``--reuse-topics`` the topics of its
+install, kept across its rounds (a stack with history, where dedup's replays matter), always
+with the settings of ``crawl --demo``. Every run's pages/s is read from the crawl command's
+summary, and the pages requested more than once are counted from nginx's access log (must
+be 0).
 """
 
 from __future__ import annotations
@@ -33,12 +35,15 @@ _RATE = re.compile(r"rate\s+([0-9.]+) pages/s")
 _STORED = re.compile(r"stored\s+(\d+) documents")
 
 
-def crawl_once(python: str, url: str, env: dict[str, str]) -> tuple[float, int]:
-    # Fresh topics and a fresh collection: a run never pays for the ones before it.
+def crawl_once(
+    python: str, url: str, env: dict[str, str], prefix: str | None = None
+) -> tuple[float, int]:
+    # A fresh collection, and fresh topics unless ``prefix`` says which to reuse: by default
+    # a run never pays for the ones before it.
     tag = uuid.uuid4().hex[:8]
     run_env = {
         **env,
-        "STREAMCRAWL_TOPIC_PREFIX": f"bench{tag}.",
+        "STREAMCRAWL_TOPIC_PREFIX": prefix or f"bench{tag}.",
         "STREAMCRAWL_MONGO_COLLECTION": f"bench_{tag}",
     }
     done = subprocess.run(
@@ -61,6 +66,12 @@ def main() -> None:
     parser.add_argument("installs", nargs="+", help="NAME=PYTHON")
     parser.add_argument("--pages", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--reuse-topics",
+        action="store_true",
+        help="each install crawls on its own topics kept across its rounds (a new crawl id "
+        "each time), with a dedup state directory of its own: a stack with history",
+    )
     args = parser.parse_args()
     installs = [item.split("=", 1) for item in args.installs]
     config = StackConfig.from_env()
@@ -78,11 +89,14 @@ def main() -> None:
         root = Path(work)
         port = _free_port()
         manifest = generate_site(root, pages=args.pages, port=port)
+        stamp = uuid.uuid4().hex[:6]
         with NginxSite(root, port) as site:
             for round_number in range(args.rounds):
                 for name, python in installs:
                     seen = len(site.access_log_entries())
-                    rate, stored = crawl_once(python, manifest.entry_url, env)
+                    prefix = f"history{name}{stamp}." if args.reuse_topics else None
+                    run_env = {**env, "STREAMCRAWL_STATE_DIR": str(root / f"state-{name}")}
+                    rate, stored = crawl_once(python, manifest.entry_url, run_env, prefix)
                     paths = Counter(e.path for e in site.access_log_entries()[seen:])
                     twice = sum(count - 1 for count in paths.values() if count > 1)
                     duplicates[name] += twice
