@@ -95,6 +95,16 @@ class HostScheduler(Generic[T]):
             self._schedule(host, state, now)
         return ready
 
+    def started(self, host: str, now: float) -> None:
+        """The request taken for ``host`` is really being sent now: under load a task can
+        start well after it was dispatched, and the delay counts from what the server sees."""
+        state = self._hosts.get(host)
+        if state is None or now <= state.last_start:
+            return
+        state.last_start = now
+        state.next_start = max(state.next_start, now + self._delay_for(host))
+        self._schedule(host, state, now)
+
     def done(self, host: str, now: float) -> None:
         """A request of ``host`` finished: its slot is free (the delay still applies)."""
         state = self._hosts.get(host)

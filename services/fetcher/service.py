@@ -168,6 +168,7 @@ class FetcherStage(StreamStage):
 
     async def _read_robots(self, host: str, page_url: str) -> None:
         self.requests_in_flight += 1
+        self.scheduler.started(host, time.monotonic())
         try:
             rules = await read_robots(
                 urljoin(page_url, "/robots.txt"), lambda url: self.downloader.robots(url, host)
@@ -201,6 +202,7 @@ class FetcherStage(StreamStage):
     async def _fetch(self, job: Job) -> None:
         self.requests_in_flight += 1
         metrics.FETCH_IN_FLIGHT.inc()
+        self.scheduler.started(job.host, time.monotonic())
         try:
             outcome: FetchResult | FetchFailed = await self.downloader.page(
                 job.request.url, job.host

@@ -49,6 +49,23 @@ def test_one_host_is_released_no_faster_than_its_delay() -> None:
     assert times[-1] < 4.1  # and no slower than needed
 
 
+def test_a_request_sent_late_counts_its_delay_from_when_it_was_sent() -> None:
+    # Under load the task that sends a request can start well after its dispatch; the
+    # server sees the send, so the next start must be a whole delay after it.
+    scheduler: HostScheduler[str] = HostScheduler(2, lambda host: 1.0)
+    for i in range(3):
+        scheduler.add("a", f"a{i}", now=0.0)
+    assert [item for _, item in scheduler.take_ready(0.0, limit=10)] == ["a0"]
+    scheduler.started("a", 0.07)  # sent 70 ms after its dispatch
+    scheduler.done("a", 0.08)
+    assert scheduler.take_ready(1.0, limit=10) == []
+    assert [item for _, item in scheduler.take_ready(1.07, limit=10)] == ["a1"]
+    scheduler.started("a", 1.07)  # on time: nothing moves
+    scheduler.done("a", 1.08)
+    assert scheduler.take_ready(2.06, limit=10) == []
+    assert [item for _, item in scheduler.take_ready(2.08, limit=10)] == ["a2"]
+
+
 def test_a_delayed_host_does_not_hold_back_others() -> None:
     delays = {"slow": 5.0, "fast": 0.1}
     scheduler: HostScheduler[str] = HostScheduler(1, delays.__getitem__)
