@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from ..core import metrics
@@ -48,8 +49,10 @@ class FrontierStage(BatchStage):
         page = item.message
         candidates, drops = candidates_from_page(page, self.settings, recent=self.recent)
         outputs = [self._discovered(candidate) for candidate in candidates]
+        # One increment per reason, not per link: labels() is a dict lookup under a lock.
+        for reason, count in Counter(drop.reason for drop in drops).items():
+            metrics.URLS_FILTERED.labels(self.name, reason).inc(count)
         for drop in drops:
-            metrics.URLS_FILTERED.labels(self.name, drop.reason).inc()
             if drop.reason in FAILED_REDIRECTS:
                 chain = " -> ".join([*page.redirect_chain, page.url])
                 detail = f"{chain} -> {page.redirect_to}"
