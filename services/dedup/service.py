@@ -124,8 +124,8 @@ class DedupStage(BatchStage):
             if not partitions:
                 return
             started = time.monotonic()
-            filters, starts = await self._starting_points(partitions)
-            replayed = await self._replay(filters, starts)
+            filters, starts, ends, snapshots = await self._starting_points(partitions)
+            replayed = await self._replay(filters, starts, ends)
             self.replayed_records += sum(replayed.values())
             for partition, bloom in filters.items():
                 self.admission.filters[partition] = bloom
@@ -139,18 +139,21 @@ class DedupStage(BatchStage):
                 partitions,
                 time.monotonic() - started,
                 sum(replayed.values()),
-                sum(1 for offset in starts.values() if offset is not None),
+                snapshots,
             )
 
     async def _starting_points(
         self, partitions: list[int]
-    ) -> tuple[dict[int, PartitionFilter], dict[int, int | None]]:
+    ) -> tuple[dict[int, PartitionFilter], dict[int, int], dict[int, int], int]:
+        """Per partition: its filter (from a snapshot, or empty), the crawl.fetch offset to
+        replay from and the end offset to replay to; and how many snapshots were used."""
         assert self._replayer is not None
         tps = [TopicPartition(self.fetch_topic, p) for p in partitions]
         firsts = await self._replayer.beginning_offsets(tps)
         ends = await self._replayer.end_offsets(tps)
         filters: dict[int, PartitionFilter] = {}
-        starts: dict[int, int | None] = {}
+        starts: dict[int, int] = {}
+        used = 0
         for tp in tps:
             snapshot = self.snapshots.load(tp.partition) if self.snapshots else None
             if snapshot is not None and snapshot.offset > ends[tp]:
@@ -177,25 +180,26 @@ class DedupStage(BatchStage):
                 if snapshot is not None
                 else PartitionFilter(self.settings.bloom_capacity, self.settings.bloom_error_rate)
             )
-            starts[tp.partition] = snapshot.offset if snapshot is not None else None
-        return filters, starts
+            starts[tp.partition] = snapshot.offset if snapshot is not None else firsts[tp]
+            used += snapshot is not None
+        return filters, starts, {tp.partition: ends[tp] for tp in tps}, used
 
     async def _replay(
-        self, filters: dict[int, PartitionFilter], starts: dict[int, int | None]
+        self, filters: dict[int, PartitionFilter], starts: dict[int, int], ends: dict[int, int]
     ) -> dict[int, int]:
-        """Replay crawl.fetch into ``filters`` from ``starts``; records read per partition."""
+        """Replay crawl.fetch into ``filters`` from ``starts`` to ``ends``; records read per
+        partition. Positions are followed from the records read (a broker round trip per
+        partition and poll would cost seconds on a busy start); a partition that returns
+        nothing is asked for its position."""
         replayer = self._replayer
         assert replayer is not None
-        tps = [TopicPartition(self.fetch_topic, p) for p in filters]
-        replayer.assign(tps)
-        for tp in tps:
-            start = starts[tp.partition]
-            if start is None:
-                await replayer.seek_to_beginning(tp)
-            else:
-                replayer.seek(tp, start)
-        ends = await replayer.end_offsets(tps)
-        pending = {tp for tp in tps if await replayer.position(tp) < ends[tp]}
+        tps = {TopicPartition(self.fetch_topic, p): p for p in filters}
+        replayer.assign(list(tps))
+        positions = {}
+        for tp, partition in tps.items():
+            replayer.seek(tp, starts[partition])
+            positions[tp] = starts[partition]
+        pending = {tp for tp, partition in tps.items() if positions[tp] < ends[partition]}
         replayed: dict[int, int] = {}
         while pending:
             batches = await replayer.getmany(*pending, timeout_ms=1000, max_records=5000)
@@ -208,8 +212,12 @@ class DedupStage(BatchStage):
                         continue  # never produced by us; nothing to remember
                     # remember() also rebuilds the per-host and calendar counts.
                     bloom.remember(admitted.crawl_id, admitted.url)
+                if records:
+                    positions[tp] = records[-1].offset + 1
                 replayed[tp.partition] = replayed.get(tp.partition, 0) + len(records)
-            pending = {tp for tp in pending if await replayer.position(tp) < ends[tp]}
+            for tp in pending - set(batches):
+                positions[tp] = await replayer.position(tp)
+            pending = {tp for tp in pending if positions[tp] < ends[tp.partition]}
         replayer.assign([])
         return replayed
 
