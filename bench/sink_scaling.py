@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -25,8 +24,7 @@ from typing import Any
 
 from pymongo import MongoClient, ReplaceOne
 from pymongo.collection import Collection
-from sink_writes import free_port, page
-from streamcrawl.localstack.provision import ensure_ferretdb
+from sink_writes import free_port, page, start_ferretdb
 
 BATCH = 200
 
@@ -76,22 +74,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="2000,20000,60000")
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")]
-    binary = ensure_ferretdb()
     root = Path(tempfile.mkdtemp(prefix="sink-scaling-"))
-    (root / "data").mkdir()
     port = free_port()
-    server = subprocess.Popen(
-        [
-            str(binary),
-            "--handler=sqlite",
-            f"--sqlite-url=file:{root / 'data'}/",
-            f"--listen-addr=127.0.0.1:{port}",
-            "--telemetry=disable",
-            f"--state-dir={root}",
-            "--debug-addr=-",
-            "--log-level=error",
-        ]
-    )
+    server = start_ferretdb(root, port)
     rows = []
     try:
         client: MongoClient[dict[str, Any]] = MongoClient(

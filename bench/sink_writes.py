@@ -43,6 +43,23 @@ def page(n: int, version: int) -> dict[str, Any]:
     }
 
 
+def start_ferretdb(root: Path, port: int) -> subprocess.Popen[bytes]:
+    """The project's cached FerretDB build (SQLite backend) on 127.0.0.1:``port``."""
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [
+            str(ensure_ferretdb()),
+            "--handler=sqlite",
+            f"--sqlite-url=file:{root / 'data'}/",
+            f"--listen-addr=127.0.0.1:{port}",
+            "--telemetry=disable",
+            f"--state-dir={root}",
+            "--debug-addr=-",
+            "--log-level=error",
+        ]
+    )
+
+
 def timed(label: str, count: int, action: Any) -> tuple[str, float]:
     started = time.perf_counter()
     action()
@@ -53,22 +70,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--docs", type=int, default=2000)
     args = parser.parse_args()
-    binary = ensure_ferretdb()
     root = Path(tempfile.mkdtemp(prefix="sink-bench-"))
-    (root / "data").mkdir()
     port = free_port()
-    server = subprocess.Popen(
-        [
-            str(binary),
-            "--handler=sqlite",
-            f"--sqlite-url=file:{root / 'data'}/",
-            f"--listen-addr=127.0.0.1:{port}",
-            "--telemetry=disable",
-            f"--state-dir={root}",
-            "--debug-addr=-",
-            "--log-level=error",
-        ]
-    )
+    server = start_ferretdb(root, port)
     try:
         client: MongoClient[dict[str, Any]] = MongoClient(
             f"mongodb://127.0.0.1:{port}/", serverSelectionTimeoutMS=20000
