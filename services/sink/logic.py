@@ -35,16 +35,20 @@ def storage_id(page: Page, settings: Settings) -> str:
 
 
 def document_for(page: Page, stored_at: float, settings: Settings) -> dict[str, Any]:
-    return {"_id": storage_id(page, settings), **to_dict(page), "stored_at": stored_at}
+    return document_under(storage_id(page, settings), page, stored_at)
 
 
-def latest_documents(pages: list[Page], settings: Settings) -> list[int]:
-    """Positions of the pages to write: the last version of a URL in a batch wins, and
-    then the last page stored under one ``_id`` (spellings of a page that declare one
-    canonical)."""
+def document_under(document_id: str, page: Page, stored_at: float) -> dict[str, Any]:
+    """The document of ``page`` under an ``_id`` already worked out by :func:`storage_id`."""
+    return {"_id": document_id, **to_dict(page), "stored_at": stored_at}
+
+
+def latest_documents(pages: list[Page], settings: Settings) -> dict[str, int]:
+    """The pages to write, by ``_id``, as positions in ``pages``: the last version of a URL
+    in a batch wins, and then the last page stored under one ``_id`` (spellings of a page
+    that declare one canonical)."""
     by_url = {page.url: index for index, page in enumerate(pages)}
-    by_id = {storage_id(pages[index], settings): index for index in by_url.values()}
-    return list(by_id.values())
+    return {storage_id(pages[index], settings): index for index in by_url.values()}
 
 
 def classify_failures(error: BulkWriteError) -> tuple[set[int], dict[int, str]]:

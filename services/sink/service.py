@@ -27,7 +27,7 @@ from ..core import metrics
 from ..core.messages import Page
 from ..core.runtime import BatchStage, Input, Output, Received, json_input
 from ..core.topics import PAGES, SINK_GROUP
-from .logic import classify_failures, document_for, latest_documents
+from .logic import classify_failures, document_under, latest_documents
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,11 @@ class SinkStage(BatchStage):
     async def process(self, batch: list[Received[Any]]) -> list[Output]:
         stored_at = time.time()
         pages: list[Page] = [item.message for item in batch]
-        chosen = latest_documents(pages, self.settings)
-        if not chosen:
+        latest = latest_documents(pages, self.settings)
+        if not latest:
             return []
-        documents = [document_for(pages[i], stored_at, self.settings) for i in chosen]
+        chosen = list(latest.values())
+        documents = [document_under(_id, pages[i], stored_at) for _id, i in latest.items()]
         rejected: dict[int, str] = await self._retry(
             f"writing {len(documents)} pages", lambda: self._store(documents)
         )

@@ -21,7 +21,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from streamcrawl.core.config import Settings
 from streamcrawl.core.kafka import create_topics, make_producer, stop_consumer
-from streamcrawl.core.messages import Discovered, Fetch, Scope, encode
+from streamcrawl.core.messages import Discovered, Scope, encode, fetch_from
 from streamcrawl.core.runtime import Output, Received, run_stage
 from streamcrawl.core.topics import DEDUP_GROUP
 from streamcrawl.dedup.service import DedupStage
@@ -71,18 +71,7 @@ async def fill_history(settings: Settings, count: int) -> None:
         topic = settings.topic_prefix + "fetch"
         batch = []
         for n in range(count):
-            value = encode(
-                Fetch(
-                    url=f"http://example.com/old/{n}",
-                    host="example.com",
-                    crawl_id="earlier-crawl",
-                    depth=1,
-                    priority=5,
-                    scope=SCOPE,
-                    discovered_at=1.0,
-                    admitted_at=2.0,
-                )
-            )
+            value = encode(fetch_from(candidate(f"old/{n}", "earlier-crawl"), 2.0))
             batch.append(await producer.send(topic, value, key=b"example.com", partition=0))
         await asyncio.gather(*batch)
     finally:
@@ -290,16 +279,7 @@ async def fill_tail(settings: Settings, paths: list[str]) -> None:
     outputs = [
         Output(
             settings.topic_prefix + "fetch",
-            Fetch(
-                url=f"http://example.com/{path}",
-                host="example.com",
-                crawl_id="replay-test",
-                depth=1,
-                priority=5,
-                scope=SCOPE,
-                discovered_at=1.0,
-                admitted_at=2.0,
-            ),
+            fetch_from(candidate(path), 2.0),
             key=b"example.com",
             partition=0,
         )

@@ -611,10 +611,9 @@ def test_sink_decodes_pages_and_picks_the_last_version_of_each_document() -> Non
     assert decoded == pages
     chosen = latest_documents(decoded, SETTINGS)
     # One document per _id: /a's last spelling wins over /a itself.
-    assert sorted(chosen) == [1, 3]
-    documents = {
-        storage_id(decoded[i], SETTINGS): document_for(decoded[i], 5.0, SETTINGS) for i in chosen
-    }
+    assert sorted(chosen.values()) == [1, 3]
+    assert all(storage_id(decoded[i], SETTINGS) == _id for _id, i in chosen.items())
+    documents = {_id: document_for(decoded[i], 5.0, SETTINGS) for _id, i in chosen.items()}
     assert set(documents) == {"http://a.example/a", "http://a.example/b"}
     spelling = documents["http://a.example/a"]
     assert (spelling["_id"], spelling["url"], spelling["title"]) == (
@@ -623,7 +622,7 @@ def test_sink_decodes_pages_and_picks_the_last_version_of_each_document() -> Non
         "spelling",
     )
     assert spelling["stored_at"] == 5.0 and spelling["scope"] == msgspec.to_builtins(SCOPE)
-    assert latest_documents([], SETTINGS) == []
+    assert latest_documents([], SETTINGS) == {}
 
 
 def test_sink_replaces_duplicates_and_dead_letters_refusals() -> None:
