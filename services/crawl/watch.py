@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from aiokafka import TopicPartition
@@ -16,6 +16,9 @@ from ..core.kafka import OffsetProbe
 from ..core.topics import DLQ, FETCHED, FETCHER_GROUP, GROUP_INPUTS, PAGES, SINK_GROUP
 from .autoscale import Autoscaler
 from .processes import StageProcesses
+
+# Every topic a stage reads or writes: a record on any of them is work in flight.
+_PIPELINE_TOPICS = tuple(sorted({DLQ, *(s for inputs in GROUP_INPUTS.values() for s in inputs)}))
 
 
 @dataclass
@@ -29,6 +32,8 @@ class Progress:
     lag_total: int = 0
     elapsed: float = 0.0
     fetchers: int = 1
+    # Every pipeline topic's end offsets, read after the groups' lag: see watch_until_drained.
+    ends: dict[TopicPartition, int] = field(default_factory=dict, repr=False)
 
     @property
     def rate(self) -> float:
@@ -83,6 +88,7 @@ class PipelineWatch:
             if group == FETCHER_GROUP:
                 queued = group_lag
                 queued_partitions = sum(1 for row in rows if row.lag > 0)
+        pipeline_ends = await self.probe.end_offsets(self.t(s) for s in _PIPELINE_TOPICS)
         return Progress(
             fetched=delta(FETCHED),
             parsed=delta(PAGES),
@@ -92,6 +98,7 @@ class PipelineWatch:
             errors=delta(DLQ),
             lag_total=lag_total,
             elapsed=time.monotonic() - self._started,
+            ends=pipeline_ends,
         )
 
     async def stop(self) -> None:
@@ -102,12 +109,20 @@ async def watch_until_drained(
     watch: PipelineWatch,
     stages: StageProcesses,
     out: TextIO,
-    quiet_polls: int = 3,
-    interval: float = 1.0,
+    quiet_polls: int = 1,
+    interval: float = 0.5,
     timeout: float | None = None,
     autoscaler: Autoscaler | None = None,
 ) -> Progress:
-    """Poll until every group has committed everything, several polls in a row."""
+    """Poll until the pipeline is drained: no lag in any group at two polls in a row, and
+    no record added to any pipeline topic between them (``quiet_polls`` such pairs).
+
+    Why two polls suffice: every stage publishes a record's outputs, and waits for the
+    broker's acknowledgement, before it commits the record. So once every group has
+    committed every record below the end offsets of the earlier poll, and those end
+    offsets have not moved by the later poll (read after its lag), all those records'
+    outputs are below them too: nothing is held in flight anywhere.
+    """
     calm = 0
     next_scale = time.monotonic()
     last: Progress | None = None
@@ -130,12 +145,7 @@ async def watch_until_drained(
         dead = stages.dead()
         if dead:
             raise RuntimeError(f"stage(s) {', '.join(dead)} exited; see their logs")
-        unchanged = last is not None and (last.fetched, last.parsed, last.stored) == (
-            progress.fetched,
-            progress.parsed,
-            progress.stored,
-        )
-        calm = calm + 1 if progress.lag_total == 0 and unchanged else 0
+        calm = calm + 1 if last is not None and _drained_between(last, progress) else 0
         last = progress
         if calm >= quiet_polls:
             if tty:
@@ -143,6 +153,10 @@ async def watch_until_drained(
             return progress
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError("the crawl did not drain in time")
+
+
+def _drained_between(earlier: Progress, later: Progress) -> bool:
+    return earlier.lag_total == 0 and later.lag_total == 0 and earlier.ends == later.ends
 
 
 def _autoscale(

@@ -372,3 +372,15 @@ def test_broken_markup_does_not_raise() -> None:
     for body in samples:
         _finishes_quickly(body)
     assert extract_page(b"", URL, None).text == ""
+
+
+def test_nesting_cap_cuts_before_the_first_tag_past_the_limit() -> None:
+    from streamcrawl.parser.extract import _cap_nesting
+
+    flat = "<p>x</p><br>" * 6000  # void and self-closing tags never deepen the tree
+    closed = "<div><span>y</span></div>" * 100  # opened and closed again
+    html = flat + closed + "<DIV>" * MAX_NESTING + "<section>cut here" + "</div>" * 10
+    assert _cap_nesting(html) == flat + closed + "<DIV>" * MAX_NESTING
+    assert _cap_nesting(html.replace("<section>", "</DIV><section>")) == html.replace(
+        "<section>", "</DIV><section>"
+    )
