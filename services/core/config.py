@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .messages import MAX_ATTEMPTS
-from .topics import MAX_MESSAGE_BYTES
+from .topics import DEFAULT_TOPIC_PREFIX, MAX_MESSAGE_BYTES
 from .urls import DEFAULT_SESSION_PARAMS
 
 PREFIX = "STREAMCRAWL_"
@@ -35,7 +35,7 @@ class Settings:
         default="127.0.0.1:19092", metadata={"doc": "Kafka bootstrap servers, comma separated."}
     )
     topic_prefix: str = field(
-        default="crawl.",
+        default=DEFAULT_TOPIC_PREFIX,
         metadata={"doc": "Prefix of every topic name (crawl.seeds, crawl.fetch, ...)."},
     )
     mongo_uri: str = field(

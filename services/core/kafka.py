@@ -14,7 +14,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from . import metrics
 from .config import Settings
-from .topics import MAX_MESSAGE_BYTES, TOPIC_SPECS, topic_name
+from .topics import MAX_MESSAGE_BYTES, TOPIC_SPECS, group_id, topic_name
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def make_consumer(
     """A group consumer that never commits on its own: stages commit after downstream acks."""
     options: dict[str, Any] = {
         "bootstrap_servers": settings.kafka_bootstrap,
-        "group_id": group,
+        "group_id": group_id(settings.topic_prefix, group),
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "isolation_level": "read_committed",
@@ -167,6 +167,7 @@ class OffsetProbe:
 
     def __init__(self, settings: Settings) -> None:
         self._admin = make_admin(settings)
+        self._topic_prefix = settings.topic_prefix
         self._consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
         self._partitions: dict[str, list[int]] = {}
 
@@ -217,7 +218,7 @@ class OffsetProbe:
         for attempt in range(attempts):
             try:
                 result: dict[TopicPartition, Any] = await self._admin.list_consumer_group_offsets(
-                    group, partitions=partitions
+                    group_id(self._topic_prefix, group), partitions=partitions
                 )
                 return result
             except KafkaError as exc:

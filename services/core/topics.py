@@ -44,6 +44,21 @@ DELAY_GROUP = "streamcrawl-delay"
 PARSER_GROUP = "streamcrawl-parser"
 SINK_GROUP = "streamcrawl-sink"
 
+DEFAULT_TOPIC_PREFIX = "crawl."
+
+
+def group_id(topic_prefix: str, group: str) -> str:
+    """The consumer group id of ``group`` in the pipeline whose topics carry ``topic_prefix``.
+
+    Pipelines with different prefixes on one cluster must not share a group: a stage of
+    one would join the other's group, rebalance it and take partitions of topics it does
+    not read. The default prefix keeps the plain names (KEDA's ScaledObject names them).
+    """
+    if topic_prefix == DEFAULT_TOPIC_PREFIX:
+        return group
+    return f"{group}-{topic_prefix.rstrip('.')}"
+
+
 # Which group reads which topics: the pipeline in one table.
 GROUP_INPUTS: dict[str, tuple[str, ...]] = {
     FRONTIER_GROUP: (SEEDS, PAGES),

@@ -23,7 +23,7 @@ from streamcrawl.core.config import Settings
 from streamcrawl.core.kafka import create_topics, make_producer, stop_consumer
 from streamcrawl.core.messages import Discovered, Scope, encode, fetch_from
 from streamcrawl.core.runtime import Output, Received, run_stage
-from streamcrawl.core.topics import DEDUP_GROUP
+from streamcrawl.core.topics import DEDUP_GROUP, group_id
 from streamcrawl.dedup.service import DedupStage
 from streamcrawl.localstack.stack import StackConfig
 
@@ -190,7 +190,7 @@ async def test_rebalances_during_a_crawl_admit_no_url_twice(stack: StackConfig) 
             intruder = AIOKafkaConsumer(
                 settings.topic_prefix + "discovered",
                 bootstrap_servers=settings.kafka_bootstrap,
-                group_id=DEDUP_GROUP,
+                group_id=group_id(settings.topic_prefix, DEDUP_GROUP),
                 enable_auto_commit=False,
                 session_timeout_ms=10000,
             )

@@ -92,3 +92,12 @@ def test_no_import_cycles() -> None:
 
     for module in graph:
         visit(module, [])
+
+
+def test_pipelines_with_different_topic_prefixes_never_share_a_consumer_group() -> None:
+    from streamcrawl.core.topics import DEFAULT_TOPIC_PREFIX, FETCHER_GROUP, group_id
+
+    assert group_id(DEFAULT_TOPIC_PREFIX, FETCHER_GROUP) == FETCHER_GROUP  # what KEDA watches
+    names = {group_id(prefix, FETCHER_GROUP) for prefix in (DEFAULT_TOPIC_PREFIX, "t1.", "t2.")}
+    assert len(names) == 3
+    assert group_id("t1.", FETCHER_GROUP) == "streamcrawl-fetcher-t1"
