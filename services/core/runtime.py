@@ -13,7 +13,10 @@ type) and its processing step; it never touches a Kafka client. Two shapes:
 
 Delivery is at least once: an offset is committed only after what its record produced is
 acknowledged by the broker. A record that does not decode into its topic's type goes to
-the DLQ with the reason, once, here; the stage never sees it.
+the DLQ with the reason, once, here; the stage never sees it. A record whose processing
+raises is isolated and dead-lettered after a few attempts; outages are waited out
+(:mod:`.poison`). On SIGTERM a stage finishes within ``SHUTDOWN_GRACE`` and a static
+member leaves its group (:mod:`.membership`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar, Generic, TypeAlias, TypeVar
 
 import msgspec
@@ -36,9 +40,11 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from . import metrics
 from .config import Settings
 from .errors import ReasonedError
-from .kafka import export_lag, kafka_reachable, make_consumer, make_producer
+from .kafka import export_lag, kafka_reachable, make_consumer, make_producer, stop_consumer
+from .membership import consumer_options, remove_static_member
 from .messages import Attempt, DeadLetterRecord, Message, encode
 from .offsets import OffsetTracker, commit_finished
+from .poison import attempts_of, describe, outlasting_outages, poison_detail, poison_reason
 from .topics import DLQ, topic_name
 
 log = logging.getLogger(__name__)
@@ -244,6 +250,13 @@ class StreamContext(ABC):
     ) -> None:
         """Run ``work`` in a task the runtime waits for before giving ``partitions`` up."""
 
+    @abstractmethod
+    def spawn_record(
+        self, item: Received[Any], work: Callable[[], Coroutine[Any, Any, None]]
+    ) -> None:
+        """:meth:`spawn` the work that finishes ``item``; if it raises, it is tried again,
+        and after ``POISON_ATTEMPTS`` the record goes to the DLQ (never stranded)."""
+
 
 class StreamStage(Stage):
     """Records admitted one at a time, finished out of order.
@@ -311,6 +324,15 @@ class _Loop(ConsumerRebalanceListener, ABC):  # type: ignore[misc]
     @abstractmethod
     async def run(self, stop: asyncio.Event) -> None: ...
 
+    async def commit_finished(self) -> None:
+        """Commit what is finished, after :meth:`run` was cut short by the deadline."""
+
+    def poisoned(self, record: Record, exc: BaseException) -> Output:
+        reason = poison_reason(exc)
+        metrics.MESSAGES_FAILED.labels(self.stage.name, reason).inc()
+        detail = poison_detail(exc, self.stage.settings.poison_attempts)
+        return self.stage.dead_letter(record, reason, detail)
+
     async def on_partitions_assigned(self, assigned: Any) -> None:
         await self.stage.on_assigned(assigned)
 
@@ -364,12 +386,39 @@ class _BatchLoop(_Loop):
                 else:
                     good.append(decoded)
         if good:
-            outputs.extend(await stage.process(good))
+            outputs.extend(await self._process(good))
         await self.publisher.publish(outputs)
         offsets = {tp: batch[-1].offset + 1 for tp, batch in batches.items() if batch}
         if await self._commit(offsets):
             self.committed.update(offsets)
         export_lag(self.consumer, stage.group, self.committed)
+
+    async def _process(self, batch: list[Received[Any]]) -> list[Output]:
+        """The stage's outputs for ``batch``; if it raises (not an outage), the batch is
+        run again record by record, so the record(s) at fault go to the DLQ and the
+        others are processed."""
+        stage = self.stage
+        try:
+            return await outlasting_outages(stage.name, lambda: stage.process(batch))
+        except Exception as exc:
+            log.warning(
+                "%s: a batch of %d raised %r; isolating the record at fault",
+                stage.name,
+                len(batch),
+                exc,
+            )
+        outputs: list[Output] = []
+        for item in batch:
+            result = await attempts_of(
+                f"{stage.name} {describe(item.record)}",
+                partial(stage.process, [item]),
+                stage.settings.poison_attempts,
+            )
+            if isinstance(result, BaseException):
+                outputs.append(self.poisoned(item.record, result))
+            else:
+                outputs.extend(result)
+        return outputs
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> bool:
         try:
@@ -399,7 +448,6 @@ class _BatchLoop(_Loop):
 class _StreamLoop(_Loop, StreamContext):
     stage: StreamStage
     COMMIT_INTERVAL = 1.0
-    SHUTDOWN_DRAIN = 25.0
     REVOKE_DRAIN = 20.0
 
     def __init__(self, stage: StreamStage, consumer: AIOKafkaConsumer, publisher: Publisher):
@@ -432,6 +480,39 @@ class _StreamLoop(_Loop, StreamContext):
         self.tasks[task] = frozenset(partitions)
         task.add_done_callback(self._task_done)
 
+    def spawn_record(
+        self, item: Received[Any], work: Callable[[], Coroutine[Any, Any, None]]
+    ) -> None:
+        self.spawn(self._finish_or_dead_letter(item, work), (item.tp,))
+
+    async def _finish_or_dead_letter(
+        self, item: Received[Any], work: Callable[[], Coroutine[Any, Any, None]]
+    ) -> None:
+        what = f"{self.stage.name} {describe(item.record)}"
+        failure = await attempts_of(what, work, self.stage.settings.poison_attempts)
+        if failure is not None:
+            await self._complete_records([item.record], [self.poisoned(item.record, failure)])
+
+    def _admit(self, item: Received[Any]) -> None:
+        """Hand ``item`` to the stage; one that makes ``admit`` raise on every attempt goes
+        to the DLQ, so its offset can commit."""
+        failure: Exception | None = None
+        for attempt in range(1, self.stage.settings.poison_attempts + 1):
+            try:
+                self.stage.admit(item)
+                return
+            except Exception as exc:
+                failure = exc
+                log.warning(
+                    "%s: admitting %s raised %r (attempt %d)",
+                    self.stage.name,
+                    describe(item.record),
+                    exc,
+                    attempt,
+                )
+        assert failure is not None
+        self._complete_record_later(item.record, [self.poisoned(item.record, failure)])
+
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self.tasks.pop(task, None)
         self.stage.wakeup.set()
@@ -445,10 +526,14 @@ class _StreamLoop(_Loop, StreamContext):
         try:
             await asyncio.gather(self._consume(stop), self.stage.run(stop))
             self.stage.hand_back(None)
-            await self._drain(self.SHUTDOWN_DRAIN)
+            # Leaves time, within the grace, to commit and leave the group after it.
+            await self._drain(self.stage.settings.shutdown_grace / 2)
             await self._commit()
         finally:
             committer.cancel()
+
+    async def commit_finished(self) -> None:
+        await self._commit()
 
     async def _consume(self, stop: asyncio.Event) -> None:
         stage, tracker = self.stage, self.tracker
@@ -458,9 +543,7 @@ class _StreamLoop(_Loop, StreamContext):
             if room <= 0:
                 await asyncio.sleep(0.05)
                 continue
-            batches = await self.consumer.getmany(
-                timeout_ms=200, max_records=min(room, batch_size)
-            )
+            batches = await self.consumer.getmany(timeout_ms=200, max_records=min(room, batch_size))
             for tp, records in batches.items():
                 metrics.MESSAGES_IN.labels(stage.name).inc(len(records))
                 for record in records:
@@ -469,7 +552,7 @@ class _StreamLoop(_Loop, StreamContext):
                     if isinstance(decoded, Output):
                         self._complete_record_later(record, [decoded])
                     else:
-                        stage.admit(decoded)
+                        self._admit(decoded)
             if batches:
                 stage.wakeup.set()
 
@@ -503,10 +586,13 @@ class _StreamLoop(_Loop, StreamContext):
 
 
 async def run_stage(stage: Stage, stop: asyncio.Event) -> None:
-    """Run ``stage`` until ``stop`` is set; finish what is in hand, commit, and return."""
+    """Run ``stage`` until ``stop`` is set; then finish or hand back what is in hand,
+    commit, leave the group and return, all within ``SHUTDOWN_GRACE`` seconds."""
     settings = stage.settings
     producer = make_producer(settings)
-    consumer = make_consumer(settings, stage.group, max_poll_records=settings.batch_size)
+    consumer = make_consumer(
+        settings, stage.group, max_poll_records=settings.batch_size, **consumer_options(settings)
+    )
     publisher = Publisher(producer, stage.name)
     loop: _Loop
     if isinstance(stage, StreamStage):
@@ -526,12 +612,77 @@ async def run_stage(stage: Stage, stop: asyncio.Event) -> None:
 
     health = metrics.HealthServer(settings.metrics_port, ready)
     await health.start()
-    log.info("%s: consuming %s as group %s", stage.name, ", ".join(topics), stage.group)
+    log.info(
+        "%s: consuming %s as group %s%s",
+        stage.name,
+        ", ".join(topics),
+        stage.group,
+        f" (static member {settings.instance_id})" if settings.instance_id else "",
+    )
+    deadline = _Deadline(settings.shutdown_grace)
     try:
-        await loop.run(stop)
+        await _run_until_deadline(loop, stop, deadline)
     finally:
         await health.stop()
-        await consumer.stop()
-        await producer.stop()
-        await stage.stop()
+        await deadline.bounded(f"{stage.name}: closing the consumer", stop_consumer(consumer))
+        await remove_static_member(settings, stage.group, max(0.5, deadline.left()))
+        await deadline.bounded(f"{stage.name}: flushing the producer", producer.stop())
+        await deadline.bounded(f"{stage.name}: stopping", stage.stop())
         log.info("%s: stopped", stage.name)
+
+
+class _Deadline:
+    """The shutdown deadline: ``grace`` seconds from when it starts (at SIGTERM)."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self._at: float | None = None
+
+    def start(self) -> None:
+        if self._at is None:
+            self._at = time.monotonic() + self.grace
+
+    def left(self, reserve: float = 0.0) -> float:
+        """Seconds left before the deadline less ``reserve`` (the whole grace before it
+        started: an error rather than a SIGTERM ends the stage)."""
+        if self._at is None:
+            self.start()
+        assert self._at is not None
+        return max(0.0, self._at - time.monotonic() - reserve)
+
+    async def bounded(self, what: str, work: Coroutine[Any, Any, Any]) -> None:
+        """Await ``work``, but give it up at the deadline (a closing step that hangs on a
+        broker that is down must not keep the process alive past its grace)."""
+        try:
+            await asyncio.wait_for(work, max(0.1, self.left()))
+        except TimeoutError:
+            log.warning("%s: cut short at the shutdown deadline", what)
+        except (KafkaError, OSError) as exc:
+            log.warning("%s: %r", what, exc)
+
+
+async def _run_until_deadline(loop: _Loop, stop: asyncio.Event, deadline: _Deadline) -> None:
+    """Run the loop; once ``stop`` is set, give it until the deadline (less a reserve to
+    commit, leave the group and close), then cut it short: what was not committed is
+    read again by the partitions' next owner, so nothing is lost."""
+    runner = asyncio.create_task(loop.run(stop))
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({runner, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        deadline.start()
+        reserve = min(5.0, deadline.grace / 4)
+        await asyncio.wait({runner}, timeout=deadline.left(reserve))
+        if not runner.done():
+            log.warning(
+                "%s: shutdown grace of %.0fs nearly spent; stopping what is in flight",
+                loop.stage.name,
+                deadline.grace,
+            )
+            runner.cancel()
+            await asyncio.wait({runner})
+            await deadline.bounded(f"{loop.stage.name}: last commit", loop.commit_finished())
+        elif not runner.cancelled():
+            runner.result()
+    finally:
+        stopping.cancel()
+        runner.cancel()
