@@ -29,6 +29,11 @@ T = TypeVar("T")
 MAX_OUTAGE_DELAY = 10.0
 
 
+class OutputTooLarge(ValueError):
+    """A record led to a message over the topic's size limit: the producer would refuse
+    it on every try, so it is the record's fault, like any exception in processing."""
+
+
 def is_outage(exc: BaseException) -> bool:
     """Whether ``exc`` says a server is unreachable (retry later), not that the record is bad.
 

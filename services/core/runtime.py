@@ -44,8 +44,15 @@ from .kafka import export_lag, kafka_reachable, make_consumer, make_producer, st
 from .membership import consumer_options, remove_static_member
 from .messages import Attempt, DeadLetterRecord, Message, encode
 from .offsets import OffsetTracker, commit_finished
-from .poison import attempts_of, describe, outlasting_outages, poison_detail, poison_reason
-from .topics import DLQ, topic_name
+from .poison import (
+    OutputTooLarge,
+    attempts_of,
+    describe,
+    outlasting_outages,
+    poison_detail,
+    poison_reason,
+)
+from .topics import DLQ, MAX_MESSAGE_BYTES, topic_name
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +88,12 @@ class Received(Generic[M]):
 
 
 Decode: TypeAlias = Callable[[bytes | None], Message]
+
+# The producer refuses a record over MAX_MESSAGE_BYTES (key and framing included): an
+# output that large is refused before publishing, and its input dead-lettered.
+MAX_OUTPUT_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
+# A dead letter carries at most this much of its record (which stays in its topic).
+MAX_DLQ_PAYLOAD = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -124,6 +137,9 @@ def dead_letter(
         text, encoding = payload.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         text, encoding = base64.b64encode(payload).decode("ascii"), "base64"
+    if len(text) > MAX_DLQ_PAYLOAD:
+        detail = f"{detail[:3800]} (payload: first {MAX_DLQ_PAYLOAD} of {len(text)} characters)"
+        text = text[:MAX_DLQ_PAYLOAD]
     key = record.key.decode("utf-8", "replace") if record.key is not None else None
     value = DeadLetterRecord(
         stage=stage,  # type: ignore[arg-type]
@@ -158,10 +174,11 @@ class Publisher:
         self._producer = producer
         self._stage = stage
 
-    async def publish(self, outputs: Sequence[Output]) -> None:
+    async def publish(self, outputs: Sequence[Output], payloads: list[bytes] | None = None) -> None:
+        """Publish ``outputs`` (already encoded as ``payloads``, if given)."""
         if not outputs:
             return
-        payloads = [encode(out.value) for out in outputs]
+        payloads = payloads if payloads is not None else [encode(out.value) for out in outputs]
         delay = 0.5
         while True:
             try:
@@ -385,21 +402,33 @@ class _BatchLoop(_Loop):
                     outputs.append(decoded)
                 else:
                     good.append(decoded)
+        payloads = [encode(out.value) for out in outputs]
         if good:
-            outputs.extend(await self._process(good))
-        await self.publisher.publish(outputs)
+            processed, encoded = await self._process(good)
+            outputs.extend(processed)
+            payloads.extend(encoded)
+        await self.publisher.publish(outputs, payloads)
         offsets = {tp: batch[-1].offset + 1 for tp, batch in batches.items() if batch}
         if await self._commit(offsets):
             self.committed.update(offsets)
         export_lag(self.consumer, stage.group, self.committed)
 
-    async def _process(self, batch: list[Received[Any]]) -> list[Output]:
-        """The stage's outputs for ``batch``; if it raises (not an outage), the batch is
-        run again record by record, so the record(s) at fault go to the DLQ and the
-        others are processed."""
+    async def _outputs(self, batch: list[Received[Any]]) -> tuple[list[Output], list[bytes]]:
+        """The stage's outputs for ``batch``, encoded; one over the size limit raises."""
+        outputs = await self.stage.process(batch)
+        payloads = [encode(out.value) for out in outputs]
+        for out, payload in zip(outputs, payloads, strict=True):
+            if len(payload) > MAX_OUTPUT_BYTES:
+                raise OutputTooLarge(f"a {out.topic} message of {len(payload)} bytes")
+        return outputs, payloads
+
+    async def _process(self, batch: list[Received[Any]]) -> tuple[list[Output], list[bytes]]:
+        """The stage's outputs for ``batch``, encoded; if it raises (not an outage), the
+        batch is run again record by record, so the record(s) at fault go to the DLQ and
+        the others are processed."""
         stage = self.stage
         try:
-            return await outlasting_outages(stage.name, lambda: stage.process(batch))
+            return await outlasting_outages(stage.name, partial(self._outputs, batch))
         except Exception as exc:
             log.warning(
                 "%s: a batch of %d raised %r; isolating the record at fault",
@@ -408,17 +437,21 @@ class _BatchLoop(_Loop):
                 exc,
             )
         outputs: list[Output] = []
+        payloads: list[bytes] = []
         for item in batch:
             result = await attempts_of(
                 f"{stage.name} {describe(item.record)}",
-                partial(stage.process, [item]),
+                partial(self._outputs, [item]),
                 stage.settings.poison_attempts,
             )
             if isinstance(result, BaseException):
-                outputs.append(self.poisoned(item.record, result))
+                dead = self.poisoned(item.record, result)
+                outputs.append(dead)
+                payloads.append(encode(dead.value))
             else:
-                outputs.extend(result)
-        return outputs
+                outputs.extend(result[0])
+                payloads.extend(result[1])
+        return outputs, payloads
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> bool:
         try:

@@ -43,7 +43,6 @@ class StageProcesses:
         self._retiring: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, stages: Iterable[str] = STAGE_NAMES) -> None:
-        self._log_dir.mkdir(parents=True, exist_ok=True)
         for stage in stages:
             self.start_one(stage)
 
@@ -51,6 +50,7 @@ class StageProcesses:
         name = name or stage
         self._wait_retired(name)
         env = {**self._env, "STREAMCRAWL_INSTANCE_ID": instance_id(self._env, name)}
+        self._log_dir.mkdir(parents=True, exist_ok=True)
         with open(self._log_dir / f"{name}.log", "ab") as log_file:
             process = subprocess.Popen(
                 [sys.executable, "-m", "streamcrawl.cli", "run", stage],
