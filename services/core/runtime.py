@@ -52,6 +52,7 @@ from .poison import (
     poison_detail,
     poison_reason,
 )
+from .shutdown import Deadline, run_until_deadline
 from .topics import DLQ, MAX_MESSAGE_BYTES, topic_name
 
 log = logging.getLogger(__name__)
@@ -652,9 +653,9 @@ async def run_stage(stage: Stage, stop: asyncio.Event) -> None:
         stage.group,
         f" (static member {settings.instance_id})" if settings.instance_id else "",
     )
-    deadline = _Deadline(settings.shutdown_grace)
+    deadline = Deadline(settings.shutdown_grace)
     try:
-        await _run_until_deadline(loop, stop, deadline)
+        await run_until_deadline(stage.name, loop.run(stop), stop, deadline, loop.commit_finished)
     finally:
         await health.stop()
         await deadline.bounded(f"{stage.name}: closing the consumer", stop_consumer(consumer))
@@ -662,60 +663,3 @@ async def run_stage(stage: Stage, stop: asyncio.Event) -> None:
         await deadline.bounded(f"{stage.name}: flushing the producer", producer.stop())
         await deadline.bounded(f"{stage.name}: stopping", stage.stop())
         log.info("%s: stopped", stage.name)
-
-
-class _Deadline:
-    """The shutdown deadline: ``grace`` seconds from when it starts (at SIGTERM)."""
-
-    def __init__(self, grace: float) -> None:
-        self.grace = grace
-        self._at: float | None = None
-
-    def start(self) -> None:
-        if self._at is None:
-            self._at = time.monotonic() + self.grace
-
-    def left(self, reserve: float = 0.0) -> float:
-        """Seconds left before the deadline less ``reserve`` (the whole grace before it
-        started: an error rather than a SIGTERM ends the stage)."""
-        if self._at is None:
-            self.start()
-        assert self._at is not None
-        return max(0.0, self._at - time.monotonic() - reserve)
-
-    async def bounded(self, what: str, work: Coroutine[Any, Any, Any]) -> None:
-        """Await ``work``, but give it up at the deadline (a closing step that hangs on a
-        broker that is down must not keep the process alive past its grace)."""
-        try:
-            await asyncio.wait_for(work, max(0.1, self.left()))
-        except TimeoutError:
-            log.warning("%s: cut short at the shutdown deadline", what)
-        except (KafkaError, OSError) as exc:
-            log.warning("%s: %r", what, exc)
-
-
-async def _run_until_deadline(loop: _Loop, stop: asyncio.Event, deadline: _Deadline) -> None:
-    """Run the loop; once ``stop`` is set, give it until the deadline (less a reserve to
-    commit, leave the group and close), then cut it short: what was not committed is
-    read again by the partitions' next owner, so nothing is lost."""
-    runner = asyncio.create_task(loop.run(stop))
-    stopping = asyncio.create_task(stop.wait())
-    try:
-        await asyncio.wait({runner, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        deadline.start()
-        reserve = min(5.0, deadline.grace / 4)
-        await asyncio.wait({runner}, timeout=deadline.left(reserve))
-        if not runner.done():
-            log.warning(
-                "%s: shutdown grace of %.0fs nearly spent; stopping what is in flight",
-                loop.stage.name,
-                deadline.grace,
-            )
-            runner.cancel()
-            await asyncio.wait({runner})
-            await deadline.bounded(f"{loop.stage.name}: last commit", loop.commit_finished())
-        elif not runner.cancelled():
-            runner.result()
-    finally:
-        stopping.cancel()
-        runner.cancel()

@@ -14,6 +14,7 @@ with a NUL byte, which BSON cannot encode.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 import zlib
 from pathlib import Path
@@ -49,8 +50,10 @@ from streamcrawl.core.topics import (
     SINK_GROUP,
     topic_name,
 )
+from streamcrawl.crawl.local import free_port
 from streamcrawl.crawl.processes import StageProcesses, child_env
-from streamcrawl.localstack.stack import StackConfig
+from streamcrawl.localstack.provision import ensure_ferretdb
+from streamcrawl.localstack.stack import StackConfig, mongo_answers
 
 from ..conftest import isolated_settings
 from ..unit.test_stages import discovered, fetch, fetched, page
@@ -268,3 +271,92 @@ async def test_sink_dead_letters_a_page_the_driver_cannot_encode(
     finally:
         await client.close()
     assert stored == ["http://a.example/after", "http://a.example/before"]
+
+
+class PrivateFerretDB:
+    """A FerretDB of this test's own (the session's one must stay up), to be stopped
+    and started again on the same port and data."""
+
+    def __init__(self, stack: StackConfig, data: Path) -> None:
+        self.binary = ensure_ferretdb(stack.cache_dir)
+        self.data = data
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}/"
+
+    def start(self) -> None:
+        for sub in ("data", "state"):
+            (self.data / sub).mkdir(parents=True, exist_ok=True)
+        with open(self.data / "ferretdb.log", "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    str(self.binary),
+                    "--handler=sqlite",
+                    f"--sqlite-url=file:{self.data / 'data'}/",
+                    f"--listen-addr=127.0.0.1:{self.port}",
+                    f"--state-dir={self.data / 'state'}",
+                    "--telemetry=disable",
+                    "--debug-addr=-",
+                    "--log-level=warn",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + 60
+        while not mongo_answers(self.uri, 2.0):
+            assert time.monotonic() < deadline, "the private FerretDB did not start"
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()  # as a crash or a lost network would
+            self.process.wait()
+
+
+async def stored_ids(uri: str, settings: Settings) -> list[str]:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri)
+    try:
+        collection = client[settings.mongo_database][settings.mongo_collection]
+        return sorted([doc["_id"] async for doc in collection.find({})])
+    finally:
+        await client.close()
+
+
+async def test_sink_waits_out_a_database_outage_and_dead_letters_nothing(
+    stack: StackConfig, tmp_path: Path
+) -> None:
+    database = PrivateFerretDB(stack, tmp_path / "ferretdb")
+    database.start()
+    settings = isolated_settings(stack, mongo_uri=database.uri, poison_attempts="1")
+    await create_topics(settings)
+    stages = StageProcesses(child_env(settings), tmp_path / "logs")
+    stages.start_one("sink")
+    try:
+        before = [page(url=f"http://a.example/before-{n}") for n in range(3)]
+        await produce(settings, PAGES, [encode(p) for p in before], partition=0)
+        await wait_committed(settings, SINK_GROUP, PAGES, timeout=90)
+        database.stop()
+        during = [page(url=f"http://a.example/during-{n}") for n in range(3)]
+        await produce(settings, PAGES, [encode(p) for p in during], partition=0)
+        # Longer than the sink's 10 s server selection timeout: its writes fail with
+        # ServerSelectionTimeoutError (or AutoReconnect), an outage, not a poison record.
+        await asyncio.sleep(14)
+        assert not stages.dead()
+        database.start()
+        await wait_committed(settings, SINK_GROUP, PAGES, timeout=90)
+        assert not stages.dead()
+    finally:
+        stages.stop()
+        database.stop()
+    database.start()
+    try:
+        assert await stored_ids(database.uri, settings) == sorted(p.url for p in before + during)
+    finally:
+        database.stop()
+    assert await read_topic(settings, DLQ) == []
+    log = (tmp_path / "logs" / "sink.log").read_text()
+    assert "outage" in log and "dead letter" not in log
