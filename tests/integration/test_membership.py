@@ -11,11 +11,16 @@ from pathlib import Path
 import pytest
 from streamcrawl.core.config import Settings
 from streamcrawl.core.kafka import OffsetProbe, create_topics, make_producer
-from streamcrawl.core.topics import FRONTIER_GROUP, SEEDS, TOPIC_SPECS, topic_name
+from streamcrawl.core.messages import encode
+from streamcrawl.core.runtime import _StreamLoop
+from streamcrawl.core.topics import FETCH, FRONTIER_GROUP, SEEDS, TOPIC_SPECS, topic_name
 from streamcrawl.crawl.processes import StageProcesses, child_env
 from streamcrawl.localstack.stack import StackConfig
 
 from ..conftest import isolated_settings
+from ..unit.test_stages import fetch
+from .test_poison import produce
+from .test_shutdown import HangingSite
 
 pytestmark = pytest.mark.integration
 
@@ -113,3 +118,51 @@ async def test_a_sigtermed_member_hands_its_partitions_over_at_once(
         stages.stop()
     log = (tmp_path / "logs" / "frontier-1.log").read_text()
     assert f"{settings.topic_prefix}frontier-1: left group {FRONTIER_GROUP}" in log
+
+
+async def test_after_a_fetcher_sigkill_only_the_last_commit_interval_is_fetched_again(
+    stack: StackConfig, tmp_path: Path
+) -> None:
+    """The fetcher commits its finished prefix every second: a SIGKILLed fetcher's
+    successor re-requests only what was in flight or finished within about one commit
+    interval before the kill."""
+    settings = isolated_settings(stack, crawl_delay="0.1")
+    await create_topics(settings)
+    site = HangingSite(hosts=4)
+    site.released.set()
+    await site.start()
+    urls = [f"http://127.0.0.1:{port}/p{n}" for port in site.ports for n in range(60)]
+    stages = StageProcesses(child_env(settings), tmp_path / "logs")
+    try:
+        for index, url in enumerate(urls):
+            await produce(settings, FETCH, [encode(fetch(url))], partition=index % 12)
+        stages.start(["fetcher", "delay"])
+        while len(site.requests) < len(urls) // 3:
+            await asyncio.sleep(0.05)
+        stages.kill("fetcher")
+        killed_at = time.monotonic()
+        await asyncio.sleep(3.0)
+        stages.start_one("fetcher")
+        deadline = time.monotonic() + 120
+        while not set(urls) <= {url for _, url in site.requests}:
+            assert time.monotonic() < deadline, "not every URL was fetched after the restart"
+            await asyncio.sleep(0.5)
+    finally:
+        stages.stop()
+        await site.stop()
+    first: dict[str, float] = {}
+    again: list[str] = []
+    for at, url in site.requests:
+        if url.endswith("/robots.txt"):
+            continue  # the new process reads robots.txt afresh
+        if url in first:
+            again.append(url)
+        else:
+            first.setdefault(url, at)
+    window = _StreamLoop.COMMIT_INTERVAL + 1.0  # the interval, plus publish and commit time
+    late = sorted(killed_at - first[url] for url in again) or [0.0]
+    print(
+        f"\nfetcher SIGKILL: {len(again)} of {len(first)} pages requested again, "
+        f"first requested {late[0]:.2f}-{late[-1]:.2f}s before the kill"
+    )
+    assert all(killed_at - first[url] <= window for url in again), late

@@ -34,14 +34,16 @@ class HangingSite:
     """Answers nothing until released (a stalled server), then robots.txt 404 and small
     pages. Counts the requests it holds."""
 
-    def __init__(self) -> None:
+    def __init__(self, hosts: int = HOSTS) -> None:
         self.released = asyncio.Event()
         self.held = 0
-        self.ports = [free_port() for _ in range(HOSTS)]
+        self.ports = [free_port() for _ in range(hosts)]
+        self.requests: list[tuple[float, str]] = []  # (monotonic time, URL)
         self._runners: list[web.AppRunner] = []
 
     async def handle(self, request: web.Request) -> web.Response:
         self.held += 1
+        self.requests.append((time.monotonic(), f"http://{request.host}{request.path}"))
         await self.released.wait()
         if request.path == "/robots.txt":
             return web.Response(status=404)
