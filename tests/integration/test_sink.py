@@ -215,9 +215,10 @@ async def test_a_replacement_the_database_refuses_is_raised_not_retried(settings
     """The replace path: a stored page's new version that the database refuses. FerretDB
     1.24.2 refuses it already on the insert (it validates a document before looking for a
     duplicate), so through ``_store`` such a page never gets here; called directly, the
-    replacement gets an answer pymongo cannot read (KeyError 'nModified'; MongoDB answers
-    a BulkWriteError). Either way it is raised at once, for the runtime to dead-letter the
-    page, where the sink used to retry it forever and stop its partition."""
+    replacement gets an answer pymongo cannot read (KeyError 'nModified'). Whatever the
+    database answers on this path (a BulkWriteError, which the sink used to retry forever,
+    stopping its partition, or this), anything but an outage is raised at once, for the
+    runtime to dead-letter the page."""
     sink = SinkStage(settings)
     await sink.start()
     try:
