@@ -20,13 +20,21 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiokafka.errors import KafkaConnectionError, KafkaError
-from pymongo.errors import ConnectionFailure, PyMongoError
+from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 MAX_OUTAGE_DELAY = 10.0
+
+# MongoDB error codes that say the server (or our access to it) is not serving, not that a
+# document is bad: every record would fail alike, so they are waited out, never
+# dead-lettered. HostUnreachable, HostNotFound, Unauthorized, AuthenticationFailed,
+# NetworkTimeout, ShutdownInProgress, PrimarySteppedDown, SocketException,
+# NotWritablePrimary, NotPrimaryNoSecondaryOk, NotPrimaryOrSecondary,
+# InterruptedAtShutdown, InterruptedDueToReplStateChange.
+SERVER_NOT_SERVING = frozenset({6, 7, 13, 18, 89, 91, 189, 9001, 10107, 13435, 13436, 11600, 11602})
 
 
 class OutputTooLarge(ValueError):
@@ -44,6 +52,8 @@ def is_outage(exc: BaseException) -> bool:
         return True
     if isinstance(exc, KafkaError):
         return bool(exc.retriable)
+    if isinstance(exc, OperationFailure) and exc.code in SERVER_NOT_SERVING:
+        return True
     if isinstance(exc, PyMongoError):
         return exc.has_error_label("RetryableWriteError")
     return False

@@ -41,6 +41,7 @@ POISON_URL = "http://%E2%80%8B0user:pass@%E3%80%82[::1"  # an unbalanced "[" in 
         NotPrimaryError("stepped down"),
         ConnectionRefusedError(),
         TimeoutError(),
+        OperationFailure("not authorized on streamcrawl", code=13),
     ],
 )
 def test_outages_are_waited_out(error: Exception) -> None:
@@ -55,6 +56,7 @@ def test_outages_are_waited_out(error: Exception) -> None:
         InvalidDocument("NUL"),
         BulkWriteError({"writeErrors": [{"index": 0, "code": 2}]}),
         OperationFailure("refused"),
+        OperationFailure("invalid key", code=2),
         MessageSizeTooLargeError(),
         OutputTooLarge("9 MB"),
     ],
