@@ -235,3 +235,4 @@ async def group_lag(settings: Settings, group: str, topics: Iterable[str]) -> li
         return await probe.lag(group, topics)
     finally:
         await probe.stop()
+
