@@ -577,7 +577,9 @@ class _StreamLoop(_Loop, StreamContext):
             if room <= 0:
                 await asyncio.sleep(0.05)
                 continue
-            batches = await self.consumer.getmany(timeout_ms=200, max_records=min(room, batch_size))
+            batches = await self.consumer.getmany(
+                timeout_ms=200, max_records=min(room, batch_size)
+            )
             for tp, records in batches.items():
                 metrics.MESSAGES_IN.labels(stage.name).inc(len(records))
                 for record in records:
