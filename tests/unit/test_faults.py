@@ -21,7 +21,7 @@ from pymongo.errors import (
     ServerSelectionTimeoutError,
 )
 from streamcrawl.core.config import Settings
-from streamcrawl.core.membership import consumer_options
+from streamcrawl.core.membership import consumer_options, remove_static_member
 from streamcrawl.core.poison import OutputTooLarge, attempts_of, is_outage, poison_reason
 from streamcrawl.core.shutdown import Deadline, run_until_deadline
 from streamcrawl.crawl.processes import instance_id
@@ -166,3 +166,11 @@ async def test_a_loop_that_does_not_stop_is_cut_at_the_deadline() -> None:
     await run_until_deadline("test", stubborn(), stop, Deadline(0.8), last_commit)
     assert loop.time() - started < 0.8  # cut before the deadline, leaving its reserve
     assert committed == [True]
+
+
+async def test_leaving_the_group_with_the_broker_down_gives_up_in_time() -> None:
+    settings = Settings(kafka_bootstrap="127.0.0.1:1", instance_id="fetcher-x")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await remove_static_member(settings, "streamcrawl-fetcher", timeout=1.0)
+    assert loop.time() - started < 3.0
