@@ -5,6 +5,7 @@ session to expire), and a SIGTERMed one hands its partitions to the survivor at 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
@@ -58,12 +59,25 @@ async def seconds_until_all_committed(settings: Settings, timeout: float) -> flo
     raise AssertionError(f"crawl.seeds not consumed within {timeout}s")
 
 
+async def until_assigned(log: Path, timeout: float = 90) -> None:
+    """Until the process logging to ``log`` holds partitions (not just started joining)."""
+    deadline = time.monotonic() + timeout
+    while "Setting newly assigned partitions {TopicPartition" not in (
+        log.read_text() if log.exists() else ""
+    ):
+        assert time.monotonic() < deadline, f"{log.name}: no partitions in {timeout}s"
+        await asyncio.sleep(0.2)
+
+
 async def two_frontiers(settings: Settings, logs: Path) -> StageProcesses:
+    """Two frontier processes of one group, both holding partitions and consuming."""
     stages = StageProcesses(child_env(settings), logs)
     stages.start_one("frontier", "frontier")
+    await until_assigned(logs / "frontier.log")
     stages.start_one("frontier", "frontier-1")
+    await until_assigned(logs / "frontier-1.log")  # the second generation: both hold some
     await seed_every_partition(settings, "warm-up")
-    await seconds_until_all_committed(settings, timeout=90)  # both joined, all assigned
+    await seconds_until_all_committed(settings, timeout=90)
     return stages
 
 
@@ -91,6 +105,9 @@ async def test_a_sigkilled_member_restarted_in_its_slot_resumes_at_once(
         stages.stop()
     log = (tmp_path / "logs" / "frontier-1.log").read_text()
     assert f"static member {settings.topic_prefix}frontier-1" in log
+    # Both runs of the slot joined the same generation: the restart caused no rebalance.
+    generations = re.findall(r"Joined group '[^']+' \(generation (\d+)\)", log)
+    assert len(generations) >= 2 and generations[-1] == generations[-2], generations
 
 
 async def test_a_sigtermed_member_hands_its_partitions_over_at_once(
