@@ -192,6 +192,30 @@ class Settings:
         default=1e-6, metadata={"doc": "Target false-positive rate of the dedup Bloom filters."}
     )
     batch_size: int = field(default=500, metadata={"doc": "Records per consumer batch."})
+    instance_id: str = field(
+        default="",
+        metadata={
+            "doc": "Static group membership (`group.instance.id`): a name unique in the stage's "
+            "group that a restarted process reuses, so it takes its partitions straight back "
+            "instead of waiting for the session timeout. Kubernetes: the pod name; `crawl`: "
+            "prefix, stage and slot. Empty: dynamic membership."
+        },
+    )
+    shutdown_grace: float = field(
+        default=20.0,
+        metadata={
+            "doc": "Seconds a stage has after SIGTERM to finish or hand back its work, commit and "
+            "leave its group; past it, it exits anyway (the next owner re-reads what was not "
+            "committed). Keep it below the pod's terminationGracePeriodSeconds."
+        },
+    )
+    poison_attempts: int = field(
+        default=3,
+        metadata={
+            "doc": "Times a record whose processing raises is tried before it goes to crawl.dlq "
+            "(outages of Kafka or the database are waited out instead, never dead-lettered)."
+        },
+    )
     metrics_port: int = field(
         default=0, metadata={"doc": "Port for /metrics, /healthz, /readyz (0: disabled)."}
     )
@@ -228,6 +252,10 @@ class Settings:
         if not 1 <= self.retry_max_attempts <= MAX_ATTEMPTS:
             # A retry's attempt count travels in crawl.retry, whose type caps it.
             raise ValueError(f"{PREFIX}RETRY_MAX_ATTEMPTS must be between 1 and {MAX_ATTEMPTS}")
+        if self.poison_attempts < 1:
+            raise ValueError(f"{PREFIX}POISON_ATTEMPTS must be >= 1")
+        if self.shutdown_grace <= 0:
+            raise ValueError(f"{PREFIX}SHUTDOWN_GRACE must be > 0")
         self.host_delay_map()
 
     def host_delay_map(self) -> dict[str, float]:

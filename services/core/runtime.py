@@ -13,7 +13,10 @@ type) and its processing step; it never touches a Kafka client. Two shapes:
 
 Delivery is at least once: an offset is committed only after what its record produced is
 acknowledged by the broker. A record that does not decode into its topic's type goes to
-the DLQ with the reason, once, here; the stage never sees it.
+the DLQ with the reason, once, here; the stage never sees it. A record whose processing
+raises is isolated and dead-lettered after a few attempts; outages are waited out
+(:mod:`.poison`). On SIGTERM a stage finishes within ``SHUTDOWN_GRACE`` and a static
+member leaves its group (:mod:`.membership`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar, Generic, TypeAlias, TypeVar
 
 import msgspec
@@ -36,10 +40,20 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from . import metrics
 from .config import Settings
 from .errors import ReasonedError
-from .kafka import export_lag, kafka_reachable, make_consumer, make_producer
+from .kafka import export_lag, kafka_reachable, make_consumer, make_producer, stop_consumer
+from .membership import consumer_options, remove_static_member
 from .messages import Attempt, DeadLetterRecord, Message, encode
 from .offsets import OffsetTracker, commit_finished
-from .topics import DLQ, topic_name
+from .poison import (
+    OutputTooLarge,
+    attempts_of,
+    describe,
+    outlasting_outages,
+    poison_detail,
+    poison_reason,
+)
+from .shutdown import Deadline, run_until_deadline
+from .topics import DLQ, MAX_MESSAGE_BYTES, topic_name
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +89,12 @@ class Received(Generic[M]):
 
 
 Decode: TypeAlias = Callable[[bytes | None], Message]
+
+# The producer refuses a record over MAX_MESSAGE_BYTES (key and framing included): an
+# output that large is refused before publishing, and its input dead-lettered.
+MAX_OUTPUT_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
+# A dead letter carries at most this much of its record (which stays in its topic).
+MAX_DLQ_PAYLOAD = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -118,6 +138,9 @@ def dead_letter(
         text, encoding = payload.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         text, encoding = base64.b64encode(payload).decode("ascii"), "base64"
+    if len(text) > MAX_DLQ_PAYLOAD:
+        detail = f"{detail[:3800]} (payload: first {MAX_DLQ_PAYLOAD} of {len(text)} characters)"
+        text = text[:MAX_DLQ_PAYLOAD]
     key = record.key.decode("utf-8", "replace") if record.key is not None else None
     value = DeadLetterRecord(
         stage=stage,  # type: ignore[arg-type]
@@ -152,10 +175,11 @@ class Publisher:
         self._producer = producer
         self._stage = stage
 
-    async def publish(self, outputs: Sequence[Output]) -> None:
+    async def publish(self, outputs: Sequence[Output], payloads: list[bytes] | None = None) -> None:
+        """Publish ``outputs`` (already encoded as ``payloads``, if given)."""
         if not outputs:
             return
-        payloads = [encode(out.value) for out in outputs]
+        payloads = payloads if payloads is not None else [encode(out.value) for out in outputs]
         delay = 0.5
         while True:
             try:
@@ -244,6 +268,13 @@ class StreamContext(ABC):
     ) -> None:
         """Run ``work`` in a task the runtime waits for before giving ``partitions`` up."""
 
+    @abstractmethod
+    def spawn_record(
+        self, item: Received[Any], work: Callable[[], Coroutine[Any, Any, None]]
+    ) -> None:
+        """:meth:`spawn` the work that finishes ``item``; if it raises, it is tried again,
+        and after ``POISON_ATTEMPTS`` the record goes to the DLQ (never stranded)."""
+
 
 class StreamStage(Stage):
     """Records admitted one at a time, finished out of order.
@@ -311,6 +342,15 @@ class _Loop(ConsumerRebalanceListener, ABC):  # type: ignore[misc]
     @abstractmethod
     async def run(self, stop: asyncio.Event) -> None: ...
 
+    async def commit_finished(self) -> None:
+        """Commit what is finished, after :meth:`run` was cut short by the deadline."""
+
+    def poisoned(self, record: Record, exc: BaseException) -> Output:
+        reason = poison_reason(exc)
+        metrics.MESSAGES_FAILED.labels(self.stage.name, reason).inc()
+        detail = poison_detail(exc, self.stage.settings.poison_attempts)
+        return self.stage.dead_letter(record, reason, detail)
+
     async def on_partitions_assigned(self, assigned: Any) -> None:
         await self.stage.on_assigned(assigned)
 
@@ -363,13 +403,56 @@ class _BatchLoop(_Loop):
                     outputs.append(decoded)
                 else:
                     good.append(decoded)
+        payloads = [encode(out.value) for out in outputs]
         if good:
-            outputs.extend(await stage.process(good))
-        await self.publisher.publish(outputs)
+            processed, encoded = await self._process(good)
+            outputs.extend(processed)
+            payloads.extend(encoded)
+        await self.publisher.publish(outputs, payloads)
         offsets = {tp: batch[-1].offset + 1 for tp, batch in batches.items() if batch}
         if await self._commit(offsets):
             self.committed.update(offsets)
         export_lag(self.consumer, stage.group, self.committed)
+
+    async def _outputs(self, batch: list[Received[Any]]) -> tuple[list[Output], list[bytes]]:
+        """The stage's outputs for ``batch``, encoded; one over the size limit raises."""
+        outputs = await self.stage.process(batch)
+        payloads = [encode(out.value) for out in outputs]
+        for out, payload in zip(outputs, payloads, strict=True):
+            if len(payload) > MAX_OUTPUT_BYTES:
+                raise OutputTooLarge(f"a {out.topic} message of {len(payload)} bytes")
+        return outputs, payloads
+
+    async def _process(self, batch: list[Received[Any]]) -> tuple[list[Output], list[bytes]]:
+        """The stage's outputs for ``batch``, encoded; if it raises (not an outage), the
+        batch is run again record by record, so the record(s) at fault go to the DLQ and
+        the others are processed."""
+        stage = self.stage
+        try:
+            return await outlasting_outages(stage.name, partial(self._outputs, batch))
+        except Exception as exc:
+            log.warning(
+                "%s: a batch of %d raised %r; isolating the record at fault",
+                stage.name,
+                len(batch),
+                exc,
+            )
+        outputs: list[Output] = []
+        payloads: list[bytes] = []
+        for item in batch:
+            result = await attempts_of(
+                f"{stage.name} {describe(item.record)}",
+                partial(self._outputs, [item]),
+                stage.settings.poison_attempts,
+            )
+            if isinstance(result, BaseException):
+                dead = self.poisoned(item.record, result)
+                outputs.append(dead)
+                payloads.append(encode(dead.value))
+            else:
+                outputs.extend(result[0])
+                payloads.extend(result[1])
+        return outputs, payloads
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> bool:
         try:
@@ -399,7 +482,6 @@ class _BatchLoop(_Loop):
 class _StreamLoop(_Loop, StreamContext):
     stage: StreamStage
     COMMIT_INTERVAL = 1.0
-    SHUTDOWN_DRAIN = 25.0
     REVOKE_DRAIN = 20.0
 
     def __init__(self, stage: StreamStage, consumer: AIOKafkaConsumer, publisher: Publisher):
@@ -432,6 +514,39 @@ class _StreamLoop(_Loop, StreamContext):
         self.tasks[task] = frozenset(partitions)
         task.add_done_callback(self._task_done)
 
+    def spawn_record(
+        self, item: Received[Any], work: Callable[[], Coroutine[Any, Any, None]]
+    ) -> None:
+        self.spawn(self._finish_or_dead_letter(item, work), (item.tp,))
+
+    async def _finish_or_dead_letter(
+        self, item: Received[Any], work: Callable[[], Coroutine[Any, Any, None]]
+    ) -> None:
+        what = f"{self.stage.name} {describe(item.record)}"
+        failure = await attempts_of(what, work, self.stage.settings.poison_attempts)
+        if failure is not None:
+            await self._complete_records([item.record], [self.poisoned(item.record, failure)])
+
+    def _admit(self, item: Received[Any]) -> None:
+        """Hand ``item`` to the stage; one that makes ``admit`` raise on every attempt goes
+        to the DLQ, so its offset can commit."""
+        failure: Exception | None = None
+        for attempt in range(1, self.stage.settings.poison_attempts + 1):
+            try:
+                self.stage.admit(item)
+                return
+            except Exception as exc:
+                failure = exc
+                log.warning(
+                    "%s: admitting %s raised %r (attempt %d)",
+                    self.stage.name,
+                    describe(item.record),
+                    exc,
+                    attempt,
+                )
+        assert failure is not None
+        self._complete_record_later(item.record, [self.poisoned(item.record, failure)])
+
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self.tasks.pop(task, None)
         self.stage.wakeup.set()
@@ -445,10 +560,14 @@ class _StreamLoop(_Loop, StreamContext):
         try:
             await asyncio.gather(self._consume(stop), self.stage.run(stop))
             self.stage.hand_back(None)
-            await self._drain(self.SHUTDOWN_DRAIN)
+            # Leaves time, within the grace, to commit and leave the group after it.
+            await self._drain(self.stage.settings.shutdown_grace / 2)
             await self._commit()
         finally:
             committer.cancel()
+
+    async def commit_finished(self) -> None:
+        await self._commit()
 
     async def _consume(self, stop: asyncio.Event) -> None:
         stage, tracker = self.stage, self.tracker
@@ -469,7 +588,7 @@ class _StreamLoop(_Loop, StreamContext):
                     if isinstance(decoded, Output):
                         self._complete_record_later(record, [decoded])
                     else:
-                        stage.admit(decoded)
+                        self._admit(decoded)
             if batches:
                 stage.wakeup.set()
 
@@ -503,10 +622,13 @@ class _StreamLoop(_Loop, StreamContext):
 
 
 async def run_stage(stage: Stage, stop: asyncio.Event) -> None:
-    """Run ``stage`` until ``stop`` is set; finish what is in hand, commit, and return."""
+    """Run ``stage`` until ``stop`` is set; then finish or hand back what is in hand,
+    commit, leave the group and return, all within ``SHUTDOWN_GRACE`` seconds."""
     settings = stage.settings
     producer = make_producer(settings)
-    consumer = make_consumer(settings, stage.group, max_poll_records=settings.batch_size)
+    consumer = make_consumer(
+        settings, stage.group, max_poll_records=settings.batch_size, **consumer_options(settings)
+    )
     publisher = Publisher(producer, stage.name)
     loop: _Loop
     if isinstance(stage, StreamStage):
@@ -526,12 +648,20 @@ async def run_stage(stage: Stage, stop: asyncio.Event) -> None:
 
     health = metrics.HealthServer(settings.metrics_port, ready)
     await health.start()
-    log.info("%s: consuming %s as group %s", stage.name, ", ".join(topics), stage.group)
+    log.info(
+        "%s: consuming %s as group %s%s",
+        stage.name,
+        ", ".join(topics),
+        stage.group,
+        f" (static member {settings.instance_id})" if settings.instance_id else "",
+    )
+    deadline = Deadline(settings.shutdown_grace)
     try:
-        await loop.run(stop)
+        await run_until_deadline(stage.name, loop.run(stop), stop, deadline, loop.commit_finished)
     finally:
         await health.stop()
-        await consumer.stop()
-        await producer.stop()
-        await stage.stop()
+        await deadline.bounded(f"{stage.name}: closing the consumer", stop_consumer(consumer))
+        await remove_static_member(settings, stage.group, max(0.5, deadline.left()))
+        await deadline.bounded(f"{stage.name}: flushing the producer", producer.stop())
+        await deadline.bounded(f"{stage.name}: stopping", stage.stop())
         log.info("%s: stopped", stage.name)

@@ -22,29 +22,39 @@ def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[s
     return env
 
 
+def instance_id(env: dict[str, str], name: str) -> str:
+    """The static group member a process slot is (``<topic prefix><name>``): unique per
+    group and prefix, and the same for a process restarted in that slot, so the restart
+    takes the slot's partitions straight back."""
+    return env.get("STREAMCRAWL_TOPIC_PREFIX", "crawl.") + name
+
+
 class StageProcesses:
     """The stages as child processes, each logging to ``<log_dir>/<name>.log``.
 
-    A replica beyond the first is named ``<stage>-<n>``.
+    A replica beyond the first is named ``<stage>-<n>``; that name is also the process's
+    static group membership (:func:`instance_id`).
     """
 
     def __init__(self, env: dict[str, str], log_dir: Path) -> None:
         self._env = env
         self._log_dir = log_dir
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self._retiring: list[subprocess.Popen[bytes]] = []
+        self._retiring: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, stages: Iterable[str] = STAGE_NAMES) -> None:
-        self._log_dir.mkdir(parents=True, exist_ok=True)
         for stage in stages:
             self.start_one(stage)
 
     def start_one(self, stage: str, name: str | None = None) -> subprocess.Popen[bytes]:
         name = name or stage
+        self._wait_retired(name)
+        env = {**self._env, "STREAMCRAWL_INSTANCE_ID": instance_id(self._env, name)}
+        self._log_dir.mkdir(parents=True, exist_ok=True)
         with open(self._log_dir / f"{name}.log", "ab") as log_file:
             process = subprocess.Popen(
                 [sys.executable, "-m", "streamcrawl.cli", "run", stage],
-                env=self._env,
+                env=env,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -70,7 +80,21 @@ class StageProcesses:
         """Stop one replica gracefully (SIGTERM: it drains, commits and hands over)."""
         process = self.processes.pop(name)
         process.send_signal(signal.SIGTERM)
-        self._retiring.append(process)
+        self._retiring[name] = process
+
+    def _wait_retired(self, name: str) -> None:
+        """A slot's new process waits for the old one, still handing its work over, to
+        leave: two live members with one instance id would fence each other."""
+        process = self._retiring.pop(name, None)
+        if process is not None and process.poll() is None:
+            try:
+                process.wait(self._grace() + 5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def _grace(self) -> float:
+        return float(self._env.get("STREAMCRAWL_SHUTDOWN_GRACE", "20"))
 
     def kill(self, stage: str) -> None:
         """SIGKILL, as a crash or an OOM kill would."""
@@ -82,7 +106,7 @@ class StageProcesses:
         return [name for name, proc in self.processes.items() if proc.poll() is not None]
 
     def stop(self, timeout: float = 40.0) -> None:
-        everything = [*self.processes.values(), *self._retiring]
+        everything = [*self.processes.values(), *self._retiring.values()]
         for process in everything:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)

@@ -177,22 +177,83 @@ class Admission:
         max_pages_per_host: int = 0,
         max_calendar_pages: int = 0,
     ) -> str | None:
-        """None to admit (and remember) the URL, else the reason it is dropped:
-        ``duplicate``, ``max_pages``, ``max_pages_per_host`` or ``calendar_trap``.
+        """One candidate decided and, if admitted, remembered at once (see
+        :class:`BatchAdmission` for the rules)."""
+        batch = self.batch()
+        verdict = batch.decide(
+            partition, crawl_id, url, max_pages, max_pages_per_host, max_calendar_pages
+        )
+        batch.apply()
+        return verdict
+
+    def batch(self) -> BatchAdmission:
+        return BatchAdmission(self)
+
+
+class BatchAdmission:
+    """The decisions of one batch, remembered in the filters only by :meth:`apply`.
+
+    If processing a batch raises, the runtime runs its records again one by one: URLs
+    the failed run had put into a filter would then be dropped as duplicates although
+    they were never sent, and lost. So every step that can fail on a URL (splitting it
+    for its host and calendar pattern) runs before the decision, the batch's admissions
+    count here until it succeeded, and :meth:`apply` (which cannot fail) writes them.
+    """
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._admitted: list[tuple[int, str, str]] = []
+        self._keys: set[tuple[int, str]] = set()
+        self._per_crawl: Counter[str] = Counter()
+        self._counts: Counter[tuple[int, str]] = Counter()
+
+    def decide(
+        self,
+        partition: int,
+        crawl_id: str,
+        url: str,
+        max_pages: int,
+        max_pages_per_host: int = 0,
+        max_calendar_pages: int = 0,
+    ) -> str | None:
+        """None to admit the URL, else the reason it is dropped: ``duplicate``,
+        ``max_pages``, ``max_pages_per_host`` or ``calendar_trap``.
 
         A limit of 0 is no limit. The per-host and calendar counts are count-min
         estimates: a limit may cut a little early, never late.
         """
-        bloom = self.filters[partition]
-        if bloom.seen(crawl_id, url):
+        bloom = self._admission.filters[partition]
+        key = dedup_key(crawl_id, url)
+        host = host_key(crawl_id, url)  # raises here, not in apply(), on a bad URL
+        pattern = calendar_pattern(url)
+        if (partition, key) in self._keys or bloom.seen(crawl_id, url):
             return "duplicate"
-        if max_pages and self.admitted_in_crawl(crawl_id) >= max_pages:
+        admitted = self._admission.admitted_in_crawl(crawl_id) + self._per_crawl[crawl_id]
+        if max_pages and admitted >= max_pages:
             return "max_pages"
-        if max_pages_per_host and bloom.host_pages(crawl_id, url) >= max_pages_per_host:
+        if max_pages_per_host and (
+            bloom.host_pages(crawl_id, url) + self._counts[(partition, host)] >= max_pages_per_host
+        ):
             return "max_pages_per_host"
-        if max_calendar_pages:
-            pattern = calendar_pattern(url)
-            if pattern is not None and bloom.pattern_pages(crawl_id, pattern) >= max_calendar_pages:
+        if max_calendar_pages and pattern is not None:
+            counted = bloom.pattern_pages(crawl_id, pattern)
+            if counted + self._counts[(partition, pattern_key(crawl_id, pattern))] >= (
+                max_calendar_pages
+            ):
                 return "calendar_trap"
-        bloom.remember(crawl_id, url)
+        self._admitted.append((partition, crawl_id, url))
+        self._keys.add((partition, key))
+        self._per_crawl[crawl_id] += 1
+        self._counts[(partition, host)] += 1
+        if pattern is not None:
+            self._counts[(partition, pattern_key(crawl_id, pattern))] += 1
         return None
+
+    def apply(self) -> None:
+        """Remember the batch's admissions (after its outputs were produced)."""
+        filters = self._admission.filters
+        for partition, crawl_id, url in self._admitted:
+            bloom = filters.get(partition)
+            if bloom is not None:  # a partition revoked since cannot be: the batch holds
+                bloom.remember(crawl_id, url)  # the rebalance lock; kept safe anyway
+        self._admitted.clear()

@@ -259,13 +259,15 @@ class DedupStage(BatchStage):
         await self._snapshot(list(self.admission.filters))
         now = time.time()
         outputs: list[Output] = []
+        # Remembered in the filters only once the whole batch succeeded (see BatchAdmission).
+        admission = self.admission.batch()
         for item in batch:
             candidate: Discovered = item.message
             partition = item.record.partition
             if partition not in self.admission.filters:
                 # Waits for the rebuild on_assigned started (or starts one).
                 await self._rebuild([partition])
-            verdict = self.admission.decide(
+            verdict = admission.decide(
                 partition,
                 candidate.crawl_id,
                 candidate.url,
@@ -285,6 +287,7 @@ class DedupStage(BatchStage):
                     partition=partition,
                 )
             )
+        admission.apply()
         for partition, bloom in self.admission.filters.items():
             self._export(partition, bloom)
         return outputs

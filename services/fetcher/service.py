@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import urljoin
 
@@ -162,7 +163,7 @@ class FetcherStage(StreamStage):
             self.scheduler.unstarted(host, now)
         else:
             metrics.POLITENESS_WAIT.inc(max(0.0, now - job.queued_at))
-            self.ctx.spawn(self._fetch(job), (job.item.tp,))
+            self.ctx.spawn_record(job.item, partial(self._fetch, job))
 
     # -- robots.txt --------------------------------------------------------------------
 

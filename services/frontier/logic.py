@@ -64,7 +64,7 @@ def candidates_from_page(
     page: Page,
     settings: Settings,
     now: float | None = None,
-    recent: RecentlySent | None = None,
+    recent: RecentlySent | RecentBatch | None = None,
 ) -> tuple[list[Discovered], list[Drop]]:
     """The in-scope candidates a parsed page leads to: its links, or its redirect target.
 
@@ -135,14 +135,50 @@ class RecentlySent:
     def __len__(self) -> int:
         return len(self._current) + len(self._previous)
 
+    def sent_lately(self, crawl_id: str, url: str) -> bool:
+        key = (crawl_id, url)
+        return self.capacity > 0 and (key in self._current or key in self._previous)
+
+    def batch(self) -> RecentBatch:
+        return RecentBatch(self)
+
     def first_time(self, crawl_id: str, url: str) -> bool:
         """True (and remembered) unless the pair was sent lately."""
         if self.capacity <= 0:
             return True
-        key = (crawl_id, url)
-        if key in self._current or key in self._previous:
+        if self.sent_lately(crawl_id, url):
             return False
+        key = (crawl_id, url)
         if len(self._current) >= self.capacity:
             self._previous, self._current = self._current, set()
         self._current.add(key)
         return True
+
+
+class RecentBatch:
+    """What one batch adds to a :class:`RecentlySent`, applied only by :meth:`apply`.
+
+    If processing a batch raises, the runtime runs its records again one by one: links
+    remembered by the failed run would then be dropped as ``recently_sent`` although they
+    were never sent. So a batch marks its links here, and they reach the shared memory
+    only once the whole batch has produced its outputs.
+    """
+
+    def __init__(self, recent: RecentlySent) -> None:
+        self._recent = recent
+        self._added: dict[tuple[str, str], None] = {}  # in order, for apply
+
+    def first_time(self, crawl_id: str, url: str) -> bool:
+        """True (and remembered for this batch) unless the pair was sent lately."""
+        if self._recent.capacity <= 0:
+            return True
+        key = (crawl_id, url)
+        if key in self._added or self._recent.sent_lately(crawl_id, url):
+            return False
+        self._added[key] = None
+        return True
+
+    def apply(self) -> None:
+        for crawl_id, url in self._added:
+            self._recent.first_time(crawl_id, url)
+        self._added.clear()

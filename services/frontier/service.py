@@ -10,7 +10,7 @@ from ..core.config import Settings
 from ..core.messages import Discovered, Page, Seed, decode_seed
 from ..core.runtime import BatchStage, Input, Output, Received, json_input
 from ..core.topics import DISCOVERED, FRONTIER_GROUP, PAGES, SEEDS
-from .logic import RecentlySent, Rejected, candidates_from_page, seed_candidate
+from .logic import RecentBatch, RecentlySent, Rejected, candidates_from_page, seed_candidate
 
 # A redirect that cannot be followed is a failed fetch, not a scope decision: it is
 # dead-lettered so the user sees it.
@@ -29,12 +29,16 @@ class FrontierStage(BatchStage):
         return (Input(SEEDS, decode_seed), json_input(PAGES, Page))
 
     async def process(self, batch: list[Received[Any]]) -> list[Output]:
+        # The links this batch sends are remembered only once all of it succeeded: a
+        # batch that raises is run again record by record, and must find them unsent.
+        recent = self.recent.batch()
         outputs: list[Output] = []
         for item in batch:
             if isinstance(item.message, Seed):
                 outputs.extend(self._from_seed(item))
             else:
-                outputs.extend(self._from_page(item))
+                outputs.extend(self._from_page(item, recent))
+        recent.apply()
         return outputs
 
     def _from_seed(self, item: Received[Seed]) -> list[Output]:
@@ -45,9 +49,9 @@ class FrontierStage(BatchStage):
             return [self.dead_letter(item.record, exc.reason, exc.detail)]
         return [self._discovered(candidate)]
 
-    def _from_page(self, item: Received[Page]) -> list[Output]:
+    def _from_page(self, item: Received[Page], recent: RecentBatch) -> list[Output]:
         page = item.message
-        candidates, drops = candidates_from_page(page, self.settings, recent=self.recent)
+        candidates, drops = candidates_from_page(page, self.settings, recent=recent)
         outputs = [self._discovered(candidate) for candidate in candidates]
         # One increment per reason, not per link: labels() is a dict lookup under a lock.
         for reason, count in Counter(drop.reason for drop in drops).items():

@@ -10,21 +10,23 @@ of an upsert per page, so a redelivered batch rewrites the same documents instea
 adding new ones, while fresh pages take the fast path (FerretDB inserts about a
 hundred times faster than it upserts; see bench/RESULTS.md). Offsets are committed only after
 the database acknowledged the batch; while it is down the sink retries and the
-pipeline backs up behind it in Kafka, where nothing is lost.
+pipeline backs up behind it in Kafka, where nothing is lost. A page the database refuses
+is dead-lettered: on the insert path by its write error, on the replace path (or when the
+driver cannot encode it) by the runtime's poison-record isolation.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
 
 from pymongo import AsyncMongoClient, ReplaceOne
-from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
+from pymongo.errors import BulkWriteError, OperationFailure
 
 from ..core import metrics
 from ..core.messages import Page
+from ..core.poison import outlasting_outages
 from ..core.runtime import BatchStage, Input, Output, Received, json_input
 from ..core.topics import PAGES, SINK_GROUP
 from .logic import classify_failures, document_under, latest_documents
@@ -126,17 +128,8 @@ class SinkStage(BatchStage):
                 raise  # code 11000 only means the replacement above took care of it
 
     async def _retry(self, what: str, action: Any) -> Any:
-        delay = 0.5
-        while True:
-            try:
-                return await action()
-            except BulkWriteError as exc:
-                log.error(
-                    "sink: %s: bulk write error %s; retrying",
-                    what,
-                    str(exc.details.get("writeErrors", []))[:500],
-                )
-            except PyMongoError as exc:
-                log.error("sink: %s failed (%s); retrying in %.1fs", what, exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+        """``action()``, retried while the database is unreachable. Anything else (a
+        document refused on the replace path, a reply the driver cannot read, a document
+        the driver cannot encode) is raised: the runtime isolates the page at fault and
+        dead-letters it, instead of this partition retrying it forever."""
+        return await outlasting_outages(f"sink: {what}", action)

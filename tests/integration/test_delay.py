@@ -60,7 +60,9 @@ _fetch_decoder = msgspec.json.Decoder(Fetch)
 async def collect_fetch(
     settings: Settings, expected: int, timeout: float
 ) -> list[tuple[float, int, Fetch]]:
-    """(arrival time, partition, value) of crawl.fetch records, until ``expected`` arrived;
+    """(arrival time, partition, value) of crawl.fetch records, until ``expected`` distinct
+    URLs arrived (a redelivered one may come twice; a restarted static member re-reads
+    its partitions at once, so a duplicate can come before the last URL is due);
     each value decodes as a crawl.fetch message (unknown fields, such as a leftover
     ``due_at``, would be refused)."""
     consumer = AIOKafkaConsumer(
@@ -73,7 +75,7 @@ async def collect_fetch(
     seen: list[tuple[float, int, Fetch]] = []
     deadline = time.monotonic() + timeout
     try:
-        while len(seen) < expected and time.monotonic() < deadline:
+        while len({value.url for _, _, value in seen}) < expected and time.monotonic() < deadline:
             batches = await consumer.getmany(timeout_ms=100)
             for records in batches.values():
                 for record in records:

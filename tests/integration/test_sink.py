@@ -209,3 +209,26 @@ async def test_a_refused_replacement_of_a_stored_page_is_reported_not_retried(
         assert [doc["title"] async for doc in collection.find({})] == ["first"]
     finally:
         await client.close()
+
+
+async def test_a_replacement_the_database_refuses_is_raised_not_retried(settings: Settings) -> None:
+    """The replace path: a stored page's new version that the database refuses. FerretDB
+    1.24.2 refuses it already on the insert (it validates a document before looking for a
+    duplicate), so through ``_store`` such a page never gets here; called directly, the
+    replacement gets an answer pymongo cannot read (KeyError 'nModified'). Whatever the
+    database answers on this path (a BulkWriteError, which the sink used to retry forever,
+    stopping its partition, or this), anything but an outage is raised at once, for the
+    runtime to dead-letter the page."""
+    sink = SinkStage(settings)
+    await sink.start()
+    try:
+        stored = document_for(page("http://a.example/r", "v1"), 1.0, settings)
+        await sink._store([stored])
+        refused = {**stored, "meta": {"$where": "1"}}
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(Exception) as raised:
+            await asyncio.wait_for(sink._retry("replacing", lambda: sink._replace([refused])), 30)
+        assert not isinstance(raised.value, TimeoutError)
+        assert asyncio.get_running_loop().time() - started < 10
+    finally:
+        await sink.stop()

@@ -356,7 +356,14 @@ def test_deployments(rendered: list[Obj]) -> None:
         assert container["image"].startswith(IMAGE + ":")
         assert container["args"] == ["run", name]
         assert {"configMapRef": {"name": "streamcrawl-config"}} in container["envFrom"]
-        assert pod["terminationGracePeriodSeconds"] == 60
+        # The stage's own shutdown deadline fits in the pod's grace period, and each pod
+        # is a static group member named after itself.
+        grace = Settings.from_env(config_data(rendered)).shutdown_grace
+        assert grace + 5 <= pod["terminationGracePeriodSeconds"] == 30
+        assert {
+            "name": "STREAMCRAWL_INSTANCE_ID",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+        } in container["env"]
         # security
         assert _effective(container, pod, "runAsNonRoot") is True
         assert _effective(container, pod, "runAsUser") == 10001

@@ -10,7 +10,7 @@ import asyncio
 import base64
 import time
 import zlib
-from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -690,6 +690,11 @@ class Harness(StreamContext):
         task = asyncio.create_task(work)
         self.tasks.add(task)
         task.add_done_callback(self._done)
+
+    def spawn_record(
+        self, item: Received[Any], work: Callable[[], Coroutine[Any, Any, None]]
+    ) -> None:
+        self.spawn(work(), (item.tp,))
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
