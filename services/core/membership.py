@@ -23,6 +23,7 @@ from aiokafka.protocol.types import Array, Int16, Int32, Schema, String
 
 from .config import Settings
 from .kafka import make_admin
+from .topics import group_id
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ async def remove_static_member(settings: Settings, group: str, timeout: float) -
         )
 
 
-async def _remove(settings: Settings, group: str) -> None:
+async def _remove(settings: Settings, stage_group: str) -> None:
+    group = group_id(settings.topic_prefix, stage_group)
     admin = make_admin(settings)
     await admin.start()
     try:
