@@ -18,7 +18,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import DuplicateKeyError
 from streamcrawl.core.config import Settings
 from streamcrawl.core.kafka import OffsetProbe, create_topics, group_lag
-from streamcrawl.core.topics import TOPIC_SPECS
+from streamcrawl.core.topics import TOPIC_SPECS, group_id
 from streamcrawl.localstack.stack import LocalStack, StackConfig
 
 from ..conftest import free_port, kcat_consume
@@ -57,7 +57,8 @@ async def test_group_commits_and_lag_is_end_minus_committed(settings: Settings) 
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=settings.kafka_bootstrap,
-        group_id=group,
+        # The probe reads a pipeline group under this test's topic prefix.
+        group_id=group_id(settings.topic_prefix, group),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
     )
