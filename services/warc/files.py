@@ -302,6 +302,7 @@ class Archive:
         current, self.current = self.current, None
         if current is None:
             return None
+        self.written.batch_committed()  # the runtime commits the last batch before a stop
         if self.written.unconfirmed():
             current.handle.close()
             log.info("warc: %s left open for the next start (recovered offsets)", current.path)

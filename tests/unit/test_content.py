@@ -1,0 +1,120 @@
+"""Bodies travel as received (Content-Encoding intact); the parser and the robots reader
+inflate them with a cap (services/core/content.py, services/parser/logic.py)."""
+
+from __future__ import annotations
+
+import gzip
+import random
+import zlib
+from typing import Any
+
+import pytest
+from streamcrawl.core.content import ContentDecodingError, content_codings, decode_content
+from streamcrawl.core.messages import Fetched, Scope, Timings
+from streamcrawl.parser.logic import Unparseable, page_from_fetched, read_body
+
+HTML = b"<html><head><title>Caf\xc3\xa9</title></head><body><a href='/x'>x</a></body></html>"
+LIMIT = 10_000
+
+
+def test_codings_are_read_in_the_order_applied() -> None:
+    assert content_codings(None) == []
+    assert content_codings(" GZip , identity,") == ["gzip", "identity"]
+
+
+@pytest.mark.parametrize(
+    ("encoding", "encoded"),
+    [
+        (None, HTML),
+        ("identity", HTML),
+        ("gzip", gzip.compress(HTML)),
+        ("x-gzip", gzip.compress(HTML)),
+        ("deflate", zlib.compress(HTML)),
+        ("deflate", zlib.compress(HTML, wbits=-15)),  # raw deflate, as some servers send
+        ("deflate, gzip", gzip.compress(zlib.compress(HTML))),
+    ],
+)
+def test_each_supported_coding_is_undone(encoding: str | None, encoded: bytes) -> None:
+    assert decode_content(encoded, encoding, LIMIT) == (HTML, False)
+
+
+def test_a_bomb_stops_at_the_cap() -> None:
+    bomb = gzip.compress(b" " * 5_000_000)
+    body, cut = decode_content(bomb, "gzip", LIMIT)
+    assert (len(body), cut) == (LIMIT, True)
+    assert decode_content(HTML, None, 10) == (HTML[:10], True)
+
+
+def test_members_and_cut_streams() -> None:
+    two = gzip.compress(b"one ") + gzip.compress(b"two")
+    assert decode_content(two, "gzip", LIMIT) == (b"one two", False)
+    text = random.Random(7).randbytes(3000).hex().encode()
+    body, cut = decode_content(gzip.compress(text)[:2000], "gzip", LIMIT)
+    assert not cut and 0 < len(body) < len(text) and text.startswith(body)
+    # Trailing bytes after a complete member do not cost the member.
+    assert decode_content(gzip.compress(HTML) + b"\0\0junk", "gzip", LIMIT) == (HTML, False)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body", "reason"),
+    [
+        ("br", b"\x1b\x00", "unsupported_content_coding"),
+        ("gzip", b"not gzip at all", "corrupt_content"),
+        ("deflate", b"\xff\xfe not deflate", "corrupt_content"),
+    ],
+)
+def test_what_cannot_be_undone_says_why(encoding: str, body: bytes, reason: str) -> None:
+    with pytest.raises(ContentDecodingError) as caught:
+        decode_content(body, encoding, LIMIT)
+    assert caught.value.reason == reason
+
+
+def fetched(body: bytes, **changes: Any) -> Fetched:
+    fields: dict[str, Any] = {
+        "url": "http://a.example/p.html",
+        "final_url": "http://a.example/p.html",
+        "host": "a.example",
+        "crawl_id": "c1",
+        "depth": 1,
+        "scope": Scope(allow_domains=["a.example"], max_depth=5),
+        "status": 200,
+        "headers": {"content-type": "text/html; charset=utf-8", "content-encoding": "gzip"},
+        "content_type": "text/html; charset=utf-8",
+        "body": zlib.compress(body),
+        "body_bytes": len(body),
+        "truncated": False,
+        "fetched_at": 1.0,
+        "timings": Timings(total_s=0.1),
+        "body_as_received": True,
+    }
+    fields.update(changes)
+    return Fetched(**fields)
+
+
+def test_the_parser_inflates_a_body_as_received() -> None:
+    record = fetched(gzip.compress(HTML))
+    page = page_from_fetched(record, *read_body(record, LIMIT))
+    assert (page.title, page.links, page.body_bytes) == ("Café", ["http://a.example/x"], len(HTML))
+    assert not page.truncated
+
+
+def test_the_parser_marks_a_bomb_truncated_and_parses_its_start() -> None:
+    record = fetched(gzip.compress(HTML + b" " * 3_000_000))
+    page = page_from_fetched(record, *read_body(record, LIMIT))
+    assert page.truncated and page.title == "Café" and page.body_bytes == LIMIT
+
+
+def test_an_older_record_is_not_inflated_twice() -> None:
+    record = fetched(HTML, body_as_received=False)  # inflated by an older fetcher
+    assert read_body(record, LIMIT) == (HTML, False)
+
+
+def test_a_broken_success_is_a_dead_letter_but_a_broken_redirect_is_kept() -> None:
+    with pytest.raises(Unparseable) as caught:
+        read_body(fetched(b"garbage"), LIMIT)
+    assert caught.value.reason == "corrupt_content"
+    moved = fetched(
+        b"garbage", status=301, headers={"content-encoding": "gzip", "location": "/new"}
+    )
+    page = page_from_fetched(moved, *read_body(moved, LIMIT))
+    assert page.redirect_to == "http://a.example/new"
