@@ -257,6 +257,7 @@ def test_every_object_is_valid(
         "HorizontalPodAutoscaler",
         "ScaledObject",
         "TriggerAuthentication",
+        "PersistentVolumeClaim",
     }
 
 
