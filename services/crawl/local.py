@@ -88,6 +88,9 @@ def _connection_env() -> dict[str, str]:
     # crawl's start replays only what came after them.
     if not os.environ.get(PREFIX + "STATE_DIR"):
         env[PREFIX + "STATE_DIR"] = str(config.data_dir / "dedup")
+    # The warc stage's files too: under the stack's data directory, not where it was run.
+    if not os.environ.get(PREFIX + "WARC_DIR"):
+        env[PREFIX + "WARC_DIR"] = str(config.data_dir / "warc")
     return env
 
 

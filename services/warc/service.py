@@ -26,7 +26,7 @@ from .logic import RevisitIndex, Unarchivable, exchange_from
 
 log = logging.getLogger(__name__)
 
-MIN_FILE_BYTES = 1024 * 1024
+MIN_FILE_BYTES = 64 * 1024
 
 
 def warc_directory(settings: Settings) -> Path:
