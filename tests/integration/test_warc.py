@@ -211,9 +211,7 @@ async def test_a_demo_site_is_archived_as_nginx_served_it(
         assert captures[url][0].status == 404
 
 
-async def test_the_hostile_site_is_archived_as_received(
-    stack: StackConfig, tmp_path: Path
-) -> None:
+async def test_the_hostile_site_is_archived_as_received(stack: StackConfig, tmp_path: Path) -> None:
     settings = warc_settings(stack, tmp_path)
     await create_topics(settings)
     with HostileSite(
