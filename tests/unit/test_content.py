@@ -9,8 +9,12 @@ import zlib
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from streamcrawl.core.config import Settings
 from streamcrawl.core.content import ContentDecodingError, content_codings, decode_content
 from streamcrawl.core.messages import Fetched, Scope, Timings
+from streamcrawl.fetcher.downloader import Downloader
 from streamcrawl.parser.logic import Unparseable, page_from_fetched, read_body
 
 HTML = b"<html><head><title>Caf\xc3\xa9</title></head><body><a href='/x'>x</a></body></html>"
@@ -118,3 +122,47 @@ def test_a_broken_success_is_a_dead_letter_but_a_broken_redirect_is_kept() -> No
     )
     page = page_from_fetched(moved, *read_body(moved, LIMIT))
     assert page.redirect_to == "http://a.example/new"
+
+
+# -- the fetcher keeps the response as received -------------------------------------------
+
+
+async def _served(handler: Any) -> tuple[TestServer, Downloader]:
+    app = web.Application()
+    app.router.add_get("/{name}", handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    downloader = Downloader(Settings(allow_networks=("127.0.0.1/32",), user_agent="ua-test/1"))
+    await downloader.start()
+    return server, downloader
+
+
+async def test_the_downloader_keeps_status_line_headers_and_body_as_received() -> None:
+    encoded = gzip.compress(HTML)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        assert request.headers["Accept-Encoding"] == "gzip, deflate"
+        response = web.Response(body=encoded, status=203, reason="Fine Thanks")
+        response.headers["Content-Type"] = "text/html"
+        response.headers["Content-Encoding"] = "gzip"
+        response.headers.add("x-Mixed-CASE", "one")
+        response.headers.add("X-Mixed-Case", "two")
+        return response
+
+    server, downloader = await _served(handler)
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        result = await downloader.page(f"{base}/p.html", f"127.0.0.1:{server.port}")
+        robots = await downloader.robots(f"{base}/robots.txt", f"127.0.0.1:{server.port}")
+    finally:
+        await downloader.close()
+        await server.close()
+    assert (result.protocol, result.status, result.reason) == ("HTTP/1.1", 203, "Fine Thanks")
+    assert result.body == encoded and not result.truncated  # still gzip: as received
+    names = [name for name, _ in result.raw_headers]
+    assert ("x-Mixed-CASE", "one") in result.raw_headers
+    assert names.index("x-Mixed-CASE") + 1 == names.index("X-Mixed-Case")  # order and repeats
+    assert result.headers["x-mixed-case"] == "one, two"
+    sent = dict(result.request_headers)
+    assert sent["User-Agent"] == "ua-test/1" and sent["Accept-Encoding"] == "gzip, deflate"
+    assert robots.body == HTML  # the robots reader gets it inflated
