@@ -169,9 +169,13 @@ class Archive:
                 path.unlink()
                 _state_path(path).unlink(missing_ok=True)
                 continue
-            cut = path.stat().st_size - state.length
-            taken.handle.truncate(state.length)
-            taken.handle.seek(state.length)
+            size = path.stat().st_size
+            if size < state.length:  # only if an fsync did not keep its promise
+                log.error("warc: %s is shorter than its state says; kept as it is", path.name)
+            length = min(size, state.length)
+            cut = size - length
+            taken.handle.truncate(length)
+            taken.handle.seek(length)
             os.fsync(taken.handle.fileno())
             log.info("warc: recovered %s (%d bytes after its last batch cut)", path.name, cut)
             self.written.merge(state.offsets)
