@@ -28,6 +28,9 @@ from ..core.errors import ReasonedError
 from ..core.messages import Fetched
 
 WARC_VERSION = "WARC/1.1"
+# warcio gzips at level 9: on HTML, level 6 archives 1.7 to 1.9 times as many pages per
+# second for files 0.3 % larger (bench/warc_write.py), so records are gzipped here.
+GZIP_LEVEL = 6
 OPEN_SUFFIX = ".open"
 STATE_SUFFIX = ".state"
 WARC_SUFFIX = ".warc.gz"
@@ -173,11 +176,24 @@ class _ExactHead(StatusAndHeaders):  # type: ignore[misc]
         self.headers_buff = self.exact
 
 
+class _Writer(WARCWriter):  # type: ignore[misc]
+    """warcio's writer, each record gzipped as a member of its own at ``GZIP_LEVEL``."""
+
+    def __init__(self, out: io.BytesIO) -> None:
+        super().__init__(out, gzip=False, warc_version=WARC_VERSION)
+
+    def _write_warc_record(self, out: io.BytesIO, record: object) -> None:
+        plain = io.BytesIO()
+        super()._write_warc_record(plain, record)
+        member = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+        out.write(member.compress(plain.getvalue()) + member.flush())
+
+
 def exchange_records(exchange: Exchange, original: Original | None) -> bytes:
     """The response (or, when ``original`` holds the same payload, a revisit) and its
     request, as WARC/1.1 records each in its own gzip member."""
     out = io.BytesIO()
-    writer = WARCWriter(out, gzip=True, warc_version=WARC_VERSION)
+    writer = _Writer(out)
     head = _ExactHead(exchange.response_head, is_request=False)
     fields = {"WARC-Date": exchange.date}
     if original is not None:
@@ -215,7 +231,7 @@ def exchange_records(exchange: Exchange, original: Original | None) -> bytes:
 def warcinfo_record(filename: str, fields: dict[str, str]) -> bytes:
     """The first record of every file: what wrote it, and how."""
     out = io.BytesIO()
-    writer = WARCWriter(out, gzip=True, warc_version=WARC_VERSION)
+    writer = _Writer(out)
     writer.write_record(writer.create_warcinfo_record(filename, fields))
     return out.getvalue()
 
