@@ -19,6 +19,7 @@ from .safety import ForbiddenAddress, IPNetwork, is_allowed
 _MAX_HEADERS = 200
 _MAX_REQUEST_HEADERS = 64
 _MAX_HEADER_VALUE = 8192
+_MAX_HEADER_NAME = 1024  # crawl.fetched's limits: a longer one would fail its schema
 _MAX_REASON = 256
 _CHUNK = 64 * 1024
 
@@ -166,7 +167,7 @@ def _protocol(version: aiohttp.HttpVersion | None) -> str:
 def _header_list(raw: Iterable[tuple[bytes, bytes]], most: int) -> tuple[Header, ...]:
     """Headers as received (bounded), each byte one character so they round-trip."""
     return tuple(
-        (name.decode("latin-1"), value[:_MAX_HEADER_VALUE].decode("latin-1"))
+        (name[:_MAX_HEADER_NAME].decode("latin-1"), value[:_MAX_HEADER_VALUE].decode("latin-1"))
         for name, value in islice(raw, most)
     )
 

@@ -8,13 +8,15 @@ import random
 import zlib
 from typing import Any
 
+import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from streamcrawl.core.config import Settings
 from streamcrawl.core.content import ContentDecodingError, content_codings, decode_content
-from streamcrawl.core.messages import Fetched, Scope, Timings
+from streamcrawl.core.messages import Discovered, Fetched, Scope, Timings, encode, fetch_from
 from streamcrawl.fetcher.downloader import Downloader
+from streamcrawl.fetcher.retry import fetched_from
 from streamcrawl.parser.logic import Unparseable, page_from_fetched, read_body
 
 HTML = b"<html><head><title>Caf\xc3\xa9</title></head><body><a href='/x'>x</a></body></html>"
@@ -166,3 +168,33 @@ async def test_the_downloader_keeps_status_line_headers_and_body_as_received() -
     sent = dict(result.request_headers)
     assert sent["User-Agent"] == "ua-test/1" and sent["Accept-Encoding"] == "gzip, deflate"
     assert robots.body == HTML  # the robots reader gets it inflated
+
+
+async def test_a_hostile_header_still_fits_crawl_fetched() -> None:
+    long_name, long_reason = "X-" + "n" * 3000, "r" * 400
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="ok", reason=long_reason, headers={long_name: "v" * 5000})
+
+    server, downloader = await _served(handler)
+    try:
+        result = await downloader.page(f"http://127.0.0.1:{server.port}/p", "h")
+    finally:
+        await downloader.close()
+        await server.close()
+    request = fetch_from(
+        Discovered(
+            url="http://a.example/p",
+            host="a.example",
+            crawl_id="c1",
+            depth=0,
+            priority=5,
+            scope=Scope(allow_domains=["a.example"], max_depth=5),
+            discovered_at=1.0,
+        ),
+        2.0,
+    )
+    record = fetched_from(request, result, 3.0)
+    decoded = msgspec.json.decode(encode(record), type=Fetched)  # validated as the edge does
+    (name, value) = next(item for item in decoded.raw_headers if item[0].startswith("X-"))
+    assert (len(name), value, len(decoded.reason)) == (1024, "v" * 5000, 256)
