@@ -22,6 +22,7 @@ STAGES: dict[str, str] = {
     "delay": "streamcrawl.delay.service:DelayStage",
     "parser": "streamcrawl.parser.service:ParserStage",
     "sink": "streamcrawl.sink.service:SinkStage",
+    "warc": "streamcrawl.warc.service:WarcStage",
 }
 
 STAGE_NAMES: tuple[str, ...] = tuple(STAGES)

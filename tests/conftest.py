@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,6 +77,8 @@ def isolated_settings(stack: StackConfig, **extra: str) -> Settings:
         "STREAMCRAWL_TOPIC_PREFIX": f"t{tag}.",
         "STREAMCRAWL_MONGO_DATABASE": f"test_{tag}",
         "STREAMCRAWL_ALLOW_NETWORKS": "127.0.0.1/32",
+        # The warc stage runs in every pipeline: its files go to a directory of the test's.
+        "STREAMCRAWL_WARC_DIR": tempfile.mkdtemp(prefix=f"streamcrawl-warc-{tag}-"),
     }
     env.update({f"STREAMCRAWL_{name.upper()}": value for name, value in extra.items()})
     return Settings.from_env(env)

@@ -81,7 +81,8 @@ class Settings:
     max_body_bytes: int = field(
         default=2 * 1024 * 1024,
         metadata={
-            "doc": "Body cap (decompressed, enforced while streaming); a larger body is cut "
+            "doc": "Body cap: the bytes received are cut here while streaming, and a "
+            "compressed body is inflated to at most this many bytes; a larger body is cut "
             "and marked truncated. At most 4.5 MiB, the topic limit."
         },
     )
@@ -220,6 +221,28 @@ class Settings:
         default=0, metadata={"doc": "Port for /metrics, /healthz, /readyz (0: disabled)."}
     )
     log_level: str = field(default="INFO", metadata={"doc": "Python log level."})
+    warc_dir: str = field(
+        default="",
+        metadata={
+            "doc": "Directory of the warc stage's WARC files. Empty: `<STATE_DIR>/warc`, or "
+            "`./warc` without a STATE_DIR."
+        },
+    )
+    warc_max_bytes: int = field(
+        default=1_000_000_000,
+        metadata={
+            "doc": "A WARC file is completed (renamed from `.open`) and a new one begun once it "
+            "holds this many bytes, at the next batch."
+        },
+    )
+    warc_revisit_cache: int = field(
+        default=100_000,
+        metadata={
+            "doc": "Payload digests the warc stage remembers (most recent first, rebuilt from "
+            "its newest files at a start) to write a `revisit` record instead of a payload "
+            "seen before (0: always the full response)."
+        },
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

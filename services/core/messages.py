@@ -31,7 +31,8 @@ Kind = Annotated[
     Literal["page", "sitemap"],
     Meta(description="page (default) or sitemap: a sitemap's <loc> URLs become links."),
 ]
-StageName = Literal["frontier", "dedup", "fetcher", "delay", "parser", "sink"]
+StageName = Literal["frontier", "dedup", "fetcher", "delay", "parser", "sink", "warc"]
+HeaderLine = tuple[Annotated[str, Meta(max_length=1024)], Annotated[str, Meta(max_length=8192)]]
 
 DEFAULT_CRAWL_ID = "default"
 DEFAULT_PRIORITY = 5
@@ -131,7 +132,9 @@ class Timings(Message, kw_only=True):
 
 class Fetched(Message, kw_only=True):
     """crawl.fetched: one HTTP response (redirects are not followed here: the target goes
-    back through frontier and dedup). ``body`` is the zlib-compressed body, base64 in JSON."""
+    back through frontier and dedup). ``body`` is the zlib-compressed body, base64 in JSON:
+    with ``body_as_received`` the bytes that came over the wire (Content-Encoding not undone,
+    cut at the body cap), which the warc stage archives and the parser inflates."""
 
     url: Url
     final_url: Url
@@ -146,12 +149,36 @@ class Fetched(Message, kw_only=True):
     content_type: Annotated[str, Meta(max_length=256)]
     body: bytes
     body_encoding: Literal["zlib+base64"] = "zlib+base64"
-    body_bytes: Annotated[int, Meta(ge=0)]
+    body_bytes: Annotated[int, Meta(ge=0, description="Length of the body as carried.")]
     truncated: bool
     fetched_at: float
     timings: Timings
     meta: Meta64 | None = None
     kind: Kind = "page"
+    body_as_received: Annotated[
+        bool,
+        Meta(
+            description="The body is as received, its Content-Encoding not undone (false: "
+            "a record of an older fetcher, whose body was already inflated)."
+        ),
+    ] = False
+    protocol: Annotated[
+        str,
+        Meta(pattern="^HTTP/[0-9](\\.[0-9])?(?![\\s\\S])", description="As in the status line."),
+    ] = "HTTP/1.1"
+    reason: Annotated[str, Meta(max_length=256, description="The status line's reason.")] = ""
+    raw_headers: Annotated[
+        list[HeaderLine],
+        Meta(
+            max_length=200,
+            description="Response headers as received: in order, names in their own case, "
+            "repeats kept; each byte one character (ISO-8859-1).",
+        ),
+    ] = []
+    request_headers: Annotated[
+        list[HeaderLine],
+        Meta(max_length=64, description="The request's headers as sent, in order."),
+    ] = []
 
 
 class Page(Message, kw_only=True, omit_defaults=False):

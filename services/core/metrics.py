@@ -78,6 +78,14 @@ BLOOM_FP_RATE = Gauge(
     "Estimated false-positive rate of the dedup filter.",
     ["partition"],
 )
+WARC_RECORDS = Counter(
+    "streamcrawl_warc_records_total",
+    "Responses archived by the warc stage, by record type (response, revisit); skipped: "
+    "records delivered again after a crash and already in a file.",
+    ["type"],
+)
+WARC_BYTES = Counter("streamcrawl_warc_bytes_total", "Bytes appended to WARC files.")
+WARC_FILES = Counter("streamcrawl_warc_files_total", "WARC files completed (renamed from .open).")
 CONSUMER_LAG = Gauge(
     "streamcrawl_consumer_lag",
     "Log-end offset minus committed offset.",

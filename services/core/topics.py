@@ -43,6 +43,9 @@ FETCHER_GROUP = "streamcrawl-fetcher"
 DELAY_GROUP = "streamcrawl-delay"
 PARSER_GROUP = "streamcrawl-parser"
 SINK_GROUP = "streamcrawl-sink"
+# The archive reads crawl.fetched in a group of its own: it adds no work to the parser and
+# is scaled, stopped or replayed on its own.
+WARC_GROUP = "streamcrawl-warc"
 
 DEFAULT_TOPIC_PREFIX = "crawl."
 
@@ -67,6 +70,7 @@ GROUP_INPUTS: dict[str, tuple[str, ...]] = {
     DELAY_GROUP: (RETRY,),
     PARSER_GROUP: (FETCHED,),
     SINK_GROUP: (PAGES,),
+    WARC_GROUP: (FETCHED,),
 }
 
 

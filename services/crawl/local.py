@@ -88,6 +88,9 @@ def _connection_env() -> dict[str, str]:
     # crawl's start replays only what came after them.
     if not os.environ.get(PREFIX + "STATE_DIR"):
         env[PREFIX + "STATE_DIR"] = str(config.data_dir / "dedup")
+    # The warc stage's files too: under the stack's data directory, not where it was run.
+    if not os.environ.get(PREFIX + "WARC_DIR"):
+        env[PREFIX + "WARC_DIR"] = str(config.data_dir / "warc")
     return env
 
 
@@ -124,7 +127,7 @@ def crawl_command(args: argparse.Namespace) -> int:
         counted = None
         if args.count_stored:
             counted = asyncio.run(count_stored(settings, request.crawl_id))
-        _print_summary(request, progress, counted, log_dir)
+        _print_summary(request, progress, counted, log_dir, settings.warc_dir)
     return 0
 
 
@@ -175,7 +178,11 @@ def _serve_demo_site(cleanup: ExitStack, pages: int) -> tuple[tuple[str, ...], d
 
 
 def _print_summary(
-    request: CrawlRequest, progress: Progress, counted: int | None, log_dir: Path
+    request: CrawlRequest,
+    progress: Progress,
+    counted: int | None,
+    log_dir: Path,
+    warc_dir: str = "",
 ) -> None:
     # Counting by crawl id in MongoDB is a scan on FerretDB/SQLite (28 s at 60,000 documents):
     # by default the summary reports what the sink committed, read from Kafka offsets.
@@ -192,4 +199,5 @@ def _print_summary(
         f"  errors   {progress.errors} dead letters (topic crawl.dlq)\n"
         f"  rate     {progress.rate:.1f} pages/s end to end\n"
         f"  logs     {log_dir}"
+        + (f"\n  archive  {warc_dir} (WARC files of the warc stage)" if warc_dir else "")
     )

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import aiohttp
 
 from ..core import metrics
 from ..core.config import Settings
+from ..core.content import ACCEPT_ENCODING, ContentDecodingError, decode_content
 from .http import FetchFailed, FetchLimits, FetchResult, fetch
 from .proxies import ProxyPool
 from .robots import ROBOTS_MAX_BYTES
@@ -54,10 +56,12 @@ class Downloader:
             resolver=self.resolver,
             enable_cleanup_closed=True,
         )
+        # Bodies are kept as received (the warc stage archives them); the parser and the
+        # robots reader inflate them, capped, so only what they can undo is asked for.
         self._session = aiohttp.ClientSession(
             connector=connector,
-            headers={"User-Agent": settings.user_agent},
-            auto_decompress=True,
+            headers={"User-Agent": settings.user_agent, "Accept-Encoding": ACCEPT_ENCODING},
+            auto_decompress=False,
             trust_env=False,
         )
 
@@ -69,7 +73,14 @@ class Downloader:
         return await self._get(url, host, self.page_limits)
 
     async def robots(self, url: str, host: str) -> FetchResult:
-        return await self._get(url, host, self.robots_limits)
+        """robots.txt, its body inflated (to at most ``ROBOTS_MAX_BYTES``)."""
+        result = await self._get(url, host, self.robots_limits)
+        encoding = result.headers.get("content-encoding")
+        try:
+            body, cut = decode_content(result.body, encoding, ROBOTS_MAX_BYTES)
+        except ContentDecodingError as exc:
+            raise FetchFailed("payload_error", f"{url}: {exc.detail}") from exc
+        return replace(result, body=body, truncated=result.truncated or cut)
 
     async def _get(self, url: str, host: str, limits: FetchLimits) -> FetchResult:
         assert self._session is not None, "Downloader.start() first"

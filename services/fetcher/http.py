@@ -5,7 +5,9 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import islice
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -15,12 +17,23 @@ from ..core.errors import ReasonedError
 from .safety import ForbiddenAddress, IPNetwork, is_allowed
 
 _MAX_HEADERS = 200
+_MAX_REQUEST_HEADERS = 64
 _MAX_HEADER_VALUE = 8192
+_MAX_HEADER_NAME = 1024  # crawl.fetched's limits: a longer one would fail its schema
+_MAX_REASON = 256
 _CHUNK = 64 * 1024
+
+
+Header = tuple[str, str]
 
 
 @dataclass(frozen=True)
 class FetchResult:
+    """One HTTP response. ``body`` is as received: transfer coding undone, Content-Encoding
+    kept (the parser and the robots reader inflate it; the warc stage archives it as is).
+    ``raw_headers`` are the response headers in the order received, names in their own
+    case, each byte one character (ISO-8859-1), so they turn back into the same bytes."""
+
     status: int
     final_url: str
     headers: dict[str, str]
@@ -29,6 +42,10 @@ class FetchResult:
     truncated: bool
     total_s: float
     ttfb_s: float
+    protocol: str = "HTTP/1.1"
+    reason: str = ""
+    raw_headers: tuple[Header, ...] = ()
+    request_headers: tuple[Header, ...] = ()
 
 
 class FetchFailed(ReasonedError):
@@ -97,6 +114,16 @@ async def fetch(
                 truncated=truncated,
                 total_s=time.monotonic() - started,
                 ttfb_s=ttfb,
+                protocol=_protocol(response.version),
+                reason=(response.reason or "")[:_MAX_REASON],
+                raw_headers=_header_list(response.raw_headers, _MAX_HEADERS),
+                request_headers=_header_list(
+                    (
+                        (name.encode("latin-1", "replace"), value.encode("latin-1", "replace"))
+                        for name, value in response.request_info.headers.items()
+                    ),
+                    _MAX_REQUEST_HEADERS,
+                ),
             )
     except TimeoutError as exc:
         raise FetchFailed("timeout", f"no complete answer within the limits ({exc!r})") from exc
@@ -119,7 +146,8 @@ async def fetch(
 
 
 async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> tuple[bytes, bool]:
-    # Chunks are already decompressed, so the cap also bounds a compression bomb.
+    # Chunks are as received (the session does not decompress): the cap bounds what is
+    # kept; whoever inflates the body caps the inflated bytes too (core/content.py).
     parts: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_chunked(_CHUNK):
@@ -130,6 +158,18 @@ async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> tuple[byte
         parts.append(chunk)
         size += len(chunk)
     return b"".join(parts), False
+
+
+def _protocol(version: aiohttp.HttpVersion | None) -> str:
+    return "HTTP/1.1" if version is None else f"HTTP/{version.major}.{version.minor}"
+
+
+def _header_list(raw: Iterable[tuple[bytes, bytes]], most: int) -> tuple[Header, ...]:
+    """Headers as received (bounded), each byte one character so they round-trip."""
+    return tuple(
+        (name[:_MAX_HEADER_NAME].decode("latin-1"), value[:_MAX_HEADER_VALUE].decode("latin-1"))
+        for name, value in islice(raw, most)
+    )
 
 
 def _flatten_headers(headers: aiohttp.typedefs.LooseHeaders) -> dict[str, str]:

@@ -158,7 +158,8 @@ def retry_or_give_up(
 
 
 def fetched_from(request: Fetch, result: FetchResult, now: float) -> Fetched:
-    """The crawl.fetched record of one response (the body zlib-compressed)."""
+    """The crawl.fetched record of one response: the body as received, zlib-compressed,
+    with what an archive needs (status line, headers as received, the request's headers)."""
     return Fetched(
         url=request.url,
         final_url=result.final_url,
@@ -178,4 +179,9 @@ def fetched_from(request: Fetch, result: FetchResult, now: float) -> Fetched:
         timings=Timings(total_s=round(result.total_s, 6), ttfb_s=round(result.ttfb_s, 6)),
         meta=request.meta,
         kind=request.kind,
+        body_as_received=True,
+        protocol=result.protocol,
+        reason=result.reason,
+        raw_headers=list(result.raw_headers),
+        request_headers=list(result.request_headers),
     )

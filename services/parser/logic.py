@@ -5,6 +5,7 @@ from __future__ import annotations
 import zlib
 from urllib.parse import urljoin
 
+from ..core.content import ContentDecodingError, decode_content
 from ..core.errors import ReasonedError
 from ..core.messages import Fetched, Page
 from .extract import extract_page, is_html
@@ -18,7 +19,8 @@ class Unparseable(ReasonedError):
 
 
 def decode_body(fetched: Fetched, limit: int) -> bytes:
-    """The response body, inflated, never past ``limit`` bytes."""
+    """The body as carried on crawl.fetched (its zlib transport undone), never past
+    ``limit`` bytes; its Content-Encoding, if any, is still there (see :func:`read_body`)."""
     try:
         body = zlib.decompressobj().decompress(fetched.body, limit + 1)
     except (zlib.error, ValueError) as exc:
@@ -28,8 +30,22 @@ def decode_body(fetched: Fetched, limit: int) -> bytes:
     return body
 
 
-def page_from_fetched(fetched: Fetched, body: bytes) -> Page:
+def read_body(fetched: Fetched, limit: int) -> tuple[bytes, bool]:
+    """The body to parse: as carried, then its Content-Encoding undone (at most ``limit``
+    bytes; the flag says it was cut there). Only a success's body is read: the page of any
+    other status keeps its metadata alone, so a broken body cannot cost a redirect."""
+    carried = decode_body(fetched, limit)
+    if not fetched.body_as_received or not 200 <= fetched.status < 300:
+        return carried, False
+    try:
+        return decode_content(carried, fetched.headers.get("content-encoding"), limit)
+    except ContentDecodingError as exc:
+        raise Unparseable(exc.reason, f"{fetched.url}: {exc.detail}") from exc
+
+
+def page_from_fetched(fetched: Fetched, body: bytes, cut: bool = False) -> Page:
     """The crawl.pages record: parsed HTML, or the metadata of any other response.
+    ``cut``: the body was cut while it was inflated (the page is marked truncated).
 
     A response fetched as a sitemap (``kind`` "sitemap") is read as one whatever its
     content type: its page URLs become ``links`` and the sitemaps it lists ``sitemaps``.
@@ -54,8 +70,8 @@ def page_from_fetched(fetched: Fetched, body: bytes) -> Page:
         redirect_to=None,
         noindex=False,
         nofollow=False,
-        body_bytes=fetched.body_bytes,
-        truncated=fetched.truncated,
+        body_bytes=len(body) if fetched.body_as_received else fetched.body_bytes,
+        truncated=fetched.truncated or cut,
         meta=fetched.meta,
         kind=fetched.kind,  # before the redirect check: a sitemap's redirect leads to one
     )

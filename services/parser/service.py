@@ -7,7 +7,7 @@ from typing import Any
 from ..core.messages import Fetched
 from ..core.runtime import BatchStage, Input, Output, Received, json_input
 from ..core.topics import FETCHED, PAGES, PARSER_GROUP
-from .logic import Unparseable, decode_body, page_from_fetched
+from .logic import Unparseable, page_from_fetched, read_body
 
 
 class ParserStage(BatchStage):
@@ -24,7 +24,7 @@ class ParserStage(BatchStage):
         for item in batch:
             fetched: Fetched = item.message
             try:
-                page = page_from_fetched(fetched, decode_body(fetched, limit))
+                page = page_from_fetched(fetched, *read_body(fetched, limit))
             except Unparseable as exc:
                 outputs.append(self.dead_letter(item.record, exc.reason, exc.detail))
                 continue

@@ -25,6 +25,7 @@ from streamcrawl.crawl.watch import watch_until_drained
 from streamcrawl.demo.nginx import NginxSite
 from streamcrawl.demo.site import SiteManifest, generate_site
 from streamcrawl.localstack.stack import StackConfig
+from warcio.archiveiterator import ArchiveIterator
 
 from ..conftest import free_port, isolated_settings, kcat_consume
 
@@ -151,6 +152,22 @@ async def test_crawl_from_one_kcat_seed_stores_every_page_once(
     assert [path for path, n in requests.items() if n > 1] == []
     base = site.manifest.base_url.rstrip("/")
     assert {base + path for path in requests} == site.expected_urls()
+
+    # The warc stage ran beside the others: every response archived once, files complete.
+    archived = archived_responses(Path(settings.warc_dir))
+    assert archived == Counter(site.expected_urls())
+
+
+def archived_responses(directory: Path) -> Counter[str]:
+    """Target URIs of the response and revisit records of the completed WARC files."""
+    assert not list(directory.glob("*.open")), "a stopped warc stage completes its file"
+    found: Counter[str] = Counter()
+    for path in directory.glob("*.warc.gz"):
+        with open(path, "rb") as stream:
+            for record in ArchiveIterator(stream):
+                if record.rec_type in ("response", "revisit"):
+                    found[record.rec_headers.get_header("WARC-Target-URI")] += 1
+    return found
 
 
 @pytest.mark.skipif(KCAT is None, reason="Debian's kcat is not installed")

@@ -69,6 +69,12 @@ def test_compose_services() -> None:
         assert depends["kafka"]["condition"] == "service_healthy"
         assert depends["topics"]["condition"] == "service_completed_successfully"
     assert services["sink"]["depends_on"]["mongo"]["condition"] == "service_healthy"
+    # The warc stage writes its files to a named volume, mounted where WARC_DIR points.
+    warc = services["warc"]
+    volumes = warc["volumes"]
+    targets = [str(v["target"] if isinstance(v, dict) else v.split(":")[1]) for v in volumes]
+    assert warc["environment"]["STREAMCRAWL_WARC_DIR"] in targets
+    assert "warc-data" in _config()["volumes"]
 
 
 def _published(port: Any) -> str:

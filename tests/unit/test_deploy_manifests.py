@@ -30,6 +30,7 @@ from streamcrawl.core.topics import (
     FETCHER_GROUP,
     GROUP_INPUTS,
     HOST_PARTITIONS,
+    WARC_GROUP,
     topic_name,
 )
 from streamcrawl.registry import STAGE_NAMES
@@ -257,6 +258,7 @@ def test_every_object_is_valid(
         "HorizontalPodAutoscaler",
         "ScaledObject",
         "TriggerAuthentication",
+        "PersistentVolumeClaim",
     }
 
 
@@ -402,6 +404,24 @@ def test_deployments(rendered: list[Obj]) -> None:
         assert pdb["spec"]["selector"]["matchLabels"] == selector
         # a single replica must stay evictable, or node drains hang
         assert "maxUnavailable" in pdb["spec"] or pdb["spec"]["minAvailable"] == 0
+
+
+def test_warc_writes_to_its_claim(rendered: list[Obj]) -> None:
+    objects = by_key(rendered)
+    spec = objects[("Deployment", "warc")]["spec"]
+    # One writer per ReadWriteOnce claim: no surge pod during a rollout.
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+    claim = {volume["name"]: volume for volume in pod["volumes"]}["warc"]["persistentVolumeClaim"]
+    assert env["STREAMCRAWL_WARC_DIR"] == mounts["warc"]
+    pvc = objects[("PersistentVolumeClaim", claim["claimName"])]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert pvc["spec"]["resources"]["requests"]["storage"]
+    assert Settings.from_env({**config_data(rendered), **env}).warc_dir == mounts["warc"]
+    assert GROUP_INPUTS[WARC_GROUP] == (FETCHED,)
 
 
 def test_fetcher_resources(rendered: list[Obj]) -> None:

@@ -56,6 +56,7 @@ from streamcrawl.parser.service import ParserStage
 from streamcrawl.registry import STAGES, stage_class
 from streamcrawl.sink.logic import classify_failures, document_for, latest_documents, storage_id
 from streamcrawl.sink.service import SinkStage
+from streamcrawl.warc.service import WarcStage
 
 SETTINGS = Settings(bloom_capacity=10_000)
 SCOPE = Scope(allow_domains=["a.example"], max_depth=3, max_pages=0)
@@ -216,8 +217,9 @@ def test_every_registered_stage_is_covered_here() -> None:
         "delay": DelayStage,
         "parser": ParserStage,
         "sink": SinkStage,
+        "warc": WarcStage,
     }
-    for name in ("frontier", "dedup", "parser", "sink"):
+    for name in ("frontier", "dedup", "parser", "sink", "warc"):
         assert issubclass(kinds[name], BatchStage)
     for name in ("fetcher", "delay"):
         assert issubclass(kinds[name], StreamStage)

@@ -1,0 +1,332 @@
+"""The warc stage without a broker: the records one response becomes (read back with
+warcio, checked with ``warcio check``), revisits, and the files' crash safety (an ``.open``
+file cut back to its state, a batch delivered again skipped, rotation)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import shutil
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from streamcrawl.core.config import Settings
+from streamcrawl.core.messages import Fetched, Scope, Timings
+from streamcrawl.warc.files import Archive, Pending
+from streamcrawl.warc.logic import (
+    FileState,
+    Original,
+    RevisitIndex,
+    Unarchivable,
+    WrittenOffsets,
+    exchange_from,
+    exchange_records,
+    payload_digest,
+    warc_date,
+    warc_name,
+)
+from streamcrawl.warc.service import MIN_FILE_BYTES, WarcStage, warc_directory
+from warcio.archiveiterator import ArchiveIterator
+
+LIMIT = 1_000_000
+HTML = b"<html><head><title>t</title></head><body>hello</body></html>"
+HEADERS = [
+    ("Content-Type", "text/html; charset=utf-8"),
+    ("Content-Encoding", "gzip"),
+    ("set-cookie", "a=1"),
+    ("Set-Cookie", "b=2"),
+    ("X-Caf\xe9", "cr\xe8me"),  # bytes outside ASCII, one character each
+]
+
+
+def fetched(body: bytes, **changes: Any) -> Fetched:
+    fields: dict[str, Any] = {
+        "url": "http://a.example/p.html",
+        "final_url": "http://a.example/p.html?q=1",
+        "host": "a.example",
+        "crawl_id": "c1",
+        "depth": 1,
+        "scope": Scope(allow_domains=["a.example"], max_depth=5),
+        "status": 200,
+        "headers": {"content-type": "text/html; charset=utf-8", "content-encoding": "gzip"},
+        "content_type": "text/html; charset=utf-8",
+        "body": zlib.compress(body),
+        "body_bytes": len(body),
+        "truncated": False,
+        "fetched_at": 1_764_000_000.25,
+        "timings": Timings(total_s=0.1),
+        "body_as_received": True,
+        "protocol": "HTTP/1.1",
+        "reason": "OK",
+        "raw_headers": HEADERS,
+        "request_headers": [("Host", "a.example"), ("User-Agent", "ua/1")],
+    }
+    fields.update(changes)
+    return Fetched(**fields)
+
+
+def records(data: bytes) -> list[tuple[str, dict[str, str], bytes]]:
+    """(type, WARC headers, content as a reader gets it) of each record."""
+    found = []
+    for record in ArchiveIterator(io.BytesIO(data)):
+        headers = dict(record.rec_headers.headers)
+        found.append((record.rec_type, headers, record.content_stream().read()))
+    return found
+
+
+def inflated(data: bytes) -> bytes:
+    return gzip.decompress(data)  # every gzip member, one after another
+
+
+def warcio_check(path: Path) -> subprocess.CompletedProcess[str]:
+    warcio = shutil.which("warcio", path=str(Path(sys.executable).parent))
+    assert warcio is not None
+    return subprocess.run(
+        [warcio, "check", "-v", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+# -- one response ------------------------------------------------------------------------
+
+
+def test_a_response_is_archived_as_received() -> None:
+    body = gzip.compress(HTML)
+    exchange = exchange_from(fetched(body), LIMIT)
+    data = exchange_records(exchange, None)
+    (response, request) = records(data)
+    assert response[0] == "response" and request[0] == "request"
+    warc = response[1]
+    assert warc["WARC-Target-URI"] == "http://a.example/p.html?q=1"
+    assert warc["WARC-Date"] == "2025-11-24T16:00:00.250000Z" == warc_date(1_764_000_000.25)
+    assert warc["WARC-Payload-Digest"] == payload_digest(body)
+    assert warc["WARC-Block-Digest"].startswith("sha1:")
+    assert "WARC-Truncated" not in warc
+    assert request[1]["WARC-Concurrent-To"] == warc["WARC-Record-ID"]
+    # Byte for byte: the status line, the headers in order with their case and repeats,
+    # the body still gzip-encoded.
+    plain = inflated(data)
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Encoding: gzip"
+        b"\r\nset-cookie: a=1\r\nSet-Cookie: b=2\r\nX-Caf\xe9: cr\xe8me\r\n\r\n"
+    )
+    assert head + body in plain
+    assert response[2] == HTML  # warcio undoes the Content-Encoding for readers
+    assert b"GET /p.html?q=1 HTTP/1.1\r\nHost: a.example\r\nUser-Agent: ua/1\r\n\r\n" in plain
+
+
+def test_a_capped_body_is_marked_truncated() -> None:
+    exchange = exchange_from(fetched(HTML[:10], truncated=True, raw_headers=[]), LIMIT)
+    assert not exchange.revisitable
+    (response, _) = records(exchange_records(exchange, None))
+    assert response[1]["WARC-Truncated"] == "length"
+    assert response[2] == HTML[:10]
+
+
+def test_a_chunked_response_is_stored_as_one_chunk() -> None:
+    record = fetched(HTML, raw_headers=[("Transfer-Encoding", "chunked")])
+    data = exchange_records(exchange_from(record, LIMIT), None)
+    assert b"%x\r\n%s\r\n0\r\n\r\n" % (len(HTML), HTML) in inflated(data)
+    assert records(data)[0][2] == HTML
+
+
+def test_records_it_cannot_archive_as_received_say_why() -> None:
+    with pytest.raises(Unarchivable) as older:
+        exchange_from(fetched(HTML, body_as_received=False), LIMIT)
+    with pytest.raises(Unarchivable) as corrupt:
+        exchange_from(msgspec.structs.replace(fetched(HTML), body=b"not zlib"), LIMIT)
+    with pytest.raises(Unarchivable) as large:
+        exchange_from(fetched(b"x" * 100), 50)
+    assert [e.value.reason for e in (older, corrupt, large)] == [
+        "body_not_as_received",
+        "corrupt_body",
+        "body_too_large",
+    ]
+
+
+def test_a_revisit_refers_to_the_original_and_keeps_the_headers_only() -> None:
+    exchange = exchange_from(fetched(HTML), LIMIT)
+    original = Original("http://a.example/first", "2025-11-24T15:00:00.000000Z")
+    (revisit, _) = records(exchange_records(exchange, original))
+    warc = revisit[1]
+    assert revisit[0] == "revisit"
+    assert warc["WARC-Profile"].endswith("/warc/1.1/revisit/identical-payload-digest")
+    assert warc["WARC-Refers-To-Target-URI"] == original.uri
+    assert warc["WARC-Refers-To-Date"] == original.date
+    assert warc["WARC-Payload-Digest"] == payload_digest(HTML)
+    assert revisit[2] == b""
+
+
+def test_warcio_check_passes_and_catches_a_changed_byte(tmp_path: Path) -> None:
+    good = tmp_path / "good.warc.gz"
+    exchange = exchange_from(fetched(HTML, raw_headers=[("Content-Type", "text/html")]), LIMIT)
+    good.write_bytes(exchange_records(exchange, None))
+    result = warcio_check(good)
+    assert result.returncode == 0 and result.stdout.count("digest pass") == 2, result.stdout
+    # The same records uncompressed, with one byte of the body changed: warcio must notice.
+    plain = inflated(good.read_bytes())
+    assert plain.count(b"hello") == 1
+    bad = tmp_path / "bad.warc"
+    bad.write_bytes(plain.replace(b"hello", b"jello"))
+    result = warcio_check(bad)
+    assert result.returncode == 1 and "digest failed" in result.stdout, result.stdout
+
+
+# -- revisits and offsets, pure ----------------------------------------------------------
+
+
+def test_revisit_index_is_bounded_and_keeps_the_most_recent() -> None:
+    index = RevisitIndex(2)
+    a, b, c = (Original(f"http://x/{n}", "d") for n in "abc")
+    index.remember("sha1:A", a)
+    index.remember("sha1:B", b)
+    assert index.original("sha1:A") == a  # used: now the most recent
+    index.remember("sha1:C", c)
+    assert (index.original("sha1:B"), len(index)) == (None, 2)
+    index.remember_older("sha1:D", a)  # full: read-back entries never displace
+    assert index.original("sha1:D") is None and index.original("sha1:C") == c
+    off = RevisitIndex(0)
+    off.remember("sha1:A", a)
+    assert off.original("sha1:A") is None
+
+
+def test_written_offsets_skip_a_batch_delivered_again_until_confirmed() -> None:
+    offsets = WrittenOffsets()
+    offsets.merge({"t:0": 10, "t:1": 3})
+    offsets.recovered(dict(offsets.offsets))
+    assert offsets.already_written("t", 0, 9) and not offsets.already_written("t", 0, 10)
+    assert not offsets.already_written("t", 2, 0)
+    offsets.delivered("t", 0, 9)
+    offsets.batch_committed()
+    assert offsets.unconfirmed()  # partition 1 has not come back yet
+    offsets.delivered("t", 1, 5)
+    offsets.batch_committed()
+    assert not offsets.unconfirmed()
+
+
+def test_file_state_round_trip_and_garbage() -> None:
+    state = FileState(1234, {"t:0": 5})
+    assert FileState.decode(state.encode()) == state
+    for junk in (b"", b"{", b'{"length": -1, "offsets": {}}', b'{"length": 3}', b"[]"):
+        assert FileState.decode(junk) is None
+
+
+def test_file_names_carry_the_instance() -> None:
+    from datetime import UTC, datetime
+
+    name = warc_name(datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC), "pod/a b", 7)
+    assert name == "streamcrawl-20260102030405000006-pod_a_b-00007.warc.gz"
+
+
+# -- files ------------------------------------------------------------------------------
+
+
+def pending(offset: int, partition: int = 0, body: bytes | None = None) -> Pending:
+    page = body if body is not None else b"<p>page %d/%d</p>" % (partition, offset)
+    url = f"http://a.example/{partition}/{offset}"
+    exchange = exchange_from(fetched(page, final_url=url, raw_headers=[]), LIMIT)
+    return Pending("crawl.fetched", partition, offset, exchange)
+
+
+def archived_urls(directory: Path, pattern: str = "*.warc.gz") -> list[str]:
+    urls = []
+    for path in sorted(directory.glob(pattern)):
+        with open(path, "rb") as stream:
+            urls += [
+                r.rec_headers.get_header("WARC-Target-URI")
+                for r in ArchiveIterator(stream)
+                if r.rec_type in ("response", "revisit")
+            ]
+    return urls
+
+
+def die(archive: Archive) -> None:
+    """What a SIGKILL leaves: the file as written, its lock released, nothing completed."""
+    assert archive.current is not None
+    archive.current.handle.close()
+
+
+def test_a_crash_mid_batch_leaves_complete_files_and_no_duplicates(tmp_path: Path) -> None:
+    first = Archive(tmp_path, 10**9, {"software": "test"}, RevisitIndex(100))
+    first.recover()
+    first.write([pending(0), pending(1)])
+    first.write([pending(2), pending(3)])  # fsynced; say the commit never happened
+    assert first.current is not None
+    first.current.append(b"\x1f\x8b half a record")  # the next batch, cut by the crash
+    die(first)
+    assert list(tmp_path.glob("*.warc.gz")) == []  # readers see nothing half-written
+
+    second = Archive(tmp_path, 10**9, {"software": "test"}, RevisitIndex(100))
+    second.recover()
+    # Kafka delivers the uncommitted batch again (2, 3), then new records.
+    report = second.write([pending(2), pending(3), pending(4)])
+    assert (report.skipped, report.responses) == (2, 1)
+    second.close()
+    (complete,) = tmp_path.glob("*.warc.gz")
+    assert warcio_check(complete).returncode == 0
+    assert archived_urls(tmp_path) == [f"http://a.example/0/{n}" for n in range(5)]
+    assert list(tmp_path.glob("*.open*")) == []
+
+
+def test_a_restart_before_the_batch_came_back_keeps_its_offsets(tmp_path: Path) -> None:
+    first = Archive(tmp_path, 10**9, {}, RevisitIndex(0))
+    first.recover()
+    first.write([pending(0)])
+    die(first)
+    second = Archive(tmp_path, 10**9, {}, RevisitIndex(0))
+    second.recover()
+    second.close()  # stopped before offset 0 was delivered again: the file stays open
+    third = Archive(tmp_path, 10**9, {}, RevisitIndex(0))
+    third.recover()
+    assert third.write([pending(0), pending(1)]).skipped == 1
+    third.close()
+    assert archived_urls(tmp_path) == ["http://a.example/0/0", "http://a.example/0/1"]
+
+
+def test_files_rotate_by_size_and_revisits_survive_a_restart(tmp_path: Path) -> None:
+    same = b"<p>the same payload everywhere</p>" * 20
+    archive = Archive(tmp_path, 2_000, {}, RevisitIndex(100))
+    archive.recover()
+    archive.write([pending(0, body=same)])
+    for offset in range(1, 6):
+        archive.write([pending(offset)])
+    archive.close()
+    files = sorted(tmp_path.glob("*.warc.gz"))
+    assert len(files) >= 2 and all(warcio_check(p).returncode == 0 for p in files)
+    assert archived_urls(tmp_path) == [f"http://a.example/0/{n}" for n in range(6)]
+
+    again = Archive(tmp_path, 2_000, {}, RevisitIndex(100))
+    again.recover()
+    report = again.write([pending(6, body=same)])
+    again.close()
+    assert (report.revisits, report.responses) == (1, 0)
+
+
+def test_a_live_writers_file_is_left_alone(tmp_path: Path) -> None:
+    live = Archive(tmp_path, 10**9, {}, RevisitIndex(0))
+    live.recover()
+    live.write([pending(0)])
+    other = Archive(tmp_path, 10**9, {}, RevisitIndex(0))
+    assert other.recover() == []
+    assert other.current is None and not other.written.offsets
+    live.close()
+    assert archived_urls(tmp_path) == ["http://a.example/0/0"]
+
+
+def test_a_file_without_a_complete_batch_is_removed(tmp_path: Path) -> None:
+    stray = tmp_path / "streamcrawl-1-x-00001.warc.gz.open"
+    stray.write_bytes(b"\x1f\x8b partial")
+    archive = Archive(tmp_path, 10**9, {}, RevisitIndex(0))
+    assert archive.recover() == [] and not stray.exists()
+
+
+def test_the_stage_settings(tmp_path: Path) -> None:
+    assert warc_directory(Settings(warc_dir=str(tmp_path))) == tmp_path
+    assert warc_directory(Settings(state_dir=str(tmp_path))) == tmp_path / "warc"
+    assert warc_directory(Settings()) == Path("warc")
+    with pytest.raises(ValueError, match="WARC_MAX_BYTES"):
+        WarcStage(Settings(warc_max_bytes=MIN_FILE_BYTES - 1))
