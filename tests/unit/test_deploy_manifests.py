@@ -413,7 +413,7 @@ def test_warc_writes_to_its_claim(rendered: list[Obj]) -> None:
     assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
     pod = spec["template"]["spec"]
     (container,) = pod["containers"]
-    env = {item["name"]: item["value"] for item in container["env"]}
+    env = {item["name"]: item["value"] for item in container["env"] if "value" in item}
     mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
     claim = {volume["name"]: volume for volume in pod["volumes"]}["warc"]["persistentVolumeClaim"]
     assert env["STREAMCRAWL_WARC_DIR"] == mounts["warc"]
