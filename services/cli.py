@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -19,6 +20,8 @@ log = logging.getLogger("streamcrawl")
 
 def _stack_up(args: argparse.Namespace) -> int:
     config = StackConfig.from_env()
+    if args.brokers is not None:
+        config = dataclasses.replace(config, brokers=args.brokers)
     stack = LocalStack(config)
     stack.up(timeout=args.timeout)
     for status in stack.status():
@@ -26,7 +29,7 @@ def _stack_up(args: argparse.Namespace) -> int:
             f"# {status.name}: {status.version}, pid {status.pid}, 127.0.0.1:{status.port}",
             file=sys.stderr,
         )
-    for key, value in config.connection_env().items():
+    for key, value in stack.config.connection_env().items():
         print(f"export {key}={value}")
     return 0
 
@@ -141,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     stack_commands = stack.add_subparsers(dest="action", required=True)
     up = stack_commands.add_parser("up", help="provision, start (or reuse) and wait until ready")
     up.add_argument("--timeout", type=float, default=180.0)
+    up.add_argument(
+        "--brokers",
+        type=_broker_count,
+        help="Kafka nodes (combined broker+controller; 3: a 3-voter quorum and topics with "
+        "3 replicas, min.insync.replicas 2). Default: what the data directory holds, else 1",
+    )
     up.set_defaults(handler=_stack_up)
     stack_commands.add_parser("provision", help="download and build the servers only").set_defaults(
         handler=_stack_provision
@@ -211,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     lag.add_argument("--max-replicas", type=int, default=HOST_PARTITIONS)
     lag.set_defaults(handler=_lag)
     return parser
+
+
+def _broker_count(text: str) -> int:
+    count = int(text)
+    if not 1 <= count <= 9:
+        raise argparse.ArgumentTypeError("between 1 and 9 brokers")
+    return count
 
 
 def _add_scope_options(parser: argparse.ArgumentParser) -> None:

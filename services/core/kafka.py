@@ -14,7 +14,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from . import metrics
 from .config import Settings
-from .topics import MAX_MESSAGE_BYTES, TOPIC_SPECS, topic_name
+from .topics import MAX_MESSAGE_BYTES, TOPIC_SPECS, TopicSpec, replication_for, topic_name
 
 log = logging.getLogger(__name__)
 
@@ -98,18 +98,37 @@ def make_admin(settings: Settings) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=15000)
 
 
-async def create_topics(settings: Settings, replication: int = 1) -> list[str]:
-    """Create every pipeline topic that does not exist yet; return the names created."""
+def topic_configs(spec: TopicSpec, replicas: int, min_insync: int) -> dict[str, str]:
+    """A topic's configs: its own, plus min.insync.replicas where it is replicated (with
+    acks=all a write then needs that many copies; one broker may be lost without stopping
+    producers)."""
+    configs = dict(spec.config)
+    if replicas > 1:
+        configs["min.insync.replicas"] = str(min_insync)
+    return configs
+
+
+async def create_topics(settings: Settings, replication: int | None = None) -> list[str]:
+    """Create every pipeline topic that does not exist yet; return the names created.
+
+    Without ``replication``, min(3, brokers in the cluster) replicas each, with
+    min.insync.replicas 2 at three replicas (see :func:`replication_for`).
+    """
     admin = make_admin(settings)
     await admin.start()
     try:
+        if replication is None:
+            cluster = await admin.describe_cluster()
+            replicas, min_insync = replication_for(len(cluster.get("brokers") or []))
+        else:
+            replicas, min_insync = replication, replication_for(replication)[1]
         existing = set(await admin.list_topics())
         wanted = [
             NewTopic(
                 topic_name(settings.topic_prefix, spec.suffix),
                 spec.partitions,
-                replication,
-                topic_configs=dict(spec.config),
+                replicas,
+                topic_configs=topic_configs(spec, replicas, min_insync),
             )
             for spec in TOPIC_SPECS
             if topic_name(settings.topic_prefix, spec.suffix) not in existing
@@ -235,4 +254,3 @@ async def group_lag(settings: Settings, group: str, topics: Iterable[str]) -> li
         return await probe.lag(group, topics)
     finally:
         await probe.stop()
-

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -20,9 +22,10 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ..core.topics import replication_for
 from .provision import (
     FERRETDB_VERSION,
     KAFKA_VERSION,
@@ -70,6 +73,21 @@ def default_data_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class KafkaNode:
+    """One Kafka server of the stack: its node id, ports and (when running) PID."""
+
+    node_id: int
+    name: str
+    port: int
+    controller_port: int
+    pid: int | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@dataclass(frozen=True)
 class StackConfig:
     data_dir: Path = field(default_factory=default_data_dir)
     cache_dir: Path = field(default_factory=default_cache_dir)
@@ -77,20 +95,43 @@ class StackConfig:
     controller_port: int = 19093
     mongo_port: int = 27027
     kafka_heap: str = "512m"
+    # None: as many as the data directory's cluster was formatted with, else one.
+    brokers: int | None = None
+    # (client, controller) ports of nodes 2..n; by default the next pairs after node 1's.
+    extra_kafka_ports: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def from_env(cls) -> StackConfig:
         kafka_port = _env_int("STREAMCRAWL_STACK_KAFKA_PORT", 19092)
+        brokers = os.environ.get("STREAMCRAWL_STACK_BROKERS")
         return cls(
             kafka_port=kafka_port,
             controller_port=_env_int("STREAMCRAWL_STACK_CONTROLLER_PORT", kafka_port + 1),
             mongo_port=_env_int("STREAMCRAWL_STACK_MONGO_PORT", 27027),
             kafka_heap=os.environ.get("STREAMCRAWL_STACK_KAFKA_HEAP", "512m"),
+            brokers=_env_int("STREAMCRAWL_STACK_BROKERS", 1) if brokers else None,
         )
 
     @property
+    def broker_count(self) -> int:
+        return self.brokers or 1
+
+    def kafka_nodes(self) -> list[KafkaNode]:
+        """Every Kafka server of the stack; node 1 keeps the single-broker names and ports."""
+        nodes = [KafkaNode(1, "kafka", self.kafka_port, self.controller_port)]
+        for node_id in range(2, self.broker_count + 1):
+            index = node_id - 2
+            if index < len(self.extra_kafka_ports):
+                port, controller = self.extra_kafka_ports[index]
+            else:
+                step = 2 * (node_id - 1)
+                port, controller = self.kafka_port + step, self.controller_port + step
+            nodes.append(KafkaNode(node_id, f"kafka-{node_id}", port, controller))
+        return nodes
+
+    @property
     def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.kafka_port}"
+        return ",".join(node.bootstrap for node in self.kafka_nodes())
 
     @property
     def mongo_uri(self) -> str:
@@ -121,9 +162,15 @@ class ComponentStatus:
 
 
 class LocalStack:
-    """The two servers of the local stack, managed by PID."""
+    """The servers of the local stack, managed by PID: one Kafka node (or a cluster of
+    combined broker+controller nodes) and the MongoDB-wire server."""
 
     def __init__(self, config: StackConfig) -> None:
+        self._cluster_file = config.data_dir / "kafka-cluster.json"
+        self._recorded = self._load_cluster()
+        if config.brokers is None:
+            recorded = self._recorded.get("brokers")
+            config = replace(config, brokers=recorded if isinstance(recorded, int) else 1)
         self.config = config
         self._kafka_dir = config.data_dir / "kafka"
         self._mongo_dir = config.data_dir / "mongo"
@@ -134,6 +181,12 @@ class LocalStack:
     def up(self, timeout: float = 120.0) -> None:
         """Start what is not running (reusing what is) and wait until both answer. Two
         ``up`` calls on one data directory wait for each other (the second reuses)."""
+        recorded = self._recorded.get("brokers")
+        if recorded is not None and recorded != self.config.broker_count:
+            raise StackError(
+                f"{self.config.data_dir} holds a {recorded}-broker Kafka cluster; start it "
+                f"with --brokers {recorded}, or remove it first (stack down --purge)"
+            )
         kafka = ensure_kafka(self.config.cache_dir)
         ferretdb = ensure_ferretdb(self.config.cache_dir)
         with exclusive(self.config.data_dir / ".stack.lock"):
@@ -142,27 +195,28 @@ class LocalStack:
     def _up(self, kafka: KafkaDistribution, ferretdb: Path, timeout: float) -> None:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         state = self._load_state()
-        if not self._alive(state.get("kafka")):
-            self._check_free("Kafka", "STREAMCRAWL_STACK_KAFKA_PORT", self.config.kafka_port)
-            self._check_free(
-                "the Kafka controller",
-                "STREAMCRAWL_STACK_CONTROLLER_PORT",
-                self.config.controller_port,
-            )
-            state["kafka"] = self._start_kafka(kafka.classpath)
+        stopped = [
+            node for node in self.config.kafka_nodes() if not self._alive(state.get(node.name))
+        ]
+        for node in stopped:
+            self._check_kafka_ports_free(node)
+        for node in stopped:
+            state[node.name] = self._start_kafka(kafka.classpath, node)
         if not self._alive(state.get("mongo")):
             self._check_free("FerretDB", "STREAMCRAWL_STACK_MONGO_PORT", self.config.mongo_port)
             state["mongo"] = self._start_ferretdb(ferretdb)
         self._save_state(state)
         deadline = time.monotonic() + timeout
-        self._wait(
-            "Kafka",
-            state["kafka"],
-            self._kafka_dir / "server.log",
-            kafka_answers,
-            self.config.bootstrap,
-            deadline,
-        )
+        nodes = self.config.kafka_nodes()
+        for node in nodes:
+            self._wait(
+                "Kafka" if len(nodes) == 1 else f"Kafka node {node.node_id}",
+                state[node.name],
+                self._node_dir(node) / "server.log",
+                functools.partial(kafka_answers, brokers=len(nodes)),
+                node.bootstrap,
+                deadline,
+            )
         self._wait(
             "FerretDB",
             state["mongo"],
@@ -175,29 +229,42 @@ class LocalStack:
     def down(self, purge: bool = False, timeout: float = 30.0) -> list[str]:
         """Stop exactly the processes this stack started; return their names."""
         state = self._load_state()
-        stopped = []
-        for name, record in state.items():
-            if self._alive(record):
-                _terminate(record.pid, timeout)
-                stopped.append(name)
+        running = {name: record for name, record in state.items() if self._alive(record)}
+        # All at once: a cluster's nodes stopped one by one would leave the last ones
+        # waiting for a controller quorum that is already gone.
+        _terminate_all([record.pid for record in running.values()], timeout)
         self._state_file.unlink(missing_ok=True)
         if purge:
             shutil.rmtree(self.config.data_dir, ignore_errors=True)
-        return stopped
+        return list(running)
+
+    def kafka_nodes(self) -> list[KafkaNode]:
+        """The Kafka nodes with the PID of each one running (None where it is not), so a
+        fault test can SIGKILL exactly one broker."""
+        state = self._load_state()
+        return [
+            replace(node, pid=record.pid if record is not None and self._alive(record) else None)
+            for node in self.config.kafka_nodes()
+            for record in [state.get(node.name)]
+        ]
 
     def status(self) -> list[ComponentStatus]:
         state = self._load_state()
-        result = []
-        for name, version, port, probe, target in (
-            ("kafka", KAFKA_VERSION, self.config.kafka_port, kafka_answers, self.config.bootstrap),
+        nodes = self.config.kafka_nodes()
+        components: list[tuple[str, str, int, Callable[[str, float], bool], str]] = [
+            (node.name, KAFKA_VERSION, node.port, kafka_answers, node.bootstrap) for node in nodes
+        ]
+        components.append(
             (
                 "mongo",
                 f"FerretDB {FERRETDB_VERSION}",
                 self.config.mongo_port,
                 mongo_answers,
                 self.config.mongo_uri,
-            ),
-        ):
+            )
+        )
+        result = []
+        for name, version, port, probe, target in components:
             record = state.get(name)
             running = self._alive(record)
             result.append(
@@ -214,11 +281,24 @@ class LocalStack:
 
     # ---- processes --------------------------------------------------------
 
-    def _start_kafka(self, classpath: str) -> ProcessRecord:
-        kafka_dir = self._kafka_dir
+    def _node_dir(self, node: KafkaNode) -> Path:
+        return self._kafka_dir if node.node_id == 1 else self.config.data_dir / node.name
+
+    def _check_kafka_ports_free(self, node: KafkaNode) -> None:
+        if node.node_id == 1:
+            self._check_free("Kafka", "STREAMCRAWL_STACK_KAFKA_PORT", node.port)
+            self._check_free(
+                "the Kafka controller", "STREAMCRAWL_STACK_CONTROLLER_PORT", node.controller_port
+            )
+            return
+        for port in (node.port, node.controller_port):
+            self._check_free(f"Kafka node {node.node_id}", "STREAMCRAWL_STACK_KAFKA_PORT", port)
+
+    def _start_kafka(self, classpath: str, node: KafkaNode) -> ProcessRecord:
+        kafka_dir = self._node_dir(node)
         (kafka_dir / "data").mkdir(parents=True, exist_ok=True)
         properties = kafka_dir / "server.properties"
-        properties.write_text(self._kafka_properties())
+        properties.write_text(self._kafka_properties(node))
         log4j = kafka_dir / "log4j2.properties"
         log4j.write_text(_LOG4J.format(log_file=kafka_dir / "server.log"))
         java = shutil.which("java")
@@ -235,44 +315,55 @@ class LocalStack:
             classpath,
         ]
         if not (kafka_dir / "data" / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            subprocess.run(
-                [
-                    *jvm,
-                    "kafka.tools.StorageTool",
-                    "format",
-                    "-t",
-                    cluster_id,
-                    "-c",
-                    str(properties),
-                ],
-                check=True,
-                capture_output=True,
-                timeout=120,
-            )
+            self._format(jvm, properties)
         pid = _spawn([*jvm, "kafka.Kafka", str(properties)], kafka_dir / "stdout.log")
-        return ProcessRecord(pid=pid, port=self.config.kafka_port, started_at=time.time())
+        return ProcessRecord(pid=pid, port=node.port, started_at=time.time())
 
-    def _kafka_properties(self) -> str:
-        c = self.config
+    def _format(self, jvm: list[str], properties: Path) -> None:
+        """Format a node's storage with the cluster's id (one id for every node)."""
+        cluster_id = self._recorded.get("cluster_id")
+        if cluster_id is None:
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            self._recorded = {"brokers": self.config.broker_count, "cluster_id": cluster_id}
+            self._cluster_file.write_text(json.dumps(self._recorded, indent=2))
+        # "--cluster-id=ID": an id may start with "-" (URL-safe base64).
+        command = [*jvm, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}"]
+        formatted = subprocess.run(
+            [*command, "--config", str(properties)], capture_output=True, timeout=120
+        )
+        if formatted.returncode != 0:
+            output = (formatted.stderr or formatted.stdout).decode(errors="replace").strip()
+            last = output.splitlines()[-1] if output else "(no output)"
+            raise StackError(f"formatting Kafka storage in {properties.parent} failed: {last}")
+
+    def _kafka_properties(self, node: KafkaNode) -> str:
+        nodes = self.config.kafka_nodes()
+        replicas, min_insync = replication_for(len(nodes))
         settings = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@127.0.0.1:{c.controller_port}",
-            "listeners": f"PLAINTEXT://127.0.0.1:{c.kafka_port},"
-            f"CONTROLLER://127.0.0.1:{c.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{c.kafka_port}",
+            "node.id": str(node.node_id),
+            # A static quorum of every node: with three voters one may be lost for good.
+            "controller.quorum.voters": ",".join(
+                f"{other.node_id}@127.0.0.1:{other.controller_port}" for other in nodes
+            ),
+            "listeners": f"PLAINTEXT://127.0.0.1:{node.port},"
+            f"CONTROLLER://127.0.0.1:{node.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.port}",
             "controller.listener.names": "CONTROLLER",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
             "inter.broker.listener.name": "PLAINTEXT",
-            "log.dirs": str(self._kafka_dir / "data"),
+            "log.dirs": str(self._node_dir(node) / "data"),
             "num.partitions": "3",
-            "offsets.topic.replication.factor": "1",
+            # Topics made by the broker itself (offsets, transactions, share state) and any
+            # created without explicit settings get the pipeline topics' replication.
+            "default.replication.factor": str(replicas),
+            "min.insync.replicas": str(min_insync),
+            "offsets.topic.replication.factor": str(replicas),
             "offsets.topic.num.partitions": "10",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
+            "transaction.state.log.replication.factor": str(replicas),
+            "transaction.state.log.min.isr": str(min_insync),
+            "share.coordinator.state.topic.replication.factor": str(replicas),
+            "share.coordinator.state.topic.min.isr": str(min_insync),
             "group.initial.rebalance.delay.ms": "0",
             "auto.create.topics.enable": "false",
             "message.max.bytes": str(16 * 1024 * 1024),
@@ -341,6 +432,15 @@ class LocalStack:
 
     # ---- state ------------------------------------------------------------
 
+    def _load_cluster(self) -> dict[str, object]:
+        """What the data directory's Kafka cluster was formatted with (broker count,
+        cluster id); empty for a new directory or one made before clusters existed."""
+        try:
+            raw = json.loads(self._cluster_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return raw if isinstance(raw, dict) else {}
+
     def _load_state(self) -> dict[str, ProcessRecord]:
         try:
             raw = json.loads(self._state_file.read_text())
@@ -366,20 +466,18 @@ def _spawn(cmd: list[str], log_file: Path) -> int:
     return process.pid
 
 
-def _terminate(pid: int, timeout: float) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+def _terminate_all(pids: list[int], timeout: float) -> None:
+    """SIGTERM every process, wait up to ``timeout`` for them all, SIGKILL what is left."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _exists(pid):
-            return
+    while time.monotonic() < deadline and any(_exists(pid) for pid in pids):
         time.sleep(0.2)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
+    for pid in pids:
+        if _exists(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _exists(pid: int) -> bool:
@@ -404,8 +502,9 @@ def _tail(path: Path, lines: int = 3) -> str:
     return " | ".join(line.strip() for line in text[-lines:]) or "(empty log)"
 
 
-def kafka_answers(bootstrap: str, timeout: float) -> bool:
-    """True when the broker answers a metadata request with itself in the cluster."""
+def kafka_answers(bootstrap: str, timeout: float, brokers: int = 1) -> bool:
+    """True when the broker answers a metadata request naming at least ``brokers`` brokers
+    (a cluster's topics can be created with full replication only once all have joined)."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     async def probe() -> bool:
@@ -413,7 +512,7 @@ def kafka_answers(bootstrap: str, timeout: float) -> bool:
         try:
             await asyncio.wait_for(admin.start(), timeout)
             cluster = await asyncio.wait_for(admin.describe_cluster(), timeout)
-            return bool(cluster.get("brokers"))
+            return len(cluster.get("brokers") or []) >= brokers
         finally:
             await admin.close()
 
