@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.config import PREFIX, Settings
-from ..core.kafka import create_topics
+from ..core.kafka import check_kafka_access, create_topics
 from ..localstack.stack import LocalStack, StackConfig
 from .autoscale import Autoscaler, ScalingPolicy
 from .processes import StageProcesses, child_env
@@ -102,6 +102,7 @@ def crawl_command(args: argparse.Namespace) -> int:
             print("streamcrawl: error: give at least one URL, or --demo", file=sys.stderr)
             return 2
         settings = Settings.from_env({**os.environ, **extra})
+        asyncio.run(check_kafka_access(settings))
         request = CrawlRequest(
             urls=urls,
             max_pages=args.max_pages or 0,

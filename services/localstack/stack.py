@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -38,6 +39,10 @@ from .provision import (
 )
 
 log = logging.getLogger(__name__)
+
+# SCRAM users of a secured stack: the brokers' own (inter-broker) and the pipeline's.
+BROKER_USER = "broker"
+CLIENT_USER = "streamcrawl"
 
 _LOG4J = """status = warn
 appender.file.type = File
@@ -99,6 +104,8 @@ class StackConfig:
     brokers: int | None = None
     # (client, controller) ports of nodes 2..n; by default the next pairs after node 1's.
     extra_kafka_ports: tuple[tuple[int, int], ...] = ()
+    # SASL_SSL (SCRAM-SHA-512 over TLS) clients; None: as the data directory's cluster was made.
+    secure: bool | None = None
 
     @classmethod
     def from_env(cls) -> StackConfig:
@@ -137,10 +144,30 @@ class StackConfig:
     def mongo_uri(self) -> str:
         return f"mongodb://127.0.0.1:{self.mongo_port}/"
 
+    @property
+    def security_dir(self) -> Path:
+        """CA, broker keystore and the 0600 password files of a secured stack."""
+        return self.data_dir / "kafka-security"
+
+    def security_env(self) -> dict[str, str]:
+        """How a client reaches a secured stack (nothing for a plaintext one): the password
+        stays in its file, only the path travels."""
+        if not self.secure:
+            return {}
+        password_file = self.security_dir / f"{CLIENT_USER}.password"
+        return {
+            "STREAMCRAWL_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "STREAMCRAWL_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+            "STREAMCRAWL_KAFKA_SASL_USERNAME": CLIENT_USER,
+            "STREAMCRAWL_KAFKA_SASL_PASSWORD_FILE": str(password_file),
+            "STREAMCRAWL_KAFKA_SSL_CAFILE": str(self.security_dir / "ca.pem"),
+        }
+
     def connection_env(self) -> dict[str, str]:
         return {
             "STREAMCRAWL_KAFKA_BOOTSTRAP": self.bootstrap,
             "STREAMCRAWL_MONGO_URI": self.mongo_uri,
+            **self.security_env(),
         }
 
 
@@ -171,6 +198,8 @@ class LocalStack:
         if config.brokers is None:
             recorded = self._recorded.get("brokers")
             config = replace(config, brokers=recorded if isinstance(recorded, int) else 1)
+        if config.secure is None:
+            config = replace(config, secure=bool(self._recorded.get("secure", False)))
         self.config = config
         self._kafka_dir = config.data_dir / "kafka"
         self._mongo_dir = config.data_dir / "mongo"
@@ -187,6 +216,13 @@ class LocalStack:
                 f"{self.config.data_dir} holds a {recorded}-broker Kafka cluster; start it "
                 f"with --brokers {recorded}, or remove it first (stack down --purge)"
             )
+        made_secure = self._recorded.get("secure")
+        if made_secure is not None and made_secure != self.config.secure:
+            raise StackError(
+                f"{self.config.data_dir} holds a {'secured' if made_secure else 'plaintext'} "
+                f"Kafka cluster; start it {'with' if made_secure else 'without'} --secure, "
+                "or remove it first (stack down --purge)"
+            )
         kafka = ensure_kafka(self.config.cache_dir)
         ferretdb = ensure_ferretdb(self.config.cache_dir)
         with exclusive(self.config.data_dir / ".stack.lock"):
@@ -200,6 +236,8 @@ class LocalStack:
         ]
         for node in stopped:
             self._check_kafka_ports_free(node)
+        if stopped and self.config.secure:
+            self._make_security()
         for node in stopped:
             state[node.name] = self._start_kafka(kafka.classpath, node)
         if not self._alive(state.get("mongo")):
@@ -213,7 +251,9 @@ class LocalStack:
                 "Kafka" if len(nodes) == 1 else f"Kafka node {node.node_id}",
                 state[node.name],
                 self._node_dir(node) / "server.log",
-                functools.partial(kafka_answers, brokers=len(nodes)),
+                functools.partial(
+                    kafka_answers, brokers=len(nodes), security=self.config.security_env()
+                ),
                 node.bootstrap,
                 deadline,
             )
@@ -251,8 +291,9 @@ class LocalStack:
     def status(self) -> list[ComponentStatus]:
         state = self._load_state()
         nodes = self.config.kafka_nodes()
+        probe_kafka = functools.partial(kafka_answers, security=self.config.security_env())
         components: list[tuple[str, str, int, Callable[[str, float], bool], str]] = [
-            (node.name, KAFKA_VERSION, node.port, kafka_answers, node.bootstrap) for node in nodes
+            (node.name, KAFKA_VERSION, node.port, probe_kafka, node.bootstrap) for node in nodes
         ]
         components.append(
             (
@@ -298,7 +339,7 @@ class LocalStack:
         kafka_dir = self._node_dir(node)
         (kafka_dir / "data").mkdir(parents=True, exist_ok=True)
         properties = kafka_dir / "server.properties"
-        properties.write_text(self._kafka_properties(node))
+        _write_private(properties, self._kafka_properties(node))
         log4j = kafka_dir / "log4j2.properties"
         log4j.write_text(_LOG4J.format(log_file=kafka_dir / "server.log"))
         java = shutil.which("java")
@@ -324,10 +365,19 @@ class LocalStack:
         cluster_id = self._recorded.get("cluster_id")
         if cluster_id is None:
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            self._recorded = {"brokers": self.config.broker_count, "cluster_id": cluster_id}
+            self._recorded = {
+                "brokers": self.config.broker_count,
+                "cluster_id": cluster_id,
+                "secure": bool(self.config.secure),
+            }
             self._cluster_file.write_text(json.dumps(self._recorded, indent=2))
         # "--cluster-id=ID": an id may start with "-" (URL-safe base64).
         command = [*jvm, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}"]
+        if self.config.secure:
+            # SCRAM users live in the metadata log: added when the storage is formatted.
+            for user in (BROKER_USER, CLIENT_USER):
+                password = self._secret(f"{user}.password")
+                command += ["--add-scram", f"SCRAM-SHA-512=[name={user},password={password}]"]
         formatted = subprocess.run(
             [*command, "--config", str(properties)], capture_output=True, timeout=120
         )
@@ -368,7 +418,51 @@ class LocalStack:
             "auto.create.topics.enable": "false",
             "message.max.bytes": str(16 * 1024 * 1024),
         }
+        if self.config.secure:
+            settings.update(self._secure_listeners(node))
         return "".join(f"{key}={value}\n" for key, value in settings.items())
+
+    def _secure_listeners(self, node: KafkaNode) -> dict[str, str]:
+        """Clients and brokers on SASL_SSL (SCRAM-SHA-512 over TLS); the controllers keep a
+        plaintext listener on loopback (a controller cannot authenticate with SCRAM, whose
+        credentials it serves itself; in production, mTLS there)."""
+        tls = self.config.security_dir
+        store_password = self._secret("store.password")
+        broker_password = self._secret(f"{BROKER_USER}.password")
+        return {
+            "listeners": f"SASL_SSL://127.0.0.1:{node.port},"
+            f"CONTROLLER://127.0.0.1:{node.controller_port}",
+            "advertised.listeners": f"SASL_SSL://127.0.0.1:{node.port}",
+            "listener.security.protocol.map": "SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name": "SASL_SSL",
+            "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            "sasl.mechanism.inter.broker.protocol": "SCRAM-SHA-512",
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required "
+                f'username="{BROKER_USER}" password="{broker_password}";'
+            ),
+            "ssl.keystore.type": "PKCS12",
+            "ssl.keystore.location": str(tls / "broker.p12"),
+            "ssl.keystore.password": store_password,
+            "ssl.key.password": store_password,
+            "ssl.truststore.type": "PKCS12",
+            "ssl.truststore.location": str(tls / "truststore.p12"),
+            "ssl.truststore.password": store_password,
+        }
+
+    def _secret(self, name: str) -> str:
+        return (self.config.security_dir / name).read_text().strip()
+
+    def _make_security(self) -> None:
+        """Once per data directory: random passwords in 0600 files, a CA, and a broker
+        certificate for 127.0.0.1/localhost signed by it (all with the JDK's keytool)."""
+        tls = self.config.security_dir
+        if (tls / "truststore.p12").exists():
+            return
+        tls.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for name in ("store.password", f"{BROKER_USER}.password", f"{CLIENT_USER}.password"):
+            _write_private(tls / name, secrets.token_urlsafe(24) + "\n")
+        make_certificates(tls, self._secret("store.password"))
 
     def _start_ferretdb(self, binary: Path) -> ProcessRecord:
         for sub in ("data", "state"):
@@ -454,6 +548,46 @@ class LocalStack:
         temp.replace(self._state_file)
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (it may hold passwords)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
+def make_certificates(tls: Path, password: str) -> None:
+    """A CA (ca.p12, ca.pem for clients), the broker's key and CA-signed certificate for
+    127.0.0.1 and localhost (broker.p12) and a truststore with the CA (truststore.p12)."""
+    keytool = shutil.which("keytool")
+    if keytool is None:
+        raise ProvisionError("'keytool' is not installed; the secured stack needs a JDK")
+    san = "SAN=ip:127.0.0.1,dns:localhost"
+    store = ["-storetype", "PKCS12", "-storepass", password]
+    steps = [
+        ["-genkeypair", "-alias", "ca", "-keyalg", "RSA", "-keysize", "2048", "-validity",
+         "3650", "-dname", "CN=streamcrawl local CA", "-ext", "bc:c", "-keystore", "ca.p12"],
+        ["-exportcert", "-rfc", "-alias", "ca", "-keystore", "ca.p12", "-file", "ca.pem"],
+        ["-genkeypair", "-alias", "broker", "-keyalg", "RSA", "-keysize", "2048", "-validity",
+         "3650", "-dname", "CN=localhost", "-ext", san, "-keystore", "broker.p12"],
+        ["-certreq", "-alias", "broker", "-keystore", "broker.p12", "-file", "broker.csr"],
+        ["-gencert", "-rfc", "-alias", "ca", "-keystore", "ca.p12", "-infile", "broker.csr",
+         "-outfile", "broker.pem", "-validity", "3650", "-ext", san,
+         "-ext", "KU=digitalSignature,keyEncipherment", "-ext", "EKU=serverAuth,clientAuth"],
+        ["-importcert", "-noprompt", "-alias", "ca", "-file", "ca.pem", "-keystore", "broker.p12"],
+        ["-importcert", "-alias", "broker", "-file", "broker.pem", "-keystore", "broker.p12"],
+        ["-importcert", "-noprompt", "-alias", "ca", "-file", "ca.pem",
+         "-keystore", "truststore.p12"],
+    ]  # fmt: skip
+    for step in steps:
+        done = subprocess.run(
+            [keytool, *step, *store], cwd=tls, capture_output=True, text=True, timeout=60
+        )
+        if done.returncode != 0:
+            output = (done.stderr or done.stdout).strip().splitlines()
+            raise StackError(f"keytool {step[0]} failed: {output[-1] if output else '?'}")
+
+
 def _spawn(cmd: list[str], log_file: Path) -> int:
     with open(log_file, "ab") as out:
         process = subprocess.Popen(
@@ -502,13 +636,18 @@ def _tail(path: Path, lines: int = 3) -> str:
     return " | ".join(line.strip() for line in text[-lines:]) or "(empty log)"
 
 
-def kafka_answers(bootstrap: str, timeout: float, brokers: int = 1) -> bool:
+def kafka_answers(
+    bootstrap: str, timeout: float, brokers: int = 1, security: dict[str, str] | None = None
+) -> bool:
     """True when the broker answers a metadata request naming at least ``brokers`` brokers
     (a cluster's topics can be created with full replication only once all have joined)."""
-    from aiokafka.admin import AIOKafkaAdminClient
+    from ..core.config import Settings
+    from ..core.kafka import make_admin
+
+    settings = Settings.from_env({**(security or {}), "STREAMCRAWL_KAFKA_BOOTSTRAP": bootstrap})
 
     async def probe() -> bool:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+        admin = make_admin(settings, request_timeout_ms=2000)
         try:
             await asyncio.wait_for(admin.start(), timeout)
             cluster = await asyncio.wait_for(admin.describe_cluster(), timeout)

@@ -26,6 +26,7 @@ from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 from ..core import metrics
 from ..core.messages import Page
 from ..core.runtime import BatchStage, Input, Output, Received, json_input
+from ..core.secrets import mongo_client_uri
 from ..core.topics import PAGES, SINK_GROUP
 from .logic import classify_failures, document_under, latest_documents
 
@@ -43,7 +44,9 @@ class SinkStage(BatchStage):
         return (json_input(PAGES, Page),)
 
     async def start(self) -> None:
-        self.client = AsyncMongoClient(self.settings.mongo_uri, serverSelectionTimeoutMS=10000)
+        self.client = AsyncMongoClient(
+            mongo_client_uri(self.settings), serverSelectionTimeoutMS=10000
+        )
         self.collection = self.client[self.settings.mongo_database][self.settings.mongo_collection]
         await self._retry("creating indexes", self._create_indexes)
 
