@@ -82,8 +82,9 @@ def _connection_env() -> dict[str, str]:
         f"no {PREFIX}KAFKA_BOOTSTRAP set: starting the local stack in {config.data_dir}",
         file=sys.stderr,
     )
-    LocalStack(config).up()
-    env = config.connection_env()
+    stack = LocalStack(config)
+    stack.up()
+    env = stack.config.connection_env()  # as the data directory's stack was made (--secure)
     # The local stack outlives a crawl: dedup keeps its snapshots beside it, so the next
     # crawl's start replays only what came after them.
     if not os.environ.get(PREFIX + "STATE_DIR"):
