@@ -283,11 +283,6 @@ class Settings:
                 f"{PREFIX}KAFKA_SASL_MECHANISM={mechanism!r}: expected one of "
                 + ", ".join(KAFKA_SASL_MECHANISMS)
             )
-        if not self.kafka_sasl_username or not self.kafka_sasl_password_file:
-            raise ValueError(
-                f"{PREFIX}KAFKA_SECURITY_PROTOCOL={protocol} needs {PREFIX}KAFKA_SASL_USERNAME "
-                f"and {PREFIX}KAFKA_SASL_PASSWORD_FILE"
-            )
 
     def host_delay_map(self) -> dict[str, float]:
         """``HOST_DELAYS`` parsed: host[:port] -> minimum delay in seconds."""

@@ -43,6 +43,13 @@ def client_options(settings: Settings) -> dict[str, Any]:
             cafile=settings.kafka_ssl_cafile or None
         )
     if protocol.startswith("SASL_"):
+        # Checked here, not with the other settings: in Kubernetes the user name comes from
+        # a Secret (secretKeyRef) beside the ConfigMap, and only the pod sees both.
+        if not settings.kafka_sasl_username or not settings.kafka_sasl_password_file:
+            raise ValueError(
+                f"{PREFIX}KAFKA_SECURITY_PROTOCOL={protocol} needs {PREFIX}KAFKA_SASL_USERNAME "
+                f"and {PREFIX}KAFKA_SASL_PASSWORD_FILE"
+            )
         options["sasl_mechanism"] = settings.kafka_sasl_mechanism
         options["sasl_plain_username"] = settings.kafka_sasl_username
         options["sasl_plain_password"] = read_secret(
