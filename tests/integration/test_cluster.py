@@ -106,15 +106,20 @@ async def test_crawl_completes_with_one_broker_killed_for_good(
     victim = cluster.kafka_nodes()[0].pid  # the first bootstrap server, too
     assert victim is not None
 
+    stored_at_kill: list[int] = []
+
     async def kill_a_broker(watch: PipelineWatch) -> None:
-        while (await watch.progress()).stored < SITE_PAGES // 4:
+        while (stored := (await watch.progress()).stored) < SITE_PAGES // 4:
             await asyncio.sleep(0.2)
         os.kill(victim, signal.SIGKILL)
+        stored_at_kill.append(stored)
 
     with NginxSite(tmp_path / "site", port):
         await crawl_site(settings, tmp_path / "logs", manifest, during=kill_a_broker)
 
     assert cluster.kafka_nodes()[0].pid is None  # never brought back
+    # The broker died in the middle of the crawl: most pages were stored after it.
+    assert stored_at_kill and stored_at_kill[0] < len(manifest.pages) // 2
     assert_stored_once(manifest, await stored_documents(settings))
     # The group offsets the stages committed live in a replicated internal topic.
     offsets = await replication(
