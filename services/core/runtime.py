@@ -505,6 +505,8 @@ class _StreamLoop(_Loop, StreamContext):
 async def run_stage(stage: Stage, stop: asyncio.Event) -> None:
     """Run ``stage`` until ``stop`` is set; finish what is in hand, commit, and return."""
     settings = stage.settings
+    # The stage first: one that cannot start (refused credentials) leaves no client unclosed.
+    await stage.start()
     producer = make_producer(settings)
     consumer = make_consumer(settings, stage.group, max_poll_records=settings.batch_size)
     publisher = Publisher(producer, stage.name)
@@ -515,7 +517,6 @@ async def run_stage(stage: Stage, stop: asyncio.Event) -> None:
         loop = _BatchLoop(stage, consumer, publisher)
     else:
         raise TypeError(f"{type(stage).__name__} is neither a BatchStage nor a StreamStage")
-    await stage.start()
     await producer.start()
     await consumer.start()
     topics = list(loop.edge.decoders)

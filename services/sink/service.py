@@ -24,6 +24,7 @@ from pymongo import AsyncMongoClient, ReplaceOne
 from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
 from ..core import metrics
+from ..core.config import PREFIX
 from ..core.messages import Page
 from ..core.runtime import BatchStage, Input, Output, Received, json_input
 from ..core.secrets import mongo_client_uri
@@ -33,6 +34,14 @@ from .logic import classify_failures, document_under, latest_documents
 log = logging.getLogger(__name__)
 
 UPDATE_CHUNK = 50
+
+
+# AuthenticationFailed, Unauthorized (no credentials where the server wants some).
+_REFUSED_CREDENTIALS = (18, 13)
+
+
+class MongoCredentialsRefused(ValueError):
+    """The database refused the sink's credentials: a one-line, user-facing reason."""
 
 
 class SinkStage(BatchStage):
@@ -139,6 +148,15 @@ class SinkStage(BatchStage):
                     what,
                     str(exc.details.get("writeErrors", []))[:500],
                 )
+            except OperationFailure as exc:
+                if exc.code in _REFUSED_CREDENTIALS:
+                    # Not an outage: retrying cannot help, so say it once and stop.
+                    reason = (exc.details or {}).get("errmsg", "authentication required")
+                    raise MongoCredentialsRefused(
+                        f"MongoDB refused the sink ({reason}): check the user in "
+                        f"{PREFIX}MONGO_URI and {PREFIX}MONGO_PASSWORD_FILE"
+                    ) from None
+                log.error("sink: %s failed (%s); retrying in %.1fs", what, exc, delay)
             except PyMongoError as exc:
                 log.error("sink: %s failed (%s); retrying in %.1fs", what, exc, delay)
             await asyncio.sleep(delay)

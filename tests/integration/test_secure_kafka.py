@@ -275,3 +275,22 @@ def test_help_output_holds_no_secret(secured: Secured) -> None:
         result = _cli(env, *args)
         assert result.returncode == 0 and "usage:" in result.stdout
         _assert_no_secret(secured, result.stdout + result.stderr, " ".join(args))
+
+
+def test_a_wrong_mongo_password_stops_the_sink_with_one_line(
+    secured: Secured, tmp_path: Path
+) -> None:
+    wrong = tmp_path / "wrong-mongo.password"
+    wrong.write_text("not-the-mongo-password\n")
+    env = {**secured.settings().as_env(), "STREAMCRAWL_MONGO_PASSWORD_FILE": str(wrong)}
+    result = _cli(env, "run", "sink")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-2000:]
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if "error" in line.lower()]
+    assert errors == [
+        "streamcrawl: error: MongoDB refused the sink (Authentication failed.): check the user "
+        "in STREAMCRAWL_MONGO_URI and STREAMCRAWL_MONGO_PASSWORD_FILE"
+    ], output
+    assert "not-the-mongo-password" not in output
+    _assert_no_secret(secured, output, "the sink's output")
