@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
 
 from .core.config import Settings
+from .core.kafka import KafkaAccessError, check_kafka_access
+from .core.secrets import install_log_redaction
 from .core.topics import FETCH, FETCHER_GROUP, GROUP_INPUTS, HOST_PARTITIONS
 from .localstack.provision import ProvisionError
 from .localstack.stack import LocalStack, StackConfig, StackError
@@ -19,6 +22,10 @@ log = logging.getLogger("streamcrawl")
 
 def _stack_up(args: argparse.Namespace) -> int:
     config = StackConfig.from_env()
+    if args.brokers is not None:
+        config = dataclasses.replace(config, brokers=args.brokers)
+    if args.secure:
+        config = dataclasses.replace(config, secure=True)
     stack = LocalStack(config)
     stack.up(timeout=args.timeout)
     for status in stack.status():
@@ -26,7 +33,7 @@ def _stack_up(args: argparse.Namespace) -> int:
             f"# {status.name}: {status.version}, pid {status.pid}, 127.0.0.1:{status.port}",
             file=sys.stderr,
         )
-    for key, value in config.connection_env().items():
+    for key, value in stack.config.connection_env().items():
         print(f"export {key}={value}")
     return 0
 
@@ -59,7 +66,9 @@ def _stack_status(_: argparse.Namespace) -> int:
 def _topics_create(_: argparse.Namespace) -> int:
     from .core.kafka import create_topics
 
-    created = asyncio.run(create_topics(Settings.from_env()))
+    settings = Settings.from_env()
+    asyncio.run(check_kafka_access(settings))
+    created = asyncio.run(create_topics(settings))
     print("created: " + (", ".join(created) if created else "all topics already exist"))
     return 0
 
@@ -86,7 +95,9 @@ def _seed(args: argparse.Namespace) -> int:
     )
     # Without options, the plain-text form: exactly what kcat would send.
     payloads = seed_payloads([url for url in urls if url], options)
-    sent = asyncio.run(produce_seeds(Settings.from_env(), payloads))
+    settings = Settings.from_env()
+    asyncio.run(check_kafka_access(settings))
+    sent = asyncio.run(produce_seeds(settings, payloads))
     print(f"produced {sent} seed(s)")
     return 0
 
@@ -96,6 +107,7 @@ def _lag(args: argparse.Namespace) -> int:
     from .crawl.autoscale import keda_replicas
 
     settings = Settings.from_env()
+    asyncio.run(check_kafka_access(settings))
     groups = [args.group] if args.group else list(GROUP_INPUTS)
     fetch_lag = lagging = 0
     for group in groups:
@@ -141,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     stack_commands = stack.add_subparsers(dest="action", required=True)
     up = stack_commands.add_parser("up", help="provision, start (or reuse) and wait until ready")
     up.add_argument("--timeout", type=float, default=180.0)
+    up.add_argument(
+        "--brokers",
+        type=_broker_count,
+        help="Kafka nodes (combined broker+controller; 3: a 3-voter quorum and topics with "
+        "3 replicas, min.insync.replicas 2). Default: what the data directory holds, else 1",
+    )
+    up.add_argument(
+        "--secure",
+        action="store_true",
+        help="Kafka clients on SASL_SSL: SCRAM-SHA-512 over TLS, a CA and broker certificate "
+        "made with keytool, the password in a 0600 file; prints the exports to use it",
+    )
     up.set_defaults(handler=_stack_up)
     stack_commands.add_parser("provision", help="download and build the servers only").set_defaults(
         handler=_stack_provision
@@ -213,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _broker_count(text: str) -> int:
+    count = int(text)
+    if not 1 <= count <= 9:
+        raise argparse.ArgumentTypeError("between 1 and 9 brokers")
+    return count
+
+
 def _add_scope_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crawl-id")
     parser.add_argument("--max-pages", type=int)
@@ -230,10 +261,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    install_log_redaction()
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
-    except (StackError, ProvisionError, ValueError) as exc:
+    except (StackError, ProvisionError, KafkaAccessError, ValueError) as exc:
         print(f"streamcrawl: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

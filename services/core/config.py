@@ -17,6 +17,8 @@ from .topics import DEFAULT_TOPIC_PREFIX, MAX_MESSAGE_BYTES
 from .urls import DEFAULT_SESSION_PARAMS
 
 PREFIX = "STREAMCRAWL_"
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
 # A body travels zlib-compressed (incompressible data grows a little) and base64-encoded
 # (4/3) on crawl.fetched, next to up to 200 headers of 8 KiB: this keeps the largest
 # body inside the topic's message limit.
@@ -34,6 +36,35 @@ class Settings:
     kafka_bootstrap: str = field(
         default="127.0.0.1:19092", metadata={"doc": "Kafka bootstrap servers, comma separated."}
     )
+    # Kafka security: every client (stages, CLI, lag, KEDA's view) is built from these in
+    # core/kafka.py. The password is read from a file, never from the environment.
+    kafka_security_protocol: str = field(
+        default="PLAINTEXT",
+        metadata={"doc": "Kafka security protocol: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."},
+    )
+    kafka_sasl_mechanism: str = field(
+        default="SCRAM-SHA-512",
+        metadata={
+            "doc": "SASL mechanism for SASL_* protocols: SCRAM-SHA-512, SCRAM-SHA-256 or PLAIN."
+        },
+    )
+    kafka_sasl_username: str = field(
+        default="", metadata={"doc": "SASL user name (SASL_* protocols)."}
+    )
+    kafka_sasl_password_file: str = field(
+        default="",
+        metadata={
+            "doc": "File holding the SASL password (a mounted Secret); read when a client is "
+            "made, never logged."
+        },
+    )
+    kafka_ssl_cafile: str = field(
+        default="",
+        metadata={
+            "doc": "PEM file of the CA that signed the brokers' certificates (SSL, SASL_SSL). "
+            "Empty: the system's CAs."
+        },
+    )
     topic_prefix: str = field(
         default=DEFAULT_TOPIC_PREFIX,
         metadata={"doc": "Prefix of every topic name (crawl.seeds, crawl.fetch, ...)."},
@@ -41,6 +72,13 @@ class Settings:
     mongo_uri: str = field(
         default="mongodb://127.0.0.1:27027/",
         metadata={"doc": "MongoDB connection string used by the sink."},
+    )
+    mongo_password_file: str = field(
+        default="",
+        metadata={
+            "doc": "File holding the MongoDB password, merged into MONGO_URI (which names the "
+            "user: mongodb://USER@host/?authSource=DB); never logged."
+        },
     )
     mongo_database: str = field(default="streamcrawl", metadata={"doc": "MongoDB database."})
     mongo_collection: str = field(default="pages", metadata={"doc": "MongoDB collection."})
@@ -280,6 +318,22 @@ class Settings:
         if self.shutdown_grace <= 0:
             raise ValueError(f"{PREFIX}SHUTDOWN_GRACE must be > 0")
         self.host_delay_map()
+        self._check_kafka_security()
+
+    def _check_kafka_security(self) -> None:
+        protocol, mechanism = self.kafka_security_protocol, self.kafka_sasl_mechanism
+        if protocol not in KAFKA_SECURITY_PROTOCOLS:
+            raise ValueError(
+                f"{PREFIX}KAFKA_SECURITY_PROTOCOL={protocol!r}: expected one of "
+                + ", ".join(KAFKA_SECURITY_PROTOCOLS)
+            )
+        if not protocol.startswith("SASL_"):
+            return
+        if mechanism not in KAFKA_SASL_MECHANISMS:
+            raise ValueError(
+                f"{PREFIX}KAFKA_SASL_MECHANISM={mechanism!r}: expected one of "
+                + ", ".join(KAFKA_SASL_MECHANISMS)
+            )
 
     def host_delay_map(self) -> dict[str, float]:
         """``HOST_DELAYS`` parsed: host[:port] -> minimum delay in seconds."""

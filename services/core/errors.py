@@ -10,3 +10,8 @@ class ReasonedError(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class StageCannotRun(ValueError):
+    """A failure no record is to blame for and no wait mends (credentials refused): the
+    stage stops with this one-line message instead of dead-lettering its input."""

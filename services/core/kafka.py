@@ -4,25 +4,131 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    TopicAlreadyExistsError,
+)
+from aiokafka.protocol.metadata import MetadataRequest
 
 from . import metrics
-from .config import Settings
-from .topics import MAX_MESSAGE_BYTES, TOPIC_SPECS, group_id, topic_name
+from .config import PREFIX, Settings
+from .secrets import read_secret
+from .topics import (
+    MAX_MESSAGE_BYTES,
+    TOPIC_SPECS,
+    TopicSpec,
+    group_id,
+    replication_for,
+    topic_name,
+)
 
 log = logging.getLogger(__name__)
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """Where and how every Kafka client connects: bootstrap servers and security (TLS with
+    the configured CA, SASL with the password read from its file). The one place clients
+    get these, so every stage and command speaks to a secured cluster the same way."""
+    protocol = settings.kafka_security_protocol
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap,
+        "security_protocol": protocol,
+    }
+    if protocol in ("SSL", "SASL_SSL"):
+        # Verifies the broker's certificate and host name; the system CAs without a CA file.
+        options["ssl_context"] = ssl.create_default_context(
+            cafile=settings.kafka_ssl_cafile or None
+        )
+    if protocol.startswith("SASL_"):
+        # Checked here, not with the other settings: in Kubernetes the user name comes from
+        # a Secret (secretKeyRef) beside the ConfigMap, and only the pod sees both.
+        if not settings.kafka_sasl_username or not settings.kafka_sasl_password_file:
+            raise ValueError(
+                f"{PREFIX}KAFKA_SECURITY_PROTOCOL={protocol} needs {PREFIX}KAFKA_SASL_USERNAME "
+                f"and {PREFIX}KAFKA_SASL_PASSWORD_FILE"
+            )
+        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        options["sasl_plain_username"] = settings.kafka_sasl_username
+        options["sasl_plain_password"] = read_secret(
+            settings.kafka_sasl_password_file, f"{PREFIX}KAFKA_SASL_PASSWORD_FILE"
+        )
+    return options
+
+
+class KafkaAccessError(RuntimeError):
+    """One line saying why this process cannot use the configured Kafka cluster."""
+
+
+async def check_kafka_access(settings: Settings, timeout: float = 15.0) -> None:
+    """Connect to a bootstrap server as every client will (TLS, SASL) and ask for metadata;
+    :class:`KafkaAccessError` with the reason when no server accepts us. Run before a
+    stage or command starts its clients, so a wrong password or a plaintext client on a
+    secured cluster is one clear line instead of retries and tracebacks."""
+    options = client_options(settings)
+    security = {key: value for key, value in options.items() if key != "bootstrap_servers"}
+    reasons = []
+    for server in settings.kafka_bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            await asyncio.wait_for(_ask_metadata(host, int(port), security), timeout)
+            return
+        except TimeoutError:
+            reasons.append(f"{server.strip()}: no answer in {timeout:.0f}s")
+        except Exception as exc:  # every failure is reported, as one line
+            reasons.append(f"{server.strip()}: {_access_failure(exc, settings)}")
+    who = settings.kafka_security_protocol
+    if who.startswith("SASL_"):
+        who += f" {settings.kafka_sasl_mechanism} as {settings.kafka_sasl_username!r}"
+    raise KafkaAccessError(f"Kafka refused this client ({who}): " + "; ".join(reasons))
+
+
+async def _ask_metadata(host: str, port: int, security: dict[str, Any]) -> None:
+    conn = await create_conn(host, port, request_timeout_ms=10000, **security)
+    try:
+        await conn.send(MetadataRequest([]))
+    finally:
+        conn.close()
+
+
+def _access_failure(exc: BaseException, settings: Settings) -> str:
+    """Why a connection failed, in words an operator can act on."""
+    if isinstance(exc, SaslAuthenticationFailed) or "authentication" in str(exc).lower():
+        return (
+            "authentication failed: wrong user name or password "
+            f"({PREFIX}KAFKA_SASL_USERNAME, {PREFIX}KAFKA_SASL_PASSWORD_FILE)"
+        )
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"the broker's certificate is not trusted ({PREFIX}KAFKA_SSL_CAFILE): {exc.reason}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({exc.reason}): is the listener using TLS?"
+    if isinstance(exc, KafkaConnectionError) and settings.kafka_security_protocol in (
+        "PLAINTEXT",
+        "SASL_PLAINTEXT",
+    ):
+        return (
+            "the broker closed the connection: the listener probably wants TLS and/or SASL "
+            f"({PREFIX}KAFKA_SECURITY_PROTOCOL is {settings.kafka_security_protocol})"
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     """An idempotent producer: a retried send never duplicates a record."""
     options: dict[str, Any] = {
-        "bootstrap_servers": settings.kafka_bootstrap,
+        **client_options(settings),
         "enable_idempotence": True,
         "acks": "all",
         "linger_ms": 5,
@@ -42,7 +148,7 @@ def make_consumer(
 ) -> AIOKafkaConsumer:
     """A group consumer that never commits on its own: stages commit after downstream acks."""
     options: dict[str, Any] = {
-        "bootstrap_servers": settings.kafka_bootstrap,
+        **client_options(settings),
         "group_id": group_id(settings.topic_prefix, group),
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
@@ -94,22 +200,47 @@ async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
             raise
 
 
-def make_admin(settings: Settings) -> AIOKafkaAdminClient:
-    return AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=15000)
+def make_reader(settings: Settings, **overrides: Any) -> AIOKafkaConsumer:
+    """A consumer outside any group (it assigns partitions itself): replays, offsets."""
+    return AIOKafkaConsumer(**{**client_options(settings), **overrides})
 
 
-async def create_topics(settings: Settings, replication: int = 1) -> list[str]:
-    """Create every pipeline topic that does not exist yet; return the names created."""
+def make_admin(settings: Settings, **overrides: Any) -> AIOKafkaAdminClient:
+    options = {**client_options(settings), "request_timeout_ms": 15000, **overrides}
+    return AIOKafkaAdminClient(**options)
+
+
+def topic_configs(spec: TopicSpec, replicas: int, min_insync: int) -> dict[str, str]:
+    """A topic's configs: its own, plus min.insync.replicas where it is replicated (with
+    acks=all a write then needs that many copies; one broker may be lost without stopping
+    producers)."""
+    configs = dict(spec.config)
+    if replicas > 1:
+        configs["min.insync.replicas"] = str(min_insync)
+    return configs
+
+
+async def create_topics(settings: Settings, replication: int | None = None) -> list[str]:
+    """Create every pipeline topic that does not exist yet; return the names created.
+
+    Without ``replication``, min(3, brokers in the cluster) replicas each, with
+    min.insync.replicas 2 at three replicas (see :func:`replication_for`).
+    """
     admin = make_admin(settings)
     await admin.start()
     try:
+        if replication is None:
+            cluster = await admin.describe_cluster()
+            replicas, min_insync = replication_for(len(cluster.get("brokers") or []))
+        else:
+            replicas, min_insync = replication, replication_for(replication)[1]
         existing = set(await admin.list_topics())
         wanted = [
             NewTopic(
                 topic_name(settings.topic_prefix, spec.suffix),
                 spec.partitions,
-                replication,
-                topic_configs=dict(spec.config),
+                replicas,
+                topic_configs=topic_configs(spec, replicas, min_insync),
             )
             for spec in TOPIC_SPECS
             if topic_name(settings.topic_prefix, spec.suffix) not in existing
@@ -168,7 +299,7 @@ class OffsetProbe:
     def __init__(self, settings: Settings) -> None:
         self._admin = make_admin(settings)
         self._topic_prefix = settings.topic_prefix
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+        self._consumer = make_reader(settings)
         self._partitions: dict[str, list[int]] = {}
 
     async def start(self) -> None:
@@ -236,4 +367,3 @@ async def group_lag(settings: Settings, group: str, topics: Iterable[str]) -> li
         return await probe.lag(group, topics)
     finally:
         await probe.stop()
-

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
+from .errors import StageCannotRun
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -93,6 +95,8 @@ async def attempts_of(
     for attempt in range(1, attempts + 1):
         try:
             return await outlasting_outages(what, action)
+        except StageCannotRun:
+            raise
         except Exception as exc:
             failure = exc
             log.warning("%s: attempt %d/%d raised %r", what, attempt, attempts, exc)

@@ -39,7 +39,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from . import metrics
 from .config import Settings
-from .errors import ReasonedError
+from .errors import ReasonedError, StageCannotRun
 from .kafka import export_lag, kafka_reachable, make_consumer, make_producer, stop_consumer
 from .membership import consumer_options, remove_static_member
 from .messages import Attempt, DeadLetterRecord, Message, encode
@@ -430,6 +430,8 @@ class _BatchLoop(_Loop):
         stage = self.stage
         try:
             return await outlasting_outages(stage.name, partial(self._outputs, batch))
+        except StageCannotRun:
+            raise
         except Exception as exc:
             log.warning(
                 "%s: a batch of %d raised %r; isolating the record at fault",
@@ -577,9 +579,7 @@ class _StreamLoop(_Loop, StreamContext):
             if room <= 0:
                 await asyncio.sleep(0.05)
                 continue
-            batches = await self.consumer.getmany(
-                timeout_ms=200, max_records=min(room, batch_size)
-            )
+            batches = await self.consumer.getmany(timeout_ms=200, max_records=min(room, batch_size))
             for tp, records in batches.items():
                 metrics.MESSAGES_IN.labels(stage.name).inc(len(records))
                 for record in records:
@@ -625,6 +625,8 @@ async def run_stage(stage: Stage, stop: asyncio.Event) -> None:
     """Run ``stage`` until ``stop`` is set; then finish or hand back what is in hand,
     commit, leave the group and return, all within ``SHUTDOWN_GRACE`` seconds."""
     settings = stage.settings
+    # The stage first: one that cannot start (refused credentials) leaves no client unclosed.
+    await stage.start()
     producer = make_producer(settings)
     consumer = make_consumer(
         settings, stage.group, max_poll_records=settings.batch_size, **consumer_options(settings)
@@ -637,7 +639,6 @@ async def run_stage(stage: Stage, stop: asyncio.Event) -> None:
         loop = _BatchLoop(stage, consumer, publisher)
     else:
         raise TypeError(f"{type(stage).__name__} is neither a BatchStage nor a StreamStage")
-    await stage.start()
     await producer.start()
     await consumer.start()
     topics = list(loop.edge.decoders)

@@ -76,3 +76,16 @@ GROUP_INPUTS: dict[str, tuple[str, ...]] = {
 
 def topic_name(prefix: str, suffix: str) -> str:
     return f"{prefix}{suffix}"
+
+
+# Replicas per partition: three where the cluster has them (one broker may be lost for
+# good), never more than the cluster has, one on a single-broker stack.
+MAX_REPLICATION = 3
+
+
+def replication_for(brokers: int) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) for a cluster of ``brokers``: with three
+    replicas a write (acks=all) needs two, so one broker may be lost without stopping
+    producers; with fewer replicas losing one would, so one in-sync replica suffices."""
+    replicas = max(1, min(MAX_REPLICATION, brokers))
+    return replicas, 2 if replicas >= 3 else 1

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.config import PREFIX, Settings
-from ..core.kafka import create_topics
+from ..core.kafka import check_kafka_access, create_topics
 from ..localstack.stack import LocalStack, StackConfig
 from .autoscale import Autoscaler, ScalingPolicy
 from .processes import StageProcesses, child_env
@@ -82,8 +82,9 @@ def _connection_env() -> dict[str, str]:
         f"no {PREFIX}KAFKA_BOOTSTRAP set: starting the local stack in {config.data_dir}",
         file=sys.stderr,
     )
-    LocalStack(config).up()
-    env = config.connection_env()
+    stack = LocalStack(config)
+    stack.up()
+    env = stack.config.connection_env()  # as the data directory's stack was made (--secure)
     # The local stack outlives a crawl: dedup keeps its snapshots beside it, so the next
     # crawl's start replays only what came after them.
     if not os.environ.get(PREFIX + "STATE_DIR"):
@@ -105,6 +106,7 @@ def crawl_command(args: argparse.Namespace) -> int:
             print("streamcrawl: error: give at least one URL, or --demo", file=sys.stderr)
             return 2
         settings = Settings.from_env({**os.environ, **extra})
+        asyncio.run(check_kafka_access(settings))
         request = CrawlRequest(
             urls=urls,
             max_pages=args.max_pages or 0,

@@ -13,6 +13,7 @@ from pymongo import AsyncMongoClient
 
 from ..core.config import Settings
 from ..core.kafka import OffsetProbe
+from ..core.secrets import mongo_client_uri
 from ..core.topics import DLQ, FETCHED, FETCHER_GROUP, GROUP_INPUTS, PAGES, SINK_GROUP
 from .autoscale import Autoscaler
 from .processes import StageProcesses
@@ -171,7 +172,7 @@ def _autoscale(
 
 async def count_stored(settings: Settings, crawl_id: str) -> int:
     """Documents the sink stored in MongoDB for ``crawl_id``."""
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_client_uri(settings))
     try:
         collection = client[settings.mongo_database][settings.mongo_collection]
         return await collection.count_documents({"crawl_id": crawl_id})

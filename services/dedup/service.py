@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ..core import metrics
 from ..core.config import Settings
-from ..core.kafka import stop_consumer
+from ..core.kafka import make_reader, stop_consumer
 from ..core.messages import Discovered, fetch_from
 from ..core.runtime import BatchStage, Input, Output, Received, json_input
 from ..core.topics import DEDUP_GROUP, DISCOVERED, FETCH
@@ -68,8 +68,8 @@ class DedupStage(BatchStage):
         return (json_input(DISCOVERED, Discovered),)
 
     async def start(self) -> None:
-        self._replayer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap,
+        self._replayer = make_reader(
+            self.settings,
             enable_auto_commit=False,
             isolation_level="read_committed",
         )

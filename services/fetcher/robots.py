@@ -138,9 +138,7 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _FINAL_FAILURES = frozenset({"forbidden_address", "invalid_url"})
 
 
-async def read_robots(
-    url: str, get: Callable[[str], Awaitable[FetchResult]]
-) -> RobotsRules | None:
+async def read_robots(url: str, get: Callable[[str], Awaitable[FetchResult]]) -> RobotsRules | None:
     """The rules at ``url`` (a host's /robots.txt), following up to
     :data:`ROBOTS_MAX_REDIRECTS` redirects; None when the host counts as unavailable.
 

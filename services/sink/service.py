@@ -19,21 +19,33 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import Any
 
 from pymongo import AsyncMongoClient, ReplaceOne
 from pymongo.errors import BulkWriteError, OperationFailure
 
 from ..core import metrics
+from ..core.config import PREFIX
+from ..core.errors import StageCannotRun
 from ..core.messages import Page
 from ..core.poison import outlasting_outages
 from ..core.runtime import BatchStage, Input, Output, Received, json_input
+from ..core.secrets import mongo_client_uri
 from ..core.topics import PAGES, SINK_GROUP
 from .logic import classify_failures, document_under, latest_documents
 
 log = logging.getLogger(__name__)
 
 UPDATE_CHUNK = 50
+
+
+# AuthenticationFailed, Unauthorized (no credentials where the server wants some).
+_REFUSED_CREDENTIALS = (18, 13)
+
+
+class MongoCredentialsRefused(StageCannotRun):
+    """The database refused the sink's credentials: a one-line, user-facing reason."""
 
 
 class SinkStage(BatchStage):
@@ -45,7 +57,9 @@ class SinkStage(BatchStage):
         return (json_input(PAGES, Page),)
 
     async def start(self) -> None:
-        self.client = AsyncMongoClient(self.settings.mongo_uri, serverSelectionTimeoutMS=10000)
+        self.client = AsyncMongoClient(
+            mongo_client_uri(self.settings), serverSelectionTimeoutMS=10000
+        )
         self.collection = self.client[self.settings.mongo_database][self.settings.mongo_collection]
         await self._retry("creating indexes", self._create_indexes)
 
@@ -131,5 +145,19 @@ class SinkStage(BatchStage):
         """``action()``, retried while the database is unreachable. Anything else (a
         document refused on the replace path, a reply the driver cannot read, a document
         the driver cannot encode) is raised: the runtime isolates the page at fault and
-        dead-letters it, instead of this partition retrying it forever."""
-        return await outlasting_outages(f"sink: {what}", action)
+        dead-letters it, instead of this partition retrying it forever. Refused
+        credentials stop the sink with one line: no page is to blame, and no wait helps."""
+        return await outlasting_outages(f"sink: {what}", partial(_credentials_checked, action))
+
+
+async def _credentials_checked(action: Any) -> Any:
+    try:
+        return await action()
+    except OperationFailure as exc:
+        if exc.code not in _REFUSED_CREDENTIALS:
+            raise
+        reason = (exc.details or {}).get("errmsg", "authentication required")
+        raise MongoCredentialsRefused(
+            f"MongoDB refused the sink ({reason}): check the user in "
+            f"{PREFIX}MONGO_URI and {PREFIX}MONGO_PASSWORD_FILE"
+        ) from None

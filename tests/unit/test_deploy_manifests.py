@@ -424,6 +424,58 @@ def test_warc_writes_to_its_claim(rendered: list[Obj]) -> None:
     assert GROUP_INPUTS[WARC_GROUP] == (FETCHED,)
 
 
+def _mounted_files(pod: Obj, container: Obj) -> dict[str, tuple[str, str]]:
+    """Path of each file a container sees from a Secret -> (Secret name, key)."""
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    files = {}
+    for mount in container["volumeMounts"]:
+        secret = volumes[mount["name"]].get("secret")
+        if secret is None:
+            continue
+        assert mount.get("readOnly") is True
+        for item in secret["items"]:
+            files[f"{mount['mountPath']}/{item['path']}"] = (secret["secretName"], item["key"])
+    return files
+
+
+def test_stages_read_kafka_credentials_from_the_secret_keda_reads(rendered: list[Obj]) -> None:
+    objects = by_key(rendered)
+    settings = Settings.from_env(config_data(rendered))
+    assert settings.kafka_security_protocol == "SASL_SSL"
+    assert settings.kafka_sasl_mechanism == "SCRAM-SHA-512"
+    auth = objects[("TriggerAuthentication", "kafka-auth")]
+    keda_secrets = {ref["name"] for ref in auth["spec"]["secretTargetRef"]}
+    (kafka_secret,) = keda_secrets
+    # No credential is committed: the Secrets are made in the cluster (deploy/README.md).
+    assert not [obj for obj in rendered if obj["kind"] == "Secret"]
+    for name in STAGE_NAMES:
+        pod = objects[("Deployment", name)]["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        files = _mounted_files(pod, container)
+        assert files[settings.kafka_sasl_password_file] == (kafka_secret, "password")
+        assert files[settings.kafka_ssl_cafile] == (kafka_secret, "ca")
+        env = {item["name"]: item for item in container.get("env", [])}
+        user = env[PREFIX + "KAFKA_SASL_USERNAME"]["valueFrom"]["secretKeyRef"]
+        assert user == {"name": kafka_secret, "key": "username"}
+        # Passwords travel as files only, never as environment variables.
+        assert not [
+            item
+            for item in container.get("env", [])
+            if "PASSWORD" in item["name"] and not item["name"].endswith("_FILE")
+        ]
+
+
+def test_the_sink_reads_the_mongo_password_from_a_mounted_secret(rendered: list[Obj]) -> None:
+    objects = by_key(rendered)
+    pod = objects[("Deployment", "sink")]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    path = env[PREFIX + "MONGO_PASSWORD_FILE"]
+    assert _mounted_files(pod, container)[path] == ("mongo-credentials", "password")
+    uri = config_data(rendered)[PREFIX + "MONGO_URI"]
+    assert re.match(r"mongodb://[^:@/]+@", uri), "the URI names the user, without a password"
+
+
 def test_fetcher_resources(rendered: list[Obj]) -> None:
     fetcher = by_key(rendered)[("Deployment", "fetcher")]
     resources = fetcher["spec"]["template"]["spec"]["containers"][0]["resources"]
