@@ -9,6 +9,7 @@ back, which the runtime encodes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -31,7 +32,7 @@ Kind = Annotated[
     Literal["page", "sitemap"],
     Meta(description="page (default) or sitemap: a sitemap's <loc> URLs become links."),
 ]
-StageName = Literal["frontier", "dedup", "fetcher", "delay", "parser", "sink"]
+StageName = Literal["frontier", "dedup", "fetcher", "delay", "parser", "sink", "stats"]
 
 DEFAULT_CRAWL_ID = "default"
 DEFAULT_PRIORITY = 5
@@ -202,6 +203,24 @@ class DeadLetterRecord(Message, kw_only=True):
     history: History = []
 
 
+class Tally(Message, kw_only=True):
+    """crawl.events: what a stage decided for one crawl in one batch, as counts (the
+    stats stage adds them up per crawl). Keyed by crawl id.
+
+    The sink also lists the crawl.pages offsets it wrote (``offsets``) and read
+    (``read``) in ``partition``, so a batch it writes twice after a crash counts once.
+    """
+
+    stage: StageName
+    crawl_id: CrawlId
+    at: float
+    counts: Annotated[dict[Annotated[str, Meta(max_length=80)], int], Meta(max_length=64)]
+    host: Host | None = None
+    partition: Annotated[int, Meta(ge=0)] | None = None
+    offsets: list[Annotated[int, Meta(ge=0)]] = []
+    read: list[Annotated[int, Meta(ge=0)]] = []
+
+
 # The schema file of each topic's type: the public contract.
 SCHEMA_TYPES: dict[str, type[Message]] = {
     "seed": Seed,
@@ -211,6 +230,7 @@ SCHEMA_TYPES: dict[str, type[Message]] = {
     "fetched": Fetched,
     "page": Page,
     "dlq": DeadLetterRecord,
+    "event": Tally,
 }
 
 M = TypeVar("M", bound=Message)
@@ -255,6 +275,18 @@ def with_attempt(request: Fetch, outcome: str, at: float, status: int | None, de
     attempt = Attempt(at=at, outcome=outcome[:64], detail=detail[:1024], status=status)
     history = [*request.history, attempt][-MAX_HISTORY:]
     return msgspec.structs.replace(request, attempt=request.attempt + 1, history=history)
+
+
+def tallies(stage: StageName, counts: Mapping[tuple[str, str], int], at: float) -> list[Tally]:
+    """One crawl.events record per crawl id from counts keyed by (crawl id, name)."""
+    by_crawl: dict[str, dict[str, int]] = {}
+    for (crawl_id, name), count in counts.items():
+        if count:
+            by_crawl.setdefault(crawl_id, {})[name] = count
+    return [
+        Tally(stage=stage, crawl_id=crawl_id, at=at, counts=named)
+        for crawl_id, named in by_crawl.items()
+    ]
 
 
 # -- crawl.seeds: plain text or JSON ------------------------------------------------------
