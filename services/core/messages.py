@@ -204,21 +204,34 @@ class DeadLetterRecord(Message, kw_only=True):
 
 
 class Tally(Message, kw_only=True):
-    """crawl.events: what a stage decided for one crawl in one batch, as counts (the
-    stats stage adds them up per crawl). Keyed by crawl id.
-
-    The sink also lists the crawl.pages offsets it wrote (``offsets``) and read
-    (``read``) in ``partition``, so a batch it writes twice after a crash counts once.
-    """
+    """crawl.events: what a stage decided for one crawl in one batch, as counts that the
+    stats stage adds up per crawl. Keyed by crawl id."""
 
     stage: StageName
     crawl_id: CrawlId
     at: float
-    counts: Annotated[dict[Annotated[str, Meta(max_length=80)], int], Meta(max_length=64)]
+    counts: Annotated[
+        dict[Annotated[str, Meta(max_length=80)], int],
+        Meta(max_length=64, description="What was counted (discovered, admitted, ...)."),
+    ]
     host: Host | None = None
-    partition: Annotated[int, Meta(ge=0)] | None = None
-    offsets: list[Annotated[int, Meta(ge=0)]] = []
-    read: list[Annotated[int, Meta(ge=0)]] = []
+    partition: (
+        Annotated[
+            int, Meta(ge=0, description="Sink: the crawl.pages partition of offsets and read.")
+        ]
+        | None
+    ) = None
+    offsets: Annotated[
+        list[Annotated[int, Meta(ge=0)]],
+        Meta(
+            description="Sink: the offsets of the pages it wrote (a batch written twice "
+            "after a crash then counts once)."
+        ),
+    ] = []
+    read: Annotated[
+        list[Annotated[int, Meta(ge=0)]],
+        Meta(description="Sink: the offsets of the pages it read."),
+    ] = []
 
 
 # The schema file of each topic's type: the public contract.

@@ -217,7 +217,7 @@ def _print_summary(
     stored = (
         f"{counted} documents in MongoDB for this crawl id"
         if counted is not None
-        else f"{progress.stored} pages the sink wrote for this crawl (--count-stored counts MongoDB)"
+        else f"{progress.stored} pages the sink wrote for this crawl (--count-stored: MongoDB)"
     )
     print(
         f"\ncrawl {request.crawl_id} drained in {progress.elapsed:.1f}s\n"

@@ -17,9 +17,11 @@ Deployment of one replica; locally :mod:`.service` makes a second one wait).
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -80,6 +82,9 @@ class StatsApp:
             web_bind="0.0.0.0",
             web_port=settings.stats_port,
             web_in_thread=False,
+            # faust keeps a folder per app (nothing in it with the memory store): not in
+            # the working directory, which may be read-only.
+            datadir=str(Path(settings.state_dir or tempfile.gettempdir()) / "faust"),
             # An agent that fails stops the worker (the process exits and is restarted)
             # instead of leaving the tables silently behind.
             agent_supervisor=mode.CrashingSupervisor,
