@@ -28,7 +28,7 @@ import faust
 import mode
 import msgspec
 from faust.web import Request, Response, View
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -48,6 +48,12 @@ from ..core.topics import (
 from . import logic
 
 log = logging.getLogger(__name__)
+
+RECORDS_SKIPPED = Counter(
+    "streamcrawl_stats_records_skipped_total",
+    "Table updates the stats stage skipped because their record was applied before "
+    "(records read again after a restart).",
+)
 
 _tally = msgspec.json.Decoder(Tally)
 _fetched = msgspec.json.Decoder(logic.FetchedView)
@@ -78,6 +84,10 @@ class StatsApp:
             topic_replication_factor=settings.stats_replication,
             consumer_auto_offset_reset="earliest",
             broker_commit_interval=1.0,
+            # A restarted worker waits for its crashed predecessor's session to expire
+            # before it gets the partitions: keep that short.
+            broker_session_timeout=10.0,
+            broker_heartbeat_interval=3.0,
             web_enabled=True,
             web_bind="0.0.0.0",
             web_port=settings.stats_port,
@@ -124,6 +134,7 @@ class StatsApp:
         """Apply ``change`` to ``table[key]`` unless the record at ``offset`` was applied."""
         entry = logic.fresh(table.get(key), offset)
         if entry is None:
+            RECORDS_SKIPPED.inc()
             return
         change(entry)
         table[key] = entry
@@ -251,7 +262,7 @@ class StatsApp:
 
         @app.page("/metrics")
         async def metrics(view: View, request: Request) -> Response:
-            return view.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+            return view.bytes(generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         @app.page("/healthz")
         async def healthz(view: View, request: Request) -> Response:
