@@ -16,11 +16,12 @@ Deployment of one replica; locally :mod:`.service` makes a second one wait).
 
 from __future__ import annotations
 
+import base64
 import logging
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..core.config import Settings
-from ..core.messages import Tally
+from ..core.messages import DeadLetterRecord, Tally, encode
 from ..core.metrics import HealthServer
 from ..core.topics import (
     DLQ,
@@ -193,7 +194,30 @@ class StatsApp:
             DLQ: lambda value, p, o, at: self.on_dead_letter(_dead.decode(value), p, o),
         }
         for suffix, handler in handlers.items():
-            self.app.agent(self.topic(suffix), name=f"stats-{suffix}")(_consume(suffix, handler))
+            agent = _consume(suffix, handler, self.dead_letter)
+            self.app.agent(self.topic(suffix), name=f"stats-{suffix}")(agent)
+
+    async def dead_letter(self, message: Any, reason: str, detail: str) -> None:
+        """A crawl.events record that is not a tally: to crawl.dlq with the reason (sent at
+        least once: a restart before the commit may send it again)."""
+        payload: bytes = message.value or b""
+        try:
+            text, encoding = payload.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            text, encoding = base64.b64encode(payload).decode("ascii"), "base64"
+        record = DeadLetterRecord(
+            stage="stats",
+            reason=reason,
+            detail=detail,
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            key=None if message.key is None else message.key.decode("utf-8", "replace"),
+            payload=text,
+            payload_encoding=encoding,  # type: ignore[arg-type]
+            failed_at=time.time(),
+        )
+        await self.topic(DLQ).send(key=message.key, value=encode(record))
 
     def _metrics_port(self) -> None:
         """/metrics, /healthz and /readyz also on the metrics port, as every stage has them
@@ -274,24 +298,34 @@ class StatsApp:
             return view.json({"ready": ready}, status=200 if ready else 503)
 
 
-def _consume(suffix: str, handler: Callable[[bytes, int, int, float], None]) -> Any:
+def _consume(
+    suffix: str,
+    handler: Callable[[bytes, int, int, float], None],
+    dead_letter: Callable[[Any, str, str], Awaitable[None]],
+) -> Any:
     async def consume(stream: Any) -> Any:
         async for event in stream.events():
             message = event.message
             try:
                 handler(message.value, message.partition, message.offset, message.timestamp)
-            except msgspec.ValidationError as exc:
-                # The stage that read it first dead-lettered it (or it is a dead letter
-                # itself that no longer decodes): logged, not counted, never a crash.
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                reason = (
+                    "schema_violation"
+                    if isinstance(exc, msgspec.ValidationError)
+                    else "invalid_json"
+                )
                 log.warning(
-                    "stats: %s[%d]@%d not counted: %s",
+                    "stats: %s[%d]@%d not counted (%s): %s",
                     message.topic,
                     message.partition,
                     message.offset,
+                    reason,
                     str(exc)[:300],
                 )
-            except msgspec.DecodeError as exc:
-                log.warning("stats: %s record not counted: %s", suffix, str(exc)[:300])
+                # Only crawl.events is first read here; a bad record of the other topics
+                # was dead-lettered by the stage that consumes it.
+                if suffix == EVENTS:
+                    await dead_letter(message, reason, str(exc)[:4096])
 
     consume.__name__ = consume.__qualname__ = f"stats_{suffix}"
     return consume

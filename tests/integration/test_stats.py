@@ -5,6 +5,7 @@ then shows each crawl with exactly what MongoDB holds and what each nginx served
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import subprocess
@@ -16,12 +17,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+from aiokafka import AIOKafkaConsumer
 from pymongo import AsyncMongoClient
 from streamcrawl.core.config import Settings
-from streamcrawl.core.kafka import OffsetProbe
+from streamcrawl.core.kafka import OffsetProbe, create_topics, make_producer, stop_consumer
+from streamcrawl.core.messages import DeadLetterRecord, Tally, encode
 from streamcrawl.crawl.local import running_pipeline
-from streamcrawl.crawl.processes import child_env
+from streamcrawl.crawl.processes import StageProcesses, child_env
 from streamcrawl.crawl.seeds import SeedOptions, produce_seeds, seed_payloads
 from streamcrawl.crawl.status import StatsClient, StatsUnavailable, final_numbers, stats_url
 from streamcrawl.crawl.watch import watch_until_drained
@@ -173,3 +177,62 @@ async def test_two_crawls_at_once_each_counted_exactly_across_a_stats_sigkill(
         assert 0 < counted_before_kill < truth[first]
         assert stored_at_kill[first] < truth[first]
         assert skipped > 0
+
+
+async def read_topic(
+    settings: Settings, suffix: str, count: int, timeout: float = 60
+) -> list[bytes]:
+    """The first ``count`` values of a topic (all partitions), waiting up to ``timeout``."""
+    consumer = AIOKafkaConsumer(
+        settings.topic_prefix + suffix,
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    values: list[bytes] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while len(values) < count and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                values.extend(record.value or b"" for record in records)
+    finally:
+        await stop_consumer(consumer)
+    return values
+
+
+async def test_the_api_answers_and_a_bad_event_is_dead_lettered(
+    stack: StackConfig, tmp_path: Path
+) -> None:
+    settings = isolated_settings(stack, stats_port=str(free_port()))
+    await create_topics(settings)
+    stages = StageProcesses(child_env(settings), tmp_path / "logs")
+    stages.start(["stats"])
+    try:
+        producer = make_producer(settings)
+        await producer.start()
+        try:
+            events = settings.topic_prefix + "events"
+            await producer.send_and_wait(events, b'{"stage": "sink", "crawl_id": 5}', key=b"x")
+            tally = Tally(stage="dedup", crawl_id="ok", at=time.time(), counts={"admitted": 7})
+            await producer.send_and_wait(events, encode(tally), key=b"ok")
+        finally:
+            await producer.stop()
+        deadline = time.monotonic() + 120
+        async with StatsClient(stats_url(settings), timeout=2.0) as client:
+            found = None
+            while found is None:
+                assert time.monotonic() < deadline, "the stats stage never counted the tally"
+                with contextlib.suppress(StatsUnavailable):
+                    found = await client.crawl("ok")
+                await asyncio.sleep(0.5)
+            assert found["admitted"] == 7 and found["stored"] == 0
+            assert await client.crawl("nobody") is None  # 404
+            with pytest.raises(StatsUnavailable, match="HTTP 400"):
+                await client.hosts("ok", sort="url")
+            assert await client.hosts("ok") == []
+        (letter,) = await read_topic(settings, "dlq", 1)
+        dead = msgspec.json.decode(letter, type=DeadLetterRecord)
+        assert (dead.stage, dead.reason, dead.offset) == ("stats", "schema_violation", 0)
+        assert dead.payload == '{"stage": "sink", "crawl_id": 5}'
+    finally:
+        stages.stop()
