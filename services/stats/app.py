@@ -5,7 +5,9 @@ as JSON over HTTP and as crawl-level Prometheus gauges.
 Table keys name the input partition that updates them and each value carries the offset
 of the last record applied (:mod:`.logic`), so a restart that reads records again after
 a crash skips those it had applied: no loss (faust commits an offset only after the
-changelog records written for it are acknowledged) and no double count.
+changelog records written for it are acknowledged) and no double count. A changelog
+record holds a key's whole value, so one written twice by a retried send changes nothing,
+and aiokafka keeps one batch per partition in flight, so a key's records keep their order.
 
 A key's changelog partition is a hash of the key (:class:`KeyPartitionedTable`), not
 the partition of the record being processed (faust's default, which requires every
