@@ -114,6 +114,7 @@ async def test_two_crawls_at_once_each_counted_exactly_across_a_stats_sigkill(
         crawl_delay="0.03",  # a crawl of some seconds, so the kill comes in the middle
         fetch_per_host_concurrency="2",
         stats_port=str(free_port()),
+        state_dir=str(tmp_path / "state"),  # dedup's snapshots, the stats lock file
     )
     async with running_pipeline(settings, tmp_path / "logs") as (stages, watch):
         settings = watch.settings  # with the stats port the pipeline serves on
@@ -203,7 +204,9 @@ async def read_topic(
 async def test_the_api_answers_and_a_bad_event_is_dead_lettered(
     stack: StackConfig, tmp_path: Path
 ) -> None:
-    settings = isolated_settings(stack, stats_port=str(free_port()))
+    settings = isolated_settings(
+        stack, stats_port=str(free_port()), state_dir=str(tmp_path / "state")
+    )
     await create_topics(settings)
     stages = StageProcesses(child_env(settings), tmp_path / "logs")
     stages.start(["stats"])
