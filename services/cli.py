@@ -139,6 +139,16 @@ def _lag(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from .crawl.status import status_report
+
+    code, text = asyncio.run(
+        status_report(Settings.from_env(), args.crawl_id, args.top, args.sort, args.json)
+    )
+    print(text, file=sys.stdout if code == 0 else sys.stderr)
+    return code
+
+
 def _crawl(args: argparse.Namespace) -> int:
     from .crawl.local import crawl_command
 
@@ -226,6 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--cooldown", type=float, default=30.0, help="scale-down stabilisation window in seconds"
     )
     crawl.set_defaults(handler=_crawl)
+
+    status = commands.add_parser(
+        "status", help="crawls and their numbers, from the stats stage (STREAMCRAWL_STATS_URL)"
+    )
+    status.add_argument("crawl_id", nargs="?", metavar="CRAWL_ID", help="one crawl and its hosts")
+    status.add_argument("--json", action="store_true", help="JSON, for scripts")
+    status.add_argument("--top", type=int, default=20, help="hosts shown for one crawl")
+    status.add_argument(
+        "--sort",
+        default="errors",
+        choices=["errors", "fetched", "latency_p95_s", "latency_mean_s", "host"],
+        help="order of the hosts",
+    )
+    status.set_defaults(handler=_status)
 
     lag = commands.add_parser("lag", help="consumer lag, and what KEDA would scale to")
     lag.add_argument("--group", choices=list(GROUP_INPUTS))

@@ -281,6 +281,24 @@ class Settings:
             "seen before (0: always the full response)."
         },
     )
+    stats_port: int = field(
+        default=6066,
+        metadata={
+            "doc": "Port of the stats stage's HTTP API (/crawls, /crawls/ID, "
+            "/crawls/ID/hosts, /metrics)."
+        },
+    )
+    stats_url: str = field(
+        default="",
+        metadata={
+            "doc": "Where `streamcrawl status` reads the stats stage. "
+            "Empty: http://127.0.0.1:STATS_PORT."
+        },
+    )
+    stats_replication: int = field(
+        default=1,
+        metadata={"doc": "Replication factor of the stats stage's changelog topics."},
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

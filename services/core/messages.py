@@ -9,6 +9,7 @@ back, which the runtime encodes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -31,7 +32,7 @@ Kind = Annotated[
     Literal["page", "sitemap"],
     Meta(description="page (default) or sitemap: a sitemap's <loc> URLs become links."),
 ]
-StageName = Literal["frontier", "dedup", "fetcher", "delay", "parser", "sink", "warc"]
+StageName = Literal["frontier", "dedup", "fetcher", "delay", "parser", "sink", "warc", "stats"]
 HeaderLine = tuple[Annotated[str, Meta(max_length=1024)], Annotated[str, Meta(max_length=8192)]]
 
 DEFAULT_CRAWL_ID = "default"
@@ -229,6 +230,37 @@ class DeadLetterRecord(Message, kw_only=True):
     history: History = []
 
 
+class Tally(Message, kw_only=True):
+    """crawl.events: what a stage decided for one crawl in one batch, as counts that the
+    stats stage adds up per crawl. Keyed by crawl id."""
+
+    stage: StageName
+    crawl_id: CrawlId
+    at: float
+    counts: Annotated[
+        dict[Annotated[str, Meta(max_length=80)], int],
+        Meta(max_length=64, description="What was counted (discovered, admitted, ...)."),
+    ]
+    host: Host | None = None
+    partition: (
+        Annotated[
+            int, Meta(ge=0, description="Sink: the crawl.pages partition of offsets and read.")
+        ]
+        | None
+    ) = None
+    offsets: Annotated[
+        list[Annotated[int, Meta(ge=0)]],
+        Meta(
+            description="Sink: the offsets of the pages it wrote (a batch written twice "
+            "after a crash then counts once)."
+        ),
+    ] = []
+    read: Annotated[
+        list[Annotated[int, Meta(ge=0)]],
+        Meta(description="Sink: the offsets of the pages it read."),
+    ] = []
+
+
 # The schema file of each topic's type: the public contract.
 SCHEMA_TYPES: dict[str, type[Message]] = {
     "seed": Seed,
@@ -238,6 +270,7 @@ SCHEMA_TYPES: dict[str, type[Message]] = {
     "fetched": Fetched,
     "page": Page,
     "dlq": DeadLetterRecord,
+    "event": Tally,
 }
 
 M = TypeVar("M", bound=Message)
@@ -282,6 +315,18 @@ def with_attempt(request: Fetch, outcome: str, at: float, status: int | None, de
     attempt = Attempt(at=at, outcome=outcome[:64], detail=detail[:1024], status=status)
     history = [*request.history, attempt][-MAX_HISTORY:]
     return msgspec.structs.replace(request, attempt=request.attempt + 1, history=history)
+
+
+def tallies(stage: StageName, counts: Mapping[tuple[str, str], int], at: float) -> list[Tally]:
+    """One crawl.events record per crawl id from counts keyed by (crawl id, name)."""
+    by_crawl: dict[str, dict[str, int]] = {}
+    for (crawl_id, name), count in counts.items():
+        if count:
+            by_crawl.setdefault(crawl_id, {})[name] = count
+    return [
+        Tally(stage=stage, crawl_id=crawl_id, at=at, counts=named)
+        for crawl_id, named in by_crawl.items()
+    ]
 
 
 # -- crawl.seeds: plain text or JSON ------------------------------------------------------

@@ -32,9 +32,12 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
     TopicSpec("fetched", HOST_PARTITIONS, (("max.message.bytes", str(MAX_MESSAGE_BYTES)),)),
     TopicSpec("pages", HOST_PARTITIONS, (("max.message.bytes", str(MAX_MESSAGE_BYTES)),)),
     TopicSpec("dlq", 3, (("max.message.bytes", str(MAX_MESSAGE_BYTES)),)),
+    # Stages' per-batch counts for the stats stage (keyed by crawl id). As many
+    # partitions as the host-keyed topics: stats' tables are partitioned like its inputs.
+    TopicSpec("events", HOST_PARTITIONS),
 )
 
-SEEDS, DISCOVERED, FETCH, RETRY, FETCHED, PAGES, DLQ = (spec.suffix for spec in TOPIC_SPECS)
+SEEDS, DISCOVERED, FETCH, RETRY, FETCHED, PAGES, DLQ, EVENTS = (spec.suffix for spec in TOPIC_SPECS)
 
 # Consumer groups, one per service. KEDA watches FETCHER_GROUP on crawl.fetch.
 FRONTIER_GROUP = "streamcrawl-frontier"
@@ -46,6 +49,9 @@ SINK_GROUP = "streamcrawl-sink"
 # The archive reads crawl.fetched in a group of its own: it adds no work to the parser and
 # is scaled, stopped or replayed on its own.
 WARC_GROUP = "streamcrawl-warc"
+# The stats stage (a faust app): its application id, so its consumer group and the
+# prefix of its changelog topics.
+STATS_GROUP = "streamcrawl-stats"
 
 DEFAULT_TOPIC_PREFIX = "crawl."
 

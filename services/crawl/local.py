@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import os
 import socket
 import sys
@@ -22,10 +24,12 @@ from pathlib import Path
 
 from ..core.config import PREFIX, Settings
 from ..core.kafka import check_kafka_access, create_topics
+from ..core.topics import STATS_GROUP, group_id
 from ..localstack.stack import LocalStack, StackConfig
 from .autoscale import Autoscaler, ScalingPolicy
 from .processes import StageProcesses, child_env
 from .seeds import SeedOptions, produce_seeds, seed_payloads
+from .status import StatsClient, StatsUnavailable
 from .watch import PipelineWatch, Progress, count_stored, watch_until_drained
 
 
@@ -50,13 +54,15 @@ class CrawlRequest:
 
 @asynccontextmanager
 async def running_pipeline(
-    settings: Settings, log_dir: Path
+    settings: Settings, log_dir: Path, crawl_id: str | None = None
 ) -> AsyncIterator[tuple[StageProcesses, PipelineWatch]]:
-    """Topics created, every stage running as a process and a progress watch, for a block;
-    the stages are stopped (drained, committed) when it ends."""
+    """Topics created, every stage running as a process and a progress watch (of
+    ``crawl_id``'s numbers when given), for a block; the stages are stopped (drained,
+    committed) when it ends."""
     await create_topics(settings)
+    settings = dataclasses.replace(settings, stats_port=await stats_port_for(settings))
     stages = StageProcesses(child_env(settings), log_dir)
-    watch = PipelineWatch(settings)
+    watch = PipelineWatch(settings, crawl_id)
     await watch.start()
     stages.start()
     try:
@@ -64,6 +70,34 @@ async def running_pipeline(
     finally:
         await watch.stop()
         await asyncio.to_thread(stages.stop)
+
+
+async def stats_port_for(settings: Settings) -> int:
+    """The stats port of this pipeline: the configured one when it is free or when this
+    pipeline's stats worker already serves there (a second crawl on the same stack: its
+    own worker waits for that one's lock and reads the same tables); another free port
+    when something else holds it (another pipeline's stats, in tests)."""
+    port = settings.stats_port
+    if port_is_free(port):
+        return port
+    url = settings.stats_url or f"http://127.0.0.1:{port}"
+    with contextlib.suppress(StatsUnavailable):
+        async with StatsClient(url, timeout=2.0) as client:
+            health = await client.get("/healthz")
+            if isinstance(health, dict) and health.get("app") == group_id(
+                settings.topic_prefix, STATS_GROUP
+            ):
+                return port
+    return free_port()
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+        return True
 
 
 def free_port() -> int:
@@ -140,7 +174,7 @@ async def _crawl(
     timeout: float | None,
     autoscaler: Autoscaler | None = None,
 ) -> Progress:
-    async with running_pipeline(settings, log_dir) as (stages, watch):
+    async with running_pipeline(settings, log_dir, request.crawl_id) as (stages, watch):
         print(
             f"crawl {request.crawl_id}: {len(request.urls)} seed(s); stage logs in {log_dir}",
             file=sys.stderr,
@@ -148,9 +182,10 @@ async def _crawl(
         await produce_seeds(settings, request.seed_values())
         if autoscaler is not None:
             stages.scale("fetcher", autoscaler.current)
-        return await watch_until_drained(
+        progress = await watch_until_drained(
             watch, stages, sys.stderr, timeout=timeout, autoscaler=autoscaler
         )
+        return await watch.final_progress(progress)
 
 
 def _serve_demo_site(cleanup: ExitStack, pages: int) -> tuple[tuple[str, ...], dict[str, str]]:
@@ -191,14 +226,14 @@ def _print_summary(
     stored = (
         f"{counted} documents in MongoDB for this crawl id"
         if counted is not None
-        else f"{progress.stored} documents written by the sink (--count-stored counts MongoDB)"
+        else f"{progress.stored} pages the sink wrote for this crawl (--count-stored: MongoDB)"
     )
     print(
         f"\ncrawl {request.crawl_id} drained in {progress.elapsed:.1f}s\n"
         f"  fetched  {progress.fetched}\n"
         f"  parsed   {progress.parsed}\n"
         f"  stored   {stored}\n"
-        f"  errors   {progress.errors} dead letters (topic crawl.dlq)\n"
+        f"  errors   {progress.errors} dead letters of this crawl (topic crawl.dlq)\n"
         f"  rate     {progress.rate:.1f} pages/s end to end\n"
         f"  logs     {log_dir}"
         + (f"\n  archive  {warc_dir} (WARC files of the warc stage)" if warc_dir else "")

@@ -4,6 +4,7 @@ start), and waiting until every consumer group has committed everything."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -17,6 +18,7 @@ from ..core.secrets import mongo_client_uri
 from ..core.topics import DLQ, FETCHED, FETCHER_GROUP, GROUP_INPUTS, PAGES, SINK_GROUP
 from .autoscale import Autoscaler
 from .processes import StageProcesses
+from .status import StatsClient, StatsUnavailable, final_numbers, stats_url
 
 # Every topic a stage reads or writes: a record on any of them is work in flight.
 _PIPELINE_TOPICS = tuple(sorted({DLQ, *(s for inputs in GROUP_INPUTS.values() for s in inputs)}))
@@ -49,19 +51,27 @@ class Progress:
 
 
 class PipelineWatch:
-    """Progress from Kafka offsets, relative to where the topics stood at the start."""
+    """Progress from Kafka offsets, relative to where the topics stood at the start; with
+    ``crawl_id``, the counts (fetched, parsed, stored, errors) are that crawl's own, read
+    from the stats stage, so crawls sharing a pipeline each see theirs. Lag and the drain
+    check stay pipeline-wide: they are about records in flight, whichever crawl's."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, crawl_id: str | None = None) -> None:
         self.settings = settings
+        self.crawl_id = crawl_id
         self.probe = OffsetProbe(settings)
         self._baseline: dict[TopicPartition, int] = {}
         self._sink_baseline = 0
         self._started = time.monotonic()
+        self._stats: StatsClient | None = None
+        self.crawl_numbers: dict[str, Any] | None = None
 
     def t(self, suffix: str) -> str:
         return self.settings.topic_prefix + suffix
 
     async def start(self) -> None:
+        if self.crawl_id is not None:
+            self._stats = await StatsClient(stats_url(self.settings), timeout=2.0).__aenter__()
         await self.probe.start()
         self._baseline = await self.probe.end_offsets(self.t(s) for s in (FETCHED, PAGES, DLQ))
         self._sink_baseline = await self._sink_committed()
@@ -90,7 +100,7 @@ class PipelineWatch:
                 queued = group_lag
                 queued_partitions = sum(1 for row in rows if row.lag > 0)
         pipeline_ends = await self.probe.end_offsets(self.t(s) for s in _PIPELINE_TOPICS)
-        return Progress(
+        progress = Progress(
             fetched=delta(FETCHED),
             parsed=delta(PAGES),
             stored=await self._sink_committed() - self._sink_baseline,
@@ -101,8 +111,41 @@ class PipelineWatch:
             elapsed=time.monotonic() - self._started,
             ends=pipeline_ends,
         )
+        if self.crawl_id is not None:
+            await self._read_crawl()
+            self.apply_crawl_numbers(progress)
+        return progress
+
+    async def _read_crawl(self) -> None:
+        """The crawl's numbers from the stats stage; the last ones read while it does not
+        answer (starting, or handing over to another worker)."""
+        assert self._stats is not None and self.crawl_id is not None
+        with contextlib.suppress(StatsUnavailable):
+            found = await self._stats.crawl(self.crawl_id)
+            if found is not None:
+                self.crawl_numbers = found
+
+    def apply_crawl_numbers(self, progress: Progress) -> None:
+        numbers = self.crawl_numbers or {}
+        progress.fetched = numbers.get("fetched", 0)
+        progress.parsed = numbers.get("parsed", 0)
+        progress.stored = numbers.get("stored", 0)
+        progress.errors = numbers.get("errors", 0)
+
+    async def final_progress(self, progress: Progress, timeout: float = 60.0) -> Progress:
+        """``progress`` with the crawl's final numbers: those the stats stage serves once
+        it has read every record (unchanged when no crawl id is watched)."""
+        if self.crawl_id is None:
+            return progress
+        final = await final_numbers(self.settings, self.crawl_id, self.probe, timeout)
+        if final is not None:
+            self.crawl_numbers = final
+        self.apply_crawl_numbers(progress)
+        return progress
 
     async def stop(self) -> None:
+        if self._stats is not None:
+            await self._stats.__aexit__()
         await self.probe.stop()
 
 

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from ..core import metrics
 from ..core.config import Settings
 from ..core.kafka import make_reader, stop_consumer
-from ..core.messages import Discovered, fetch_from
+from ..core.messages import Discovered, fetch_from, tallies
 from ..core.runtime import BatchStage, Input, Output, Received, json_input
-from ..core.topics import DEDUP_GROUP, DISCOVERED, FETCH
+from ..core.topics import DEDUP_GROUP, DISCOVERED, EVENTS, FETCH
 from .logic import Admission, PartitionFilter
 from .snapshot import SnapshotStore
 
@@ -261,6 +262,8 @@ class DedupStage(BatchStage):
         outputs: list[Output] = []
         # Remembered in the filters only once the whole batch succeeded (see BatchAdmission).
         admission = self.admission.batch()
+        # (crawl id, what): admitted and filtered URLs, for the stats stage.
+        counts: Counter[tuple[str, str]] = Counter()
         for item in batch:
             candidate: Discovered = item.message
             partition = item.record.partition
@@ -277,7 +280,9 @@ class DedupStage(BatchStage):
             )
             if verdict is not None:
                 metrics.URLS_FILTERED.labels(self.name, verdict).inc()
+                counts[candidate.crawl_id, "filtered:" + verdict] += 1
                 continue
+            counts[candidate.crawl_id, "admitted"] += 1
             self._changed.add(partition)
             outputs.append(
                 Output(
@@ -290,6 +295,10 @@ class DedupStage(BatchStage):
         admission.apply()
         for partition, bloom in self.admission.filters.items():
             self._export(partition, bloom)
+        outputs.extend(
+            Output(self.topic(EVENTS), tally, key=tally.crawl_id.encode())
+            for tally in tallies("dedup", counts, now)
+        )
         return outputs
 
     @staticmethod

@@ -26,9 +26,9 @@ from aiokafka import TopicPartition
 
 from ..core import metrics
 from ..core.config import Settings
-from ..core.messages import Fetch, retry_from
+from ..core.messages import Fetch, Tally, retry_from
 from ..core.runtime import Input, Output, Received, StreamStage, json_input
-from ..core.topics import DISCOVERED, FETCH, FETCHED, FETCHER_GROUP, RETRY
+from ..core.topics import DISCOVERED, EVENTS, FETCH, FETCHED, FETCHER_GROUP, RETRY
 from .downloader import Downloader, observe
 from .http import FetchFailed, FetchResult, check_literal_address
 from .politeness import HostDelays, HostScheduler
@@ -126,7 +126,16 @@ class FetcherStage(StreamStage):
             return False
         metrics.URLS_FILTERED.labels(self.name, "robots_disallowed").inc()
         log.info("fetcher: %s disallowed by robots.txt", job.request.url)
-        self.ctx.complete_later(job.item, [])
+        request = job.request
+        tally = Tally(
+            stage="fetcher",
+            crawl_id=request.crawl_id,
+            at=time.time(),
+            counts={"filtered:robots_disallowed": 1},
+            host=job.host,
+        )
+        event = Output(self.topic(EVENTS), tally, key=request.crawl_id.encode())
+        self.ctx.complete_later(job.item, [event])
         return True
 
     # -- dispatch ----------------------------------------------------------------------

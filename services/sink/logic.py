@@ -3,12 +3,13 @@ which failed writes are duplicates (replace them) or refusals (dead-letter them)
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from pymongo.errors import BulkWriteError
 
 from ..core.config import Settings
-from ..core.messages import Page, to_dict
+from ..core.messages import Page, Tally, to_dict
 from ..core.scope import canonical_url
 from ..core.urls import InvalidURL, host_of
 
@@ -63,3 +64,41 @@ def classify_failures(error: BulkWriteError) -> tuple[set[int], dict[int, str]]:
         else:
             rejected[index] = f"code {failure.get('code')}: {failure.get('errmsg', '')[:500]}"
     return duplicates, rejected
+
+
+class _Read(Protocol):
+    """What :func:`stored_tallies` needs of a received page (its record's partition and
+    offset, and the page)."""
+
+    @property
+    def record(self) -> Any: ...
+
+    @property
+    def message(self) -> Any: ...
+
+
+def stored_tallies(batch: Sequence[_Read], written: list[int], stored_at: float) -> list[Tally]:
+    """One crawl.events record per crawl id and crawl.pages partition of the batch: the
+    offsets read (``read``) and the offsets whose page was written (``offsets``; a page
+    superseded in its batch by a later version, or refused by the database, is read but
+    not written)."""
+    wrote = set(written)
+    read: dict[tuple[str, int], list[int]] = {}
+    stored: dict[tuple[str, int], list[int]] = {}
+    for index, item in enumerate(batch):
+        key = (item.message.crawl_id, item.record.partition)
+        read.setdefault(key, []).append(item.record.offset)
+        if index in wrote:
+            stored.setdefault(key, []).append(item.record.offset)
+    return [
+        Tally(
+            stage="sink",
+            crawl_id=crawl_id,
+            at=stored_at,
+            counts={},
+            partition=partition,
+            offsets=sorted(stored.get((crawl_id, partition), [])),
+            read=sorted(offsets),
+        )
+        for (crawl_id, partition), offsets in read.items()
+    ]

@@ -32,8 +32,8 @@ from ..core.messages import Page
 from ..core.poison import outlasting_outages
 from ..core.runtime import BatchStage, Input, Output, Received, json_input
 from ..core.secrets import mongo_client_uri
-from ..core.topics import PAGES, SINK_GROUP
-from .logic import classify_failures, document_under, latest_documents
+from ..core.topics import EVENTS, PAGES, SINK_GROUP
+from .logic import classify_failures, document_under, latest_documents, stored_tallies
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,19 @@ class SinkStage(BatchStage):
             for index, reason in rejected.items()
         ]
         metrics.PAGES_STORED.inc(len(documents) - len(rejected))
-        return dead
+        written = [index for position, index in enumerate(chosen) if position not in rejected]
+        return [*dead, *self._tallies(batch, written, stored_at)]
+
+    def _tallies(
+        self, batch: list[Received[Any]], written: list[int], stored_at: float
+    ) -> list[Output]:
+        """For the stats stage: per crawl id and crawl.pages partition, the offsets this
+        batch read and wrote (offsets, not counts: a batch written again after a crash
+        is then counted once)."""
+        return [
+            Output(self.topic(EVENTS), tally, key=tally.crawl_id.encode())
+            for tally in stored_tallies(batch, written, stored_at)
+        ]
 
     async def _store(self, documents: list[dict[str, Any]]) -> dict[int, str]:
         """Store the documents; return the positions the database refused, with why."""

@@ -10,7 +10,7 @@ import pytest
 from aiokafka import ConsumerRecord
 from pymongo import AsyncMongoClient
 from streamcrawl.core.config import Settings
-from streamcrawl.core.messages import DeadLetterRecord, Page, Scope, encode
+from streamcrawl.core.messages import DeadLetterRecord, Page, Scope, Tally, encode
 from streamcrawl.core.runtime import Received
 from streamcrawl.sink.logic import document_for
 from streamcrawl.sink.service import SinkStage
@@ -163,9 +163,21 @@ async def test_the_stage_stores_a_batch_and_dead_letters_what_the_database_refus
     batch = [Received(record, spec.decode(record.value)) for record in records]
     await sink.start()
     try:
-        dead = await asyncio.wait_for(sink.process(batch), 60)
+        outputs = await asyncio.wait_for(sink.process(batch), 60)
     finally:
         await sink.stop()
+    dead = [out for out in outputs if out.topic == settings.topic_prefix + "dlq"]
+    (tally,) = [out.value for out in outputs if out.topic == settings.topic_prefix + "events"]
+    assert len(outputs) == 2
+    # For the stats stage: all four read; written: /2 and the newer /1 (the older /1 was
+    # superseded in its batch, /bad refused).
+    assert isinstance(tally, Tally)
+    assert (tally.stage, tally.partition, tally.read, tally.offsets) == (
+        "sink",
+        0,
+        [0, 1, 2, 3],
+        [1, 2],
+    )
     assert len(dead) == 1
     (letter,) = dead
     assert letter.topic == settings.topic_prefix + "dlq"

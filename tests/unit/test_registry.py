@@ -14,14 +14,21 @@ from streamcrawl.registry import STAGE_NAMES, STAGES, stage_class
 PACKAGE = Path(__file__).resolve().parents[2] / "services"
 
 
+# Registry entries that run themselves (a faust worker), not through the stage runtime.
+SELF_RUNNING = {"stats"}
+
+
 def test_every_registered_stage_is_a_stage_class_named_as_registered() -> None:
     groups = set()
     for name in STAGES:
         cls = stage_class(name)
-        assert issubclass(cls, BatchStage | StreamStage), name
         assert cls.name == name
+        if name in SELF_RUNNING:
+            assert callable(getattr(cls, "run", None)), name
+            continue
+        assert issubclass(cls, BatchStage | StreamStage), name
         groups.add(cls.group)
-    assert len(groups) == len(STAGES), "each stage has its own consumer group"
+    assert len(groups) == len(STAGES) - len(SELF_RUNNING), "each stage has its own group"
 
 
 def test_dead_letters_name_exactly_the_registered_stages() -> None:

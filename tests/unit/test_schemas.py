@@ -27,6 +27,7 @@ from streamcrawl.core.messages import (
     Scope,
     Seed,
     SeedScope,
+    Tally,
     Timings,
     encode,
     fetch_from,
@@ -193,6 +194,20 @@ def valid_examples() -> list[tuple[str, msgspec.Struct]]:
                 failed_at=0.0,
             ),
         ),
+        (
+            "event",
+            Tally(
+                stage="sink",
+                crawl_id="c1",
+                at=1_764_000_005.0,
+                counts={},
+                host="example.com",
+                partition=4,
+                offsets=[10, 12],
+                read=[10, 11, 12],
+            ),
+        ),
+        ("event", Tally(stage="dedup", crawl_id="c1", at=1.0, counts={"admitted": 3})),
     ]
 
 
@@ -398,6 +413,13 @@ INVALID: dict[str, dict[str, Mutation]] = {
         "offset a string": put("12", "offset"),
         "failed_at missing": delete("failed_at"),
         "history 21 entries": put([{"at": 1.0, "outcome": "x"}] * 21, "history"),
+    },
+    "event": {
+        "unknown field": put(True, "surprise"),
+        "crawl_id missing": delete("crawl_id"),
+        "stage unknown": put("indexer", "stage"),
+        "a count not a number": put({"admitted": "3"}, "counts"),
+        "a negative offset": put([-1], "offsets"),
     },
 }
 

@@ -31,6 +31,7 @@ from streamcrawl.core.messages import (
     Page,
     Retry,
     Scope,
+    Tally,
     Timings,
     encode,
     fetch_from,
@@ -56,6 +57,7 @@ from streamcrawl.parser.service import ParserStage
 from streamcrawl.registry import STAGES, stage_class
 from streamcrawl.sink.logic import classify_failures, document_for, latest_documents, storage_id
 from streamcrawl.sink.service import SinkStage
+from streamcrawl.stats.service import StatsWorker
 from streamcrawl.warc.service import WarcStage
 
 SETTINGS = Settings(bloom_capacity=10_000)
@@ -69,6 +71,7 @@ TOPIC_TYPES: dict[str, type[Message]] = {
     "crawl.fetched": Fetched,
     "crawl.pages": Page,
     "crawl.dlq": DeadLetterRecord,
+    "crawl.events": Tally,
 }
 
 
@@ -108,6 +111,22 @@ def letters(outputs: Sequence[Output]) -> list[DeadLetterRecord]:
         if out.topic == "crawl.dlq":
             assert isinstance(out.value, DeadLetterRecord)
             found.append(out.value)
+    return found
+
+
+def pipeline(outputs: Sequence[Output]) -> list[Output]:
+    """The outputs that carry the crawl on (every output but the stats stage's tallies)."""
+    return [out for out in outputs if out.topic != "crawl.events"]
+
+
+def counted(outputs: Sequence[Output]) -> dict[str, dict[str, int]]:
+    """The tallies on crawl.events, by crawl id (one per crawl id and batch)."""
+    found: dict[str, dict[str, int]] = {}
+    for out in outputs:
+        if out.topic == "crawl.events":
+            assert isinstance(out.value, Tally) and out.key == out.value.crawl_id.encode()
+            assert out.value.crawl_id not in found
+            found[out.value.crawl_id] = out.value.counts
     return found
 
 
@@ -218,6 +237,7 @@ def test_every_registered_stage_is_covered_here() -> None:
         "parser": ParserStage,
         "sink": SinkStage,
         "warc": WarcStage,
+        "stats": StatsWorker,
     }
     for name in ("frontier", "dedup", "parser", "sink", "warc"):
         assert issubclass(kinds[name], BatchStage)
@@ -351,7 +371,11 @@ async def test_frontier_turns_page_links_into_candidates_one_level_deeper() -> N
         "http://www.a.example/y.html",
     ]
     rec = record("crawl.pages", encode(page(links=links)), partition=7, offset=3, key=b"k")
-    outputs = await run_batch(stage, [rec])
+    everything = await run_batch(stage, [rec])
+    assert counted(everything) == {
+        "c1": {"discovered": 2, "filtered:out_of_scope": 1, "filtered:unsupported_scheme": 1}
+    }
+    outputs = pipeline(everything)
     assert [(out.topic, out.key) for out in outputs] == [
         ("crawl.discovered", b"a.example"),
         ("crawl.discovered", b"www.a.example"),
@@ -375,14 +399,14 @@ async def test_frontier_sends_a_link_repeated_on_many_pages_once() -> None:
         )
         for n in range(3)
     ]
-    outputs = await run_batch(stage, records)
+    outputs = pipeline(await run_batch(stage, records))
     urls = [out.value.url for out in outputs]
     assert sorted(urls) == sorted([*nav, *(f"http://a.example/q{n}" for n in range(3))])
     # Another crawl of the same site is a different story.
     other = record(
         "crawl.pages", encode(page(crawl_id="c2", links=nav)), partition=1, offset=9, key=b"k"
     )
-    assert [out.value.url for out in await run_batch(stage, [other])] == nav
+    assert [out.value.url for out in pipeline(await run_batch(stage, [other]))] == nav
 
 
 async def test_frontier_follows_redirects_and_dead_letters_loops() -> None:
@@ -420,7 +444,9 @@ async def test_frontier_follows_redirects_and_dead_letters_loops() -> None:
 
 async def test_frontier_cuts_links_past_the_depth_limit_silently() -> None:
     deep = page(depth=3, links=["http://a.example/x.html"])
-    assert await run_batch(FrontierStage(SETTINGS), [record("crawl.pages", encode(deep))]) == []
+    outputs = await run_batch(FrontierStage(SETTINGS), [record("crawl.pages", encode(deep))])
+    assert pipeline(outputs) == []
+    assert counted(outputs) == {"c1": {"filtered:max_depth": 1}}  # silent, yet counted
 
 
 # -- dedup -------------------------------------------------------------------------------------
@@ -455,8 +481,13 @@ async def test_dedup_admits_new_urls_to_the_same_partition_of_crawl_fetch() -> N
     ]
     records = [discovered_record(c, p, n) for n, (c, p) in enumerate(candidates)]
     before = time.time()
-    outputs = await run_batch(stage, records)
+    everything = await run_batch(stage, records)
     after = time.time()
+    assert counted(everything) == {
+        "c1": {"admitted": 3, "filtered:duplicate": 1},
+        "c2": {"admitted": 1},
+    }
+    outputs = pipeline(everything)
     assert [(out.topic, out.key, out.partition) for out in outputs] == [
         ("crawl.fetch", b"a.example", 3),
         ("crawl.fetch", b"a.example", 3),
@@ -477,7 +508,7 @@ async def test_dedup_admits_new_urls_to_the_same_partition_of_crawl_fetch() -> N
         assert out.value == fetch_from(candidate, out.value.admitted_at)
         assert (out.value.attempt, out.value.history) == (0, [])
     # A later batch (a redelivery) admits nothing again.
-    assert await run_batch(stage, records) == []
+    assert pipeline(await run_batch(stage, records)) == []
 
 
 async def test_dedup_applies_the_page_budgets() -> None:
@@ -490,7 +521,7 @@ async def test_dedup_applies_the_page_budgets() -> None:
         discovered_record(discovered(f"http://b.example/{n}", scope=budget), 1, 10 + n)
         for n in range(3)
     ]
-    outputs = await run_batch(stage, records)
+    outputs = pipeline(await run_batch(stage, records))
     # Two per host, three per crawl (counted across partitions).
     assert [out.value.url for out in outputs] == [
         "http://a.example/0",
@@ -922,7 +953,10 @@ async def test_fetcher_completes_a_url_robots_txt_disallows_without_output() -> 
     assert stage.robots.state("a.example", time.monotonic()) is RobotsState.KNOWN
     harness.admit(fetch_record(fetch("http://a.example/private/x"), offset=0))
     await harness.settle()
-    assert harness.outputs_of(0) == [] and stage.scheduler.pending == 0
+    outputs = harness.outputs_of(0)
+    assert pipeline(outputs) == [] and stage.scheduler.pending == 0
+    assert counted(outputs) == {"c1": {"filtered:robots_disallowed": 1}}
+    assert outputs[0].value.host == "a.example"
 
 
 # -- fetcher: requests against real servers ------------------------------------------------------
@@ -1087,7 +1121,9 @@ async def test_fetcher_reads_robots_txt_first_then_fetches_and_decides(
         ("http_500", 500),
         ("http_500", 500),
     ]
-    assert harness.outputs_of(5) == []  # disallowed: finished, nothing produced
+    # Disallowed: finished, nothing produced but its count for the stats stage.
+    assert pipeline(harness.outputs_of(5)) == []
+    assert counted(harness.outputs_of(5)) == {"c1": {"filtered:robots_disallowed": 1}}
     assert harness.commit() == {TopicPartition("crawl.fetch", 0): 6}
 
 

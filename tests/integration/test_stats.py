@@ -1,0 +1,241 @@
+"""The stats stage on a real broker: two crawls of two generated sites at once on one
+pipeline, the stats process SIGKILLed mid-crawl and restarted; `streamcrawl status --json`
+then shows each crawl with exactly what MongoDB holds and what each nginx served."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from aiokafka import AIOKafkaConsumer
+from pymongo import AsyncMongoClient
+from streamcrawl.core.config import Settings
+from streamcrawl.core.kafka import OffsetProbe, create_topics, make_producer, stop_consumer
+from streamcrawl.core.messages import DeadLetterRecord, Tally, encode
+from streamcrawl.crawl.local import running_pipeline
+from streamcrawl.crawl.processes import StageProcesses, child_env
+from streamcrawl.crawl.seeds import SeedOptions, produce_seeds, seed_payloads
+from streamcrawl.crawl.status import StatsClient, StatsUnavailable, final_numbers, stats_url
+from streamcrawl.crawl.watch import watch_until_drained
+from streamcrawl.demo.nginx import NginxSite
+from streamcrawl.demo.site import SiteManifest, generate_site
+from streamcrawl.localstack.stack import StackConfig
+
+from ..conftest import free_port, isolated_settings
+
+pytestmark = pytest.mark.integration
+
+SITE_PAGES = 300
+
+
+class Site:
+    def __init__(self, root: Path, crawl_id: str) -> None:
+        self.port = free_port()
+        self.crawl_id = crawl_id
+        self.manifest: SiteManifest = generate_site(root, pages=SITE_PAGES, port=self.port)
+        self.nginx = NginxSite(root, self.port)
+
+    def served(self) -> Counter[int]:
+        """Status of every page request nginx answered (robots.txt aside)."""
+        return Counter(
+            entry.status for entry in self.nginx.access_log_entries() if entry.path != "/robots.txt"
+        )
+
+
+@pytest.fixture()
+def sites(tmp_path: Path) -> Iterator[list[Site]]:
+    made = [Site(tmp_path / f"site{n}", f"crawl-{name}") for n, name in enumerate("ab")]
+    for site in made:
+        site.nginx.start()
+    try:
+        yield made
+    finally:
+        for site in made:
+            site.nginx.stop()
+
+
+async def documents_by_crawl(settings: Settings) -> Counter[str]:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
+    try:
+        collection = client[settings.mongo_database][settings.mongo_collection]
+        rows = await collection.aggregate([{"$group": {"_id": "$crawl_id", "n": {"$sum": 1}}}])
+        return Counter({row["_id"]: row["n"] async for row in rows})
+    finally:
+        await client.close()
+
+
+async def stored_so_far(settings: Settings, crawl_id: str) -> int:
+    async with StatsClient(stats_url(settings), timeout=2.0) as client:
+        try:
+            found = await client.crawl(crawl_id)
+        except StatsUnavailable:
+            return 0
+    return 0 if found is None else int(found["stored"])
+
+
+def skipped_records(settings: Settings) -> float:
+    with urllib.request.urlopen(stats_url(settings) + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    match = re.search(r"^streamcrawl_stats_records_skipped_total (\S+)$", text, re.M)
+    assert match is not None, "the stats stage exports its skip counter"
+    return float(match.group(1))
+
+
+def status_json(settings: Settings, *args: str) -> Any:
+    result = subprocess.run(
+        [sys.executable, "-m", "streamcrawl.cli", "status", "--json", *args],
+        env=child_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(result.stdout)
+
+
+async def test_two_crawls_at_once_each_counted_exactly_across_a_stats_sigkill(
+    stack: StackConfig, sites: list[Site], tmp_path: Path
+) -> None:
+    settings = isolated_settings(
+        stack,
+        max_depth="1000",
+        crawl_delay="0.03",  # a crawl of some seconds, so the kill comes in the middle
+        fetch_per_host_concurrency="2",
+        stats_port=str(free_port()),
+        state_dir=str(tmp_path / "state"),  # dedup's snapshots, the stats lock file
+    )
+    async with running_pipeline(settings, tmp_path / "logs") as (stages, watch):
+        settings = watch.settings  # with the stats port the pipeline serves on
+        for site in sites:
+            options = SeedOptions(crawl_id=site.crawl_id)
+            await produce_seeds(settings, seed_payloads([site.manifest.entry_url], options))
+
+        deadline = time.monotonic() + 240
+        while await stored_so_far(settings, sites[0].crawl_id) < SITE_PAGES // 4:
+            assert time.monotonic() < deadline, "the stats stage never counted a quarter"
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(2.0)  # its changelog holds what it applied
+        counted_before_kill = await stored_so_far(settings, sites[0].crawl_id)
+        stages.kill("stats")
+        stored_at_kill = await documents_by_crawl(settings)
+        stages.start_one("stats")
+
+        await watch_until_drained(watch, stages, sys.stderr, timeout=300)
+        probe = OffsetProbe(settings)
+        await probe.start()
+        try:
+            finals = {
+                site.crawl_id: await final_numbers(settings, site.crawl_id, probe, timeout=120)
+                for site in sites
+            }
+        finally:
+            await probe.stop()
+        skipped = skipped_records(settings)
+        # Checked while the stats stage still runs (status asks it).
+        truth = await documents_by_crawl(settings)
+        listing = {crawl["crawl_id"]: crawl for crawl in status_json(settings)["crawls"]}
+        assert set(listing) == {site.crawl_id for site in sites}
+        for site in sites:
+            crawl = listing[site.crawl_id]
+            assert finals[site.crawl_id] is not None
+            served = site.served()
+            statuses = Counter({f"{status // 100}xx": n for status, n in served.items()})
+            assert crawl["stored"] == truth[site.crawl_id] > 0, site.crawl_id
+            assert crawl["fetched"] == sum(served.values()), site.crawl_id
+            assert crawl["status"] == dict(sorted(statuses.items())), site.crawl_id
+            assert crawl["parsed"] == crawl["stored"]  # every page read by the sink was written
+            assert crawl["admitted"] == crawl["fetched"]  # nothing failed, nothing left
+            assert crawl["discovered"] == crawl["admitted"] + crawl["filtered"].get("duplicate", 0)
+            assert crawl["errors"] == 0 and crawl["failed"] == {}
+            assert crawl["bytes"] > 0 and crawl["state"] in ("running", "idle")
+            # Every URL of the site, and each once: nginx's log is the other witness.
+            expected = len(
+                site.manifest.pages | site.manifest.missing | set(site.manifest.redirects)
+            )
+            assert crawl["stored"] == expected
+            # One crawl's view with its hosts: one host here, with its own numbers.
+            detail = status_json(settings, site.crawl_id, "--top", "5", "--sort", "fetched")
+            (host,) = detail["hosts"]
+            assert host["host"] == f"127.0.0.1:{site.port}"
+            assert host["fetched"] == crawl["fetched"]
+            assert host["errors"] == statuses.get("4xx", 0) + statuses.get("5xx", 0)
+            assert host["latency_p95_s"] >= host["latency_mean_s"] > 0
+        # The kill came mid-crawl: the stats stage had counted some pages, not all, and the
+        # restarted one read records again (skipped, not counted twice).
+        first = sites[0].crawl_id
+        assert 0 < counted_before_kill < truth[first]
+        assert stored_at_kill[first] < truth[first]
+        assert skipped > 0
+
+
+async def read_topic(
+    settings: Settings, suffix: str, count: int, timeout: float = 60
+) -> list[bytes]:
+    """The first ``count`` values of a topic (all partitions), waiting up to ``timeout``."""
+    consumer = AIOKafkaConsumer(
+        settings.topic_prefix + suffix,
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    values: list[bytes] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while len(values) < count and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                values.extend(record.value or b"" for record in records)
+    finally:
+        await stop_consumer(consumer)
+    return values
+
+
+async def test_the_api_answers_and_a_bad_event_is_dead_lettered(
+    stack: StackConfig, tmp_path: Path
+) -> None:
+    settings = isolated_settings(
+        stack, stats_port=str(free_port()), state_dir=str(tmp_path / "state")
+    )
+    await create_topics(settings)
+    stages = StageProcesses(child_env(settings), tmp_path / "logs")
+    stages.start(["stats"])
+    try:
+        producer = make_producer(settings)
+        await producer.start()
+        try:
+            events = settings.topic_prefix + "events"
+            await producer.send_and_wait(events, b'{"stage": "sink", "crawl_id": 5}', key=b"x")
+            tally = Tally(stage="dedup", crawl_id="ok", at=time.time(), counts={"admitted": 7})
+            await producer.send_and_wait(events, encode(tally), key=b"ok")
+        finally:
+            await producer.stop()
+        deadline = time.monotonic() + 120
+        async with StatsClient(stats_url(settings), timeout=2.0) as client:
+            found = None
+            while found is None:
+                assert time.monotonic() < deadline, "the stats stage never counted the tally"
+                with contextlib.suppress(StatsUnavailable):
+                    found = await client.crawl("ok")
+                await asyncio.sleep(0.5)
+            assert found["admitted"] == 7 and found["stored"] == 0
+            assert await client.crawl("nobody") is None  # 404
+            with pytest.raises(StatsUnavailable, match="HTTP 400"):
+                await client.hosts("ok", sort="url")
+            assert await client.hosts("ok") == []
+        (letter,) = await read_topic(settings, "dlq", 1)
+        dead = msgspec.json.decode(letter, type=DeadLetterRecord)
+        assert (dead.stage, dead.reason, dead.offset) == ("stats", "schema_violation", 0)
+        assert dead.payload == '{"stage": "sink", "crawl_id": 5}'
+    finally:
+        stages.stop()
