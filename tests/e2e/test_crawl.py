@@ -7,84 +7,40 @@ import asyncio
 import base64
 import io
 import json
-import shutil
-import subprocess
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient
 from streamcrawl.core.config import Settings
 from streamcrawl.crawl.autoscale import Autoscaler, ScalingPolicy
 from streamcrawl.crawl.local import running_pipeline
 from streamcrawl.crawl.processes import StageProcesses
 from streamcrawl.crawl.watch import watch_until_drained
 from streamcrawl.demo.nginx import NginxSite
-from streamcrawl.demo.site import SiteManifest, generate_site
+from streamcrawl.demo.site import generate_site
 from streamcrawl.localstack.stack import StackConfig
 
-from ..conftest import free_port, isolated_settings, kcat_consume
+from ..conftest import free_port
+from ..support.crawl import (
+    KCAT,
+    Site,
+    crawl_settings,
+    kcat_consume,
+    kcat_produce,
+    served_site,
+    stored_documents,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
-KCAT = shutil.which("kcat")
 SITE_PAGES = 2000
-
-
-@dataclass
-class Site:
-    manifest: SiteManifest
-    nginx: NginxSite
-    port: int
-
-    def expected_urls(self) -> set[str]:
-        return self.manifest.pages | self.manifest.missing | set(self.manifest.redirects)
 
 
 @pytest.fixture()
 def site(tmp_path: Path) -> Iterator[Site]:
-    port = free_port()
-    manifest = generate_site(tmp_path / "site", pages=SITE_PAGES, port=port)
-    with NginxSite(tmp_path / "site", port) as nginx:
-        yield Site(manifest, nginx, port)
-
-
-# Depth is counted along the path by which a URL was first discovered, which in a
-# pipeline is not always the shortest one; the completeness tests must not cut the
-# site by depth (depth limits are covered by the frontier's unit tests).
-UNBOUNDED_DEPTH = 1000
-
-
-def crawl_settings(stack: StackConfig, max_depth: int = UNBOUNDED_DEPTH) -> Settings:
-    return isolated_settings(
-        stack,
-        max_depth=str(max_depth),
-        fetch_per_host_concurrency="16",
-        crawl_delay="0",  # our own nginx: politeness is tested against the hostile site
-        log_level="INFO",
-    )
-
-
-def kcat_produce(settings: Settings, topic: str, values: list[bytes]) -> None:
-    assert KCAT is not None
-    # One message per line: kcat's default delimiter.
-    subprocess.run(
-        [KCAT, "-P", "-b", settings.kafka_bootstrap, "-t", topic],
-        input=b"\n".join(values) + b"\n",
-        check=True,
-        timeout=60,
-    )
-
-
-async def stored_documents(settings: Settings) -> list[dict[str, Any]]:
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
-    try:
-        collection = client[settings.mongo_database][settings.mongo_collection]
-        return [doc async for doc in collection.find({}, {"text": 0})]
-    finally:
-        await client.close()
+    with served_site(tmp_path / "site", SITE_PAGES) as served:
+        yield served
 
 
 async def run_crawl(

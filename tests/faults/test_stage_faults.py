@@ -1,0 +1,112 @@
+"""Stage faults during a crawl, every stage a separate process as in production: a
+SIGKILL of each stage in turn (restarted a second later, as a crash-looping pod is), and a
+rolling restart (each stage's new process started, then the old one sent SIGTERM, as a
+Kubernetes rollout with maxSurge 1 and maxUnavailable 0 does).
+
+A SIGKILLed fetcher may have requested pages whose offsets it had not committed: those,
+and only those, may be requested again. Any other fault must not cause a second request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from streamcrawl.localstack.stack import StackConfig
+from streamcrawl.registry import STAGE_NAMES
+
+from ..support.crawl import KCAT, Site, crawl_settings, served_site
+from ..support.faults import (
+    Fault,
+    FaultContext,
+    Recorder,
+    assert_recovered,
+    crawl_through_fault,
+)
+
+pytestmark = [pytest.mark.faults, pytest.mark.integration]
+
+SITE_PAGES = 1500
+BROKEN_PAGES = 3  # the site's real failures: always 500, they must end in crawl.dlq
+RESTART_AFTER = 1.0  # seconds between a SIGKILL and the new process
+GRACE = 60.0  # terminationGracePeriodSeconds of every stage in deploy/
+SETTINGS = {"retry_base_delay": "3"}  # the failing URLs' retries span the crawl
+
+
+@pytest.fixture()
+def site(tmp_path: Path) -> Iterator[Site]:
+    with served_site(tmp_path / "site", SITE_PAGES, broken=BROKEN_PAGES) as served:
+        yield served
+
+
+def sigkill(stage: str) -> Fault:
+    async def fault(context: FaultContext) -> None:
+        context.stages.kill(stage)
+        await asyncio.sleep(RESTART_AFTER)
+        context.stages.start_one(stage)
+        context.restarted()
+
+    return fault
+
+
+async def wait_for_log(path: Path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and text in path.read_text(errors="replace")):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path.name} did not log {text!r} in {timeout:.0f}s")
+        await asyncio.sleep(0.2)
+
+
+async def rolling_restart(context: FaultContext) -> None:
+    stages = context.stages
+    for stage in STAGE_NAMES:
+        old = stages.processes[stage]
+        replacement = f"{stage}-1"
+        stages.start_one(stage, replacement)
+        await wait_for_log(context.log_dir / f"{replacement}.log", "consuming", 120)
+        stages.retire(stage)
+        began = time.monotonic()
+        try:
+            code: int | None = await asyncio.to_thread(old.wait, GRACE)
+        except subprocess.TimeoutExpired:
+            code = None  # Kubernetes would SIGKILL it now; count it as a failure
+        context.retired.append((stage, code))
+        context.notes[f"{stage}_shutdown_s"] = round(time.monotonic() - began, 1)
+        context.restarted()
+
+
+@pytest.mark.skipif(KCAT is None, reason="Debian's kcat is not installed")
+@pytest.mark.parametrize("stage", STAGE_NAMES)
+async def test_sigkill_of_a_stage(
+    stack: StackConfig,
+    site: Site,
+    tmp_path: Path,
+    stage: str,
+    fault_report: Recorder,
+) -> None:
+    settings = crawl_settings(stack, **SETTINGS)
+    figures, _ = await crawl_through_fault(
+        f"sigkill-{stage}", settings, site, tmp_path / "logs", sigkill(stage)
+    )
+    fault_report(figures)
+    assert_recovered(figures, refetch_may_happen=stage == "fetcher")
+
+
+@pytest.mark.skipif(KCAT is None, reason="Debian's kcat is not installed")
+async def test_rolling_restart(
+    stack: StackConfig,
+    site: Site,
+    tmp_path: Path,
+    fault_report: Recorder,
+) -> None:
+    settings = crawl_settings(stack, **SETTINGS)
+    figures, context = await crawl_through_fault(
+        "rolling-restart", settings, site, tmp_path / "logs", rolling_restart, kill_at=0.2
+    )
+    fault_report(figures)
+    assert [name for name, _ in context.retired] == list(STAGE_NAMES)
+    assert_recovered(figures, refetch_may_happen=False)
