@@ -1,5 +1,5 @@
 """The fault suite's report: each fault's figures as a JSON line (path from
-``STREAMCRAWL_FAULTS_REPORT``, default ``faults.jsonl`` in pytest's base temp dir) and a
+``STREAMCRAWL_FAULTS_REPORT``, default ``bench/out/faults.jsonl``, which git ignores) and a
 per-fault table printed at the end of the session."""
 
 from __future__ import annotations
@@ -10,17 +10,29 @@ from pathlib import Path
 
 import pytest
 
+from ..support.crawl import Site, served_site
 from ..support.faults import FaultFigures, Recorder, table
+
+# Small enough for CI: about 1,700 URLs, a minute a crawl on two cores.
+SITE_PAGES = 1500
+BROKEN_PAGES = 3  # the site's real failures: always 500, they must end in crawl.dlq
+RETRY_BASE_DELAY = "3"  # seconds: the failing URLs' retries span the crawl
 
 _RESULTS: list[FaultFigures] = []
 _REPORT: list[Path] = []
 
 
+@pytest.fixture()
+def site(tmp_path: Path) -> Iterator[Site]:
+    with served_site(tmp_path / "site", SITE_PAGES, broken=BROKEN_PAGES) as served:
+        yield served
+
+
 @pytest.fixture(scope="session")
-def fault_report(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recorder]:
+def fault_report(pytestconfig: pytest.Config) -> Iterator[Recorder]:
     path = Path(
         os.environ.get("STREAMCRAWL_FAULTS_REPORT")
-        or tmp_path_factory.getbasetemp() / "faults.jsonl"
+        or pytestconfig.rootpath / "bench" / "out" / "faults.jsonl"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("")  # this session's figures only

@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from streamcrawl.localstack.stack import StackConfig
 from streamcrawl.registry import STAGE_NAMES
 
-from ..support.crawl import KCAT, Site, crawl_settings, served_site
+from ..support.crawl import KCAT, Site, crawl_settings
 from ..support.faults import (
     Fault,
     FaultContext,
@@ -27,20 +26,13 @@ from ..support.faults import (
     assert_recovered,
     crawl_through_fault,
 )
+from .conftest import RETRY_BASE_DELAY
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
-SITE_PAGES = 1500
-BROKEN_PAGES = 3  # the site's real failures: always 500, they must end in crawl.dlq
 RESTART_AFTER = 1.0  # seconds between a SIGKILL and the new process
 GRACE = 60.0  # terminationGracePeriodSeconds of every stage in deploy/
-SETTINGS = {"retry_base_delay": "3"}  # the failing URLs' retries span the crawl
-
-
-@pytest.fixture()
-def site(tmp_path: Path) -> Iterator[Site]:
-    with served_site(tmp_path / "site", SITE_PAGES, broken=BROKEN_PAGES) as served:
-        yield served
+ROLLOUT_CRAWL_DELAY = "0.03"
 
 
 def sigkill(stage: str) -> Fault:
@@ -88,7 +80,7 @@ async def test_sigkill_of_a_stage(
     stage: str,
     fault_report: Recorder,
 ) -> None:
-    settings = crawl_settings(stack, **SETTINGS)
+    settings = crawl_settings(stack, retry_base_delay=RETRY_BASE_DELAY)
     figures, _ = await crawl_through_fault(
         f"sigkill-{stage}", settings, site, tmp_path / "logs", sigkill(stage)
     )
@@ -103,10 +95,14 @@ async def test_rolling_restart(
     tmp_path: Path,
     fault_report: Recorder,
 ) -> None:
-    settings = crawl_settings(stack, **SETTINGS)
-    figures, context = await crawl_through_fault(
-        "rolling-restart", settings, site, tmp_path / "logs", rolling_restart, kill_at=0.2
+    # Paced (about 30 pages a second) so that the crawl outlasts the whole rollout.
+    settings = crawl_settings(
+        stack, retry_base_delay=RETRY_BASE_DELAY, crawl_delay=ROLLOUT_CRAWL_DELAY
     )
+    figures, context = await crawl_through_fault(
+        "rolling-restart", settings, site, tmp_path / "logs", rolling_restart, kill_at=0.1
+    )
+    assert figures.restart_to_stored_s is not None, "the crawl ended before the rollout did"
     fault_report(figures)
     assert [name for name, _ in context.retired] == list(STAGE_NAMES)
     assert_recovered(figures, refetch_may_happen=False)
