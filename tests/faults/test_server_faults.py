@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from streamcrawl.core.topics import SINK_GROUP
 from streamcrawl.localstack.stack import LocalStack
 
 from ..support.crawl import KCAT, Site, crawl_settings
@@ -57,8 +58,10 @@ def sigkill_server(local: LocalStack, component: str) -> None:
 
 def server_outage(local: LocalStack, component: str, down: float) -> Fault:
     async def fault(context: FaultContext) -> None:
+        context.victim_group = SINK_GROUP  # every group waits for the broker; the sink stores
         try:
-            sigkill_server(local, component)
+            # status() probes the servers with asyncio.run: off this event loop.
+            await asyncio.to_thread(sigkill_server, local, component)
             await asyncio.sleep(down)
         finally:
             context.restarted()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from streamcrawl.localstack.stack import StackConfig
-from streamcrawl.registry import STAGE_NAMES
+from streamcrawl.registry import STAGE_NAMES, stage_class
 
 from ..support.crawl import KCAT, Site, crawl_settings
 from ..support.faults import (
@@ -32,11 +32,12 @@ pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
 RESTART_AFTER = 1.0  # seconds between a SIGKILL and the new process
 GRACE = 60.0  # terminationGracePeriodSeconds of every stage in deploy/
-ROLLOUT_CRAWL_DELAY = "0.03"
+ROLLOUT_CRAWL_DELAY = "0.02"
 
 
 def sigkill(stage: str) -> Fault:
     async def fault(context: FaultContext) -> None:
+        context.victim_group = stage_class(stage).group
         context.stages.kill(stage)
         await asyncio.sleep(RESTART_AFTER)
         context.stages.start_one(stage)
@@ -95,7 +96,7 @@ async def test_rolling_restart(
     tmp_path: Path,
     fault_report: Recorder,
 ) -> None:
-    # Paced (about 30 pages a second) so that the crawl outlasts the whole rollout.
+    # Paced (at most 50 pages a second) so that the crawl outlasts the whole rollout.
     settings = crawl_settings(
         stack, retry_base_delay=RETRY_BASE_DELAY, crawl_delay=ROLLOUT_CRAWL_DELAY
     )

@@ -10,8 +10,10 @@ then waits for the crawl to drain and measures, from the servers' own records:
 - nginx's access log: pages requested more than once (refetches), and which of those a
   crash could explain: URLs in crawl.fetch at or past the fetcher group's committed offset
   when the fault began (what was in flight or finished but not yet committed);
-- a sampler of the sink group's committed offsets: seconds from the restart to the first
-  page stored again, and the longest stretch during the crawl with nothing stored;
+- a sampler of every group's committed offsets: seconds from the restart to the first page
+  stored again (the sink commits only what MongoDB acknowledged), to the hit stage's group
+  committing again (``resumed``: a SIGKILLed member's partitions wait for its session
+  timeout), and the longest stretch during the crawl with nothing stored;
 - the stage processes: any that exited without being told to.
 """
 
@@ -32,7 +34,7 @@ from typing import Any
 from pymongo import AsyncMongoClient
 from streamcrawl.core.config import Settings
 from streamcrawl.core.kafka import OffsetProbe
-from streamcrawl.core.topics import FETCH, FETCHER_GROUP, SEEDS
+from streamcrawl.core.topics import FETCH, FETCHER_GROUP, GROUP_INPUTS, SEEDS, SINK_GROUP
 from streamcrawl.crawl.local import running_pipeline
 from streamcrawl.crawl.processes import StageProcesses
 from streamcrawl.crawl.seeds import SeedOptions, seed_payloads
@@ -58,8 +60,10 @@ class FaultFigures:
     refetch_bound: int  # URLs uncommitted in crawl.fetch when the fault began
     unexplained_refetches: int  # refetched pages outside that bound
     restart_to_stored_s: float | None  # restart -> first page stored again
+    restart_to_resumed_s: float | None  # restart -> the hit stage's group commits again
     longest_stall_s: float  # longest time with nothing stored, first to last page
     dlq: int  # crawl.dlq records
+    failing_requests: int  # requests for the site's failing URLs (retries included)
     dlq_unexpected: int  # of those, records that are not a failing URL of the site
     dlq_missing: int  # failing URLs of the site with no crawl.dlq record
     pages_topic_missing: int  # expected URLs with no crawl.pages record
@@ -80,8 +84,10 @@ TABLE_COLUMNS = (
     ("refetched", "refetched", 9),
     ("bound", "refetch_bound", 5),
     ("restart->stored s", "restart_to_stored_s", 17),
+    ("restart->resumed s", "restart_to_resumed_s", 18),
     ("stall s", "longest_stall_s", 7),
     ("dlq", "dlq", 3),
+    ("500 reqs", "failing_requests", 8),
     ("exited", "exited", 6),
     ("crawl s", "crawl_s", 7),
 )
@@ -121,6 +127,7 @@ class FaultContext:
     stages: StageProcesses
     log_dir: Path
     restarted_at: float | None = None  # time.monotonic() of the (last) restart
+    victim_group: str | None = None  # the consumer group of the stage the fault hit
     retired: list[tuple[str, int | None]] = field(default_factory=list)  # name, exit code
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -132,13 +139,15 @@ Fault = Callable[[FaultContext], Awaitable[None]]
 Recorder = Callable[[FaultFigures], None]  # the fault_report fixture: keeps one fault's figures
 
 
-class StoreSampler:
-    """Reads the sink group's committed offsets every ``SAMPLE_INTERVAL`` seconds, on its own
-    connections, riding out a broker outage (a read that fails is simply not a sample)."""
+class CommitSampler:
+    """Reads every group's committed offsets every ``SAMPLE_INTERVAL`` seconds, on its own
+    connections, riding out a broker outage (a read that fails is simply not a sample).
+    The sink group's are the pages stored: it commits only what MongoDB acknowledged."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.samples: list[tuple[float, int]] = []  # (time.monotonic(), pages stored)
+        # (time.monotonic(), committed offsets summed over the group's input partitions)
+        self.samples: list[tuple[float, dict[str, int]]] = []
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -152,12 +161,12 @@ class StoreSampler:
 
     async def _run(self) -> None:
         while True:
-            watch = PipelineWatch(self.settings)
+            probe = OffsetProbe(self.settings)
             try:
-                await asyncio.wait_for(watch.start(), 10)
+                await asyncio.wait_for(probe.start(), 10)
                 while True:
-                    progress = await asyncio.wait_for(watch.progress(), 10)
-                    self.samples.append((time.monotonic(), progress.stored))
+                    committed = await asyncio.wait_for(self._committed(probe), 10)
+                    self.samples.append((time.monotonic(), committed))
                     await asyncio.sleep(SAMPLE_INTERVAL)
             except asyncio.CancelledError:
                 raise
@@ -165,24 +174,35 @@ class StoreSampler:
                 await asyncio.sleep(SAMPLE_INTERVAL)
             finally:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(watch.stop(), 10)
+                    await asyncio.wait_for(probe.stop(), 10)
 
-    def first_store_after(self, moment: float) -> float | None:
-        """Seconds from ``moment`` to the first sample with more pages stored than the
-        last sample taken before it."""
-        before = [stored for t, stored in self.samples if t <= moment]
+    async def _committed(self, probe: OffsetProbe) -> dict[str, int]:
+        prefix = self.settings.topic_prefix
+        committed = {}
+        for group, inputs in GROUP_INPUTS.items():
+            rows = await probe.lag(group, [prefix + suffix for suffix in inputs])
+            committed[group] = sum(row.committed or 0 for row in rows)
+        return committed
+
+    def series(self, group: str) -> list[tuple[float, int]]:
+        return [(t, committed.get(group, 0)) for t, committed in self.samples]
+
+    def first_commit_after(self, moment: float, group: str = SINK_GROUP) -> float | None:
+        """Seconds from ``moment`` to the first sample where ``group`` had committed more
+        than at the last sample before it (for the sink: a page stored again)."""
+        series = self.series(group)
+        before = [committed for t, committed in series if t <= moment]
         baseline = before[-1] if before else 0
-        for t, stored in self.samples:
-            if t > moment and stored > baseline:
+        for t, committed in series:
+            if t > moment and committed > baseline:
                 return t - moment
         return None
 
-    def longest_stall(self) -> float:
-        """The longest time between two increases of the stored count."""
-        increases = [
-            t for (_, before), (t, after) in itertools.pairwise(self.samples) if after > before
-        ]
-        gaps = [later - earlier for earlier, later in itertools.pairwise(increases)]
+    def longest_stall(self, group: str = SINK_GROUP) -> float:
+        """The longest time between two advances of ``group``'s commits."""
+        series = self.series(group)
+        advances = [t for (_, before), (t, after) in itertools.pairwise(series) if after > before]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(advances)]
         return max(gaps, default=0.0)
 
 
@@ -258,7 +278,7 @@ async def crawl_through_fault(
     it is stored, wait for the crawl to drain and measure."""
     crawl_id = f"faults-{name}"
     expected = site.expected_urls()
-    sampler = StoreSampler(settings)
+    sampler = CommitSampler(settings)
     async with running_pipeline(settings, log_dir) as (stages, watch):
         context = FaultContext(settings, stages, log_dir)
         sampler.start()
@@ -284,7 +304,7 @@ async def measure(
     crawl_id: str,
     committed: dict[int, int],
     context: FaultContext,
-    sampler: StoreSampler,
+    sampler: CommitSampler,
 ) -> FaultFigures:
     expected = site.expected_urls()
 
@@ -303,7 +323,7 @@ async def measure(
     base = site.manifest.base_url.rstrip("/")
     requests = Counter(entry.path for entry in site.nginx.access_log_entries())
     robots = requests.pop(ROBOTS, 0)
-    broken_requests = sum(requests.pop(url.removeprefix(base), 0) for url in site.broken)
+    failing_requests = sum(requests.pop(url.removeprefix(base), 0) for url in site.broken)
     repeated = {base + path: n - 1 for path, n in requests.items() if n > 1}
     bound = uncommitted_fetches(settings, committed)
     dead = [json.loads(value) for _, value in kcat_consume(settings.kafka_bootstrap, t("dlq"))]
@@ -322,10 +342,16 @@ async def measure(
         restart_to_stored_s=(
             None
             if context.restarted_at is None
-            else sampler.first_store_after(context.restarted_at)
+            else sampler.first_commit_after(context.restarted_at)
+        ),
+        restart_to_resumed_s=(
+            None
+            if context.restarted_at is None or context.victim_group is None
+            else sampler.first_commit_after(context.restarted_at, context.victim_group)
         ),
         longest_stall_s=sampler.longest_stall(),
         dlq=len(dead),
+        failing_requests=failing_requests,
         dlq_unexpected=sum(1 for record in dead if not is_site_failure(record)),
         dlq_missing=len(site.broken - failed),
         pages_topic_missing=len(expected - published),
@@ -334,7 +360,6 @@ async def measure(
         notes={
             **context.notes,
             "robots_requests": robots,
-            "broken_requests": broken_requests,
             "extra_urls": sorted(set(per_url) - expected)[:5],
         },
     )
