@@ -282,19 +282,31 @@ async def crawl_through_fault(
     async with running_pipeline(settings, log_dir) as (stages, watch):
         context = FaultContext(settings, stages, log_dir)
         sampler.start()
-        started = time.monotonic()
-        kcat_produce(settings, settings.topic_prefix + SEEDS, seed_values(site, crawl_id))
-        await wait_until_stored(watch, int(len(expected) * kill_at), timeout)
-        committed = await fetcher_commits(settings)
-        context.notes["fault_at_s"] = round(time.monotonic() - started, 1)
-        await fault(context)
-        exited = await drain(settings, stages, timeout)
-        crawl_s = time.monotonic() - started
-        await sampler.stop()
+        try:
+            started = time.monotonic()
+            kcat_produce(settings, settings.topic_prefix + SEEDS, seed_values(site, crawl_id))
+            await wait_until_stored(watch, int(len(expected) * kill_at), timeout)
+            committed = await fetcher_commits(settings)
+            context.notes["fault_at_s"] = round(time.monotonic() - started, 1)
+            await fault(context)
+            exited = await drain(settings, stages, timeout)
+            crawl_s = time.monotonic() - started
+        finally:
+            await sampler.stop()
     figures = await measure(name, settings, site, crawl_id, committed, context, sampler)
+    figures.notes["tracebacks"] = tracebacks(log_dir)
     figures.exited = sorted({*exited, *(who for who, code in context.retired if code != 0)})
     figures.crawl_s = crawl_s
     return figures, context
+
+
+def tracebacks(log_dir: Path) -> dict[str, int]:
+    """Tracebacks per stage log (a stage that logs one and goes on is worth a look)."""
+    counts = {
+        log.stem: log.read_text(errors="replace").count("Traceback")
+        for log in sorted(log_dir.glob("*.log"))
+    }
+    return {name: count for name, count in counts.items() if count}
 
 
 async def measure(
