@@ -3,7 +3,6 @@ as separate processes over a real Kafka broker into a real MongoDB-wire server."
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
@@ -47,8 +46,6 @@ async def run_crawl(
     settings: Settings,
     tmp_path: Path,
     seeds: list[bytes],
-    interrupt: str | None = None,
-    after_stored: int = 0,
     timeout: float = 600,
     autoscaler: Autoscaler | None = None,
 ) -> StageProcesses:
@@ -56,12 +53,6 @@ async def run_crawl(
         if autoscaler is not None:
             stages.scale("fetcher", autoscaler.current)
         kcat_produce(settings, settings.topic_prefix + "seeds", seeds)
-        if interrupt is not None:
-            while (await watch.progress()).stored < after_stored:
-                await asyncio.sleep(0.2)
-            stages.kill(interrupt)
-            await asyncio.sleep(1.0)
-            stages.start_one(interrupt)
         await watch_until_drained(
             watch, stages, io.StringIO(), timeout=timeout, autoscaler=autoscaler
         )
@@ -107,22 +98,6 @@ async def test_crawl_from_one_kcat_seed_stores_every_page_once(
     assert [path for path, n in requests.items() if n > 1] == []
     base = site.manifest.base_url.rstrip("/")
     assert {base + path for path in requests} == site.expected_urls()
-
-
-@pytest.mark.skipif(KCAT is None, reason="Debian's kcat is not installed")
-@pytest.mark.parametrize("victim", ["fetcher", "dedup"])
-async def test_crawl_survives_sigkill_of_a_stage(
-    stack: StackConfig, site: Site, tmp_path: Path, victim: str
-) -> None:
-    settings = crawl_settings(stack)
-    await run_crawl(
-        settings,
-        tmp_path,
-        [site.manifest.entry_url.encode()],
-        interrupt=victim,
-        after_stored=SITE_PAGES // 4,
-    )
-    assert_complete_and_unique(site, await stored_documents(settings))
 
 
 @pytest.mark.skipif(KCAT is None, reason="Debian's kcat is not installed")
