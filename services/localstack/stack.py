@@ -364,7 +364,7 @@ class LocalStack:
         """Format a node's storage with the cluster's id (one id for every node)."""
         cluster_id = self._recorded.get("cluster_id")
         if cluster_id is None:
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = new_cluster_id()
             self._recorded = {
                 "brokers": self.config.broker_count,
                 "cluster_id": cluster_id,
@@ -546,6 +546,15 @@ class LocalStack:
         temp = self._state_file.with_suffix(".tmp")
         temp.write_text(json.dumps({name: asdict(rec) for name, rec in state.items()}, indent=2))
         temp.replace(self._state_file)
+
+
+def new_cluster_id() -> str:
+    """A random KRaft cluster id. Never one starting with "-": the storage tool would read
+    it as an option and refuse to format (Kafka's own Uuid.randomUuid redraws those too)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _write_private(path: Path, text: str) -> None:

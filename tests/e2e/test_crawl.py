@@ -3,97 +3,50 @@ as separate processes over a real Kafka broker into a real MongoDB-wire server."
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
-import shutil
-import subprocess
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient
 from streamcrawl.core.config import Settings
 from streamcrawl.crawl.autoscale import Autoscaler, ScalingPolicy
 from streamcrawl.crawl.local import running_pipeline
 from streamcrawl.crawl.processes import StageProcesses
 from streamcrawl.crawl.watch import watch_until_drained
 from streamcrawl.demo.nginx import NginxSite
-from streamcrawl.demo.site import SiteManifest, generate_site
+from streamcrawl.demo.site import generate_site
 from streamcrawl.localstack.stack import StackConfig
 from warcio.archiveiterator import ArchiveIterator
 
-from ..conftest import free_port, isolated_settings, kcat_consume
+from ..conftest import free_port
+from ..support.crawl import (
+    KCAT,
+    Site,
+    crawl_settings,
+    kcat_consume,
+    kcat_produce,
+    served_site,
+    stored_documents,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
-KCAT = shutil.which("kcat")
 SITE_PAGES = 2000
-
-
-@dataclass
-class Site:
-    manifest: SiteManifest
-    nginx: NginxSite
-    port: int
-
-    def expected_urls(self) -> set[str]:
-        return self.manifest.pages | self.manifest.missing | set(self.manifest.redirects)
 
 
 @pytest.fixture()
 def site(tmp_path: Path) -> Iterator[Site]:
-    port = free_port()
-    manifest = generate_site(tmp_path / "site", pages=SITE_PAGES, port=port)
-    with NginxSite(tmp_path / "site", port) as nginx:
-        yield Site(manifest, nginx, port)
-
-
-# Depth is counted along the path by which a URL was first discovered, which in a
-# pipeline is not always the shortest one; the completeness tests must not cut the
-# site by depth (depth limits are covered by the frontier's unit tests).
-UNBOUNDED_DEPTH = 1000
-
-
-def crawl_settings(stack: StackConfig, max_depth: int = UNBOUNDED_DEPTH) -> Settings:
-    return isolated_settings(
-        stack,
-        max_depth=str(max_depth),
-        fetch_per_host_concurrency="16",
-        crawl_delay="0",  # our own nginx: politeness is tested against the hostile site
-        log_level="INFO",
-    )
-
-
-def kcat_produce(settings: Settings, topic: str, values: list[bytes]) -> None:
-    assert KCAT is not None
-    # One message per line: kcat's default delimiter.
-    subprocess.run(
-        [KCAT, "-P", "-b", settings.kafka_bootstrap, "-t", topic],
-        input=b"\n".join(values) + b"\n",
-        check=True,
-        timeout=60,
-    )
-
-
-async def stored_documents(settings: Settings) -> list[dict[str, Any]]:
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
-    try:
-        collection = client[settings.mongo_database][settings.mongo_collection]
-        return [doc async for doc in collection.find({}, {"text": 0})]
-    finally:
-        await client.close()
+    with served_site(tmp_path / "site", SITE_PAGES) as served:
+        yield served
 
 
 async def run_crawl(
     settings: Settings,
     tmp_path: Path,
     seeds: list[bytes],
-    interrupt: str | None = None,
-    after_stored: int = 0,
     timeout: float = 600,
     autoscaler: Autoscaler | None = None,
 ) -> StageProcesses:
@@ -101,12 +54,6 @@ async def run_crawl(
         if autoscaler is not None:
             stages.scale("fetcher", autoscaler.current)
         kcat_produce(settings, settings.topic_prefix + "seeds", seeds)
-        if interrupt is not None:
-            while (await watch.progress()).stored < after_stored:
-                await asyncio.sleep(0.2)
-            stages.kill(interrupt)
-            await asyncio.sleep(1.0)
-            stages.start_one(interrupt)
         await watch_until_drained(
             watch, stages, io.StringIO(), timeout=timeout, autoscaler=autoscaler
         )
@@ -168,22 +115,6 @@ def archived_responses(directory: Path) -> Counter[str]:
                 if record.rec_type in ("response", "revisit"):
                     found[record.rec_headers.get_header("WARC-Target-URI")] += 1
     return found
-
-
-@pytest.mark.skipif(KCAT is None, reason="Debian's kcat is not installed")
-@pytest.mark.parametrize("victim", ["fetcher", "dedup"])
-async def test_crawl_survives_sigkill_of_a_stage(
-    stack: StackConfig, site: Site, tmp_path: Path, victim: str
-) -> None:
-    settings = crawl_settings(stack)
-    await run_crawl(
-        settings,
-        tmp_path,
-        [site.manifest.entry_url.encode()],
-        interrupt=victim,
-        after_stored=SITE_PAGES // 4,
-    )
-    assert_complete_and_unique(site, await stored_documents(settings))
 
 
 @pytest.mark.skipif(KCAT is None, reason="Debian's kcat is not installed")

@@ -28,8 +28,8 @@ from streamcrawl.crawl.watch import watch_until_drained
 from streamcrawl.localstack.stack import StackConfig
 
 from ..conftest import free_port, isolated_settings, kcat_consume
+from ..support.crawl import stored_documents
 from ..support.hostile import HostileSite, LoggedRequest
-from .test_crawl import stored_documents
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 

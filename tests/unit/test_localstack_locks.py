@@ -6,10 +6,12 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
-from streamcrawl.localstack.stack import LocalStack, StackError
+from streamcrawl.localstack import stack
+from streamcrawl.localstack.stack import LocalStack, StackError, new_cluster_id
 
 
 def _time_wait_port() -> int:
@@ -72,3 +74,11 @@ def test_concurrent_holders_of_the_provisioning_lock_take_turns(tmp_path: Path) 
     # Each "in" is followed by the same holder's "out": no two inside at once.
     for first, second in zip(events[::2], events[1::2], strict=True):
         assert (first[1], second[1], first[0]) == ("in", "out", second[0])
+
+
+def test_a_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 0xF8 encodes to "-" in URL-safe base64: Kafka's storage tool would read such an id
+    # as an option and refuse to format the log directory.
+    drawn = iter([uuid.UUID(bytes=b"\xf8" + bytes(15)), uuid.UUID(bytes=b"\x01" + bytes(15))])
+    monkeypatch.setattr(stack.uuid, "uuid4", lambda: next(drawn))
+    assert new_cluster_id() == "AQAAAAAAAAAAAAAAAAAAAA"
