@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import logging
 import signal
 import time
@@ -37,7 +38,15 @@ from . import metrics
 from .config import Settings
 from .errors import ReasonedError
 from .kafka import export_lag, kafka_reachable, make_consumer, make_producer
-from .messages import Attempt, DeadLetterRecord, Message, encode
+from .messages import (
+    Attempt,
+    DeadLetterRecord,
+    Message,
+    check_message,
+    decode_json,
+    encode,
+    encode_json,
+)
 from .offsets import OffsetTracker, commit_finished
 from .topics import DLQ, topic_name
 
@@ -87,18 +96,15 @@ class Input:
 
 
 def json_input(suffix: str, kind: type[Message]) -> Input:
-    """The usual input: a JSON value of one message type, validated while it is parsed."""
+    """The usual input: a JSON value of one message type, validated while it is parsed,
+    then checked for what the type cannot say (:func:`check_message`)."""
     decoder = msgspec.json.Decoder(kind)
 
     def decode(value: bytes | None) -> Message:
         if not value:
             raise DeadLetter("empty_value", "the record has no value")
-        try:
-            message: Message = decoder.decode(value)
-        except msgspec.ValidationError as exc:
-            raise DeadLetter("schema_violation", f"{suffix}: {str(exc)[:300]}") from exc
-        except msgspec.DecodeError as exc:
-            raise DeadLetter("invalid_json", str(exc)[:300]) from exc
+        message: Message = decode_json(decoder, value, suffix)
+        check_message(message)
         return message
 
     return Input(suffix, decode)
@@ -112,13 +118,13 @@ def dead_letter(
     detail: str,
     history: Sequence[Attempt] = (),
 ) -> Output:
-    """The DLQ record for ``record``: why, where, and the original payload."""
+    """The DLQ record for ``record``: why, where, and the original payload (cut to
+    :data:`MAX_DLQ_PAYLOAD` bytes, so that the dead letter of any record fits crawl.dlq)."""
     payload = record.value or b""
-    try:
-        text, encoding = payload.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
-        text, encoding = base64.b64encode(payload).decode("ascii"), "base64"
-    key = record.key.decode("utf-8", "replace") if record.key is not None else None
+    text, encoding = _payload_text(payload[:MAX_DLQ_PAYLOAD])
+    raw_key = record.key[:MAX_DLQ_KEY] if record.key is not None else None
+    key = raw_key.decode("utf-8", "replace") if raw_key is not None else None
+    truncated = len(payload) > MAX_DLQ_PAYLOAD
     value = DeadLetterRecord(
         stage=stage,  # type: ignore[arg-type]
         reason=reason,
@@ -129,6 +135,8 @@ def dead_letter(
         key=key,
         payload=text,
         payload_encoding=encoding,  # type: ignore[arg-type]
+        payload_truncated=truncated,
+        payload_bytes=len(payload) if truncated else None,
         failed_at=time.time(),
         history=list(history),
     )
@@ -142,7 +150,27 @@ def dead_letter(
         record.offset,
         detail[:300],
     )
-    return Output(topic_name(settings.topic_prefix, DLQ), value, key=record.key)
+    return Output(topic_name(settings.topic_prefix, DLQ), value, key=raw_key)
+
+
+# A dead letter must fit crawl.dlq (8 MiB) whatever the record was: a payload beyond this is
+# cut (the record itself stays in its topic, at the partition and offset the letter names).
+MAX_DLQ_PAYLOAD = 4 * 1024 * 1024
+MAX_DLQ_KEY = 1024
+
+
+def _payload_text(payload: bytes) -> tuple[str, str]:
+    """The payload as UTF-8 text, or as base64 when it is not UTF-8 or when JSON would
+    escape so much of it (control characters take six bytes each) that base64 is smaller.
+    A multi-byte character cut at the end is left out."""
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(payload, final=False)
+    except UnicodeDecodeError:
+        text = ""
+    else:
+        if len(encode_json(text)) <= len(payload) * 4 // 3 + 4:
+            return text, "utf-8"
+    return base64.b64encode(payload).decode("ascii"), "base64"
 
 
 class Publisher:
