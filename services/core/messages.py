@@ -288,7 +288,9 @@ def decode_json(decoder: msgspec.json.Decoder[M], text: bytes | str, what: str) 
         raise Undecodable("schema_violation", f"{what}: {str(exc)[:300]}") from exc
     except msgspec.DecodeError as exc:
         raise Undecodable("invalid_json", str(exc)[:300]) from exc
-    except RecursionError as exc:  # msgspec's own depth limit, not a bug of ours
+    except UnicodeDecodeError as exc:  # msgspec raises it for invalid UTF-8 in a string
+        raise Undecodable("invalid_json", f"not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    except RecursionError as exc:  # msgspec's own depth limit
         raise Undecodable("invalid_json", "nested too deeply") from exc
 
 

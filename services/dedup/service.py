@@ -208,7 +208,7 @@ class DedupStage(BatchStage):
                 for record in records:
                     try:
                         admitted = _replay_decoder.decode(record.value or b"")
-                    except msgspec.DecodeError:
+                    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
                         continue  # never produced by us; nothing to remember
                     # remember() also rebuilds the per-host and calendar counts.
                     bloom.remember(admitted.crawl_id, admitted.url)

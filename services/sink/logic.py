@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import bson
+from bson.errors import InvalidDocument
 from pymongo.errors import BulkWriteError
 
 from ..core.config import Settings
@@ -63,3 +65,15 @@ def classify_failures(error: BulkWriteError) -> tuple[set[int], dict[int, str]]:
         else:
             rejected[index] = f"code {failure.get('code')}: {failure.get('errmsg', '')[:500]}"
     return duplicates, rejected
+
+
+def unencodable(documents: list[dict[str, Any]]) -> dict[int, str]:
+    """Positions of the documents BSON cannot hold (a NUL in a key, an integer past 64
+    bits), with why; pymongo refuses a whole batch for one of them."""
+    refused: dict[int, str] = {}
+    for index, document in enumerate(documents):
+        try:
+            bson.encode(document)
+        except (InvalidDocument, OverflowError) as exc:
+            refused[index] = f"not encodable as BSON: {str(exc)[:500]}"
+    return refused
