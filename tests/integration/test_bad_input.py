@@ -397,8 +397,9 @@ async def test_bad_input_on_crawl_fetch(stack: StackConfig, tmp_path: Path) -> N
         )
     check_letters(observed, cases)
     assert observed.other_letters == []
-    fetch_urls = urls_of(await read_all(settings, "fetch"))
-    assert fetch_urls[new] == 1 and fetch_urls[known] == 1, (fetch_urls[new], fetch_urls[known])
+    # Dedup wrote the new URL once, and not the one its rebuilt filter knew from the corpus.
+    admitted = [r for r in await read_all(settings, "fetch") if r.offset >= len(cases)]
+    assert urls_of(admitted) == Counter([new])
 
 
 async def test_bad_input_on_crawl_pages(stack: StackConfig, tmp_path: Path) -> None:

@@ -425,10 +425,13 @@ def _pages_cases(base: str) -> list[Case]:
         Case("int past 64 bits in meta", with_meta("bigint", {"n": 2**70}), refused),
         Case("$-key in meta", with_meta("dollar", {"$where": "1"}), refused),
         Case(
-            "meta nested 200 deep",
-            with_meta("deep", {"a": json.loads("[" * 200 + "]" * 200)}),
+            "meta objects nested 50 deep",
+            with_meta("deep", json.loads('{"a": ' * 50 + "1" + "}" * 50)),
             outputs=(f"{base}/deep",),
         ),
+        # FerretDB 1.24 stores no array inside an array (MongoDB does): the database's
+        # refusal is a dead letter like any other.
+        Case("nested arrays in meta", with_meta("arrays", {"a": [[1]]}), refused),
         Case(
             "links of every kind",
             to_json(message("pages", f"{base}/links") | {"links": links}),
