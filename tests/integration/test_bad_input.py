@@ -52,6 +52,7 @@ WRITES = {
     "sink": (),
 }
 GOOD = 3  # good records before and after each corpus
+STOP_TIMEOUT = 60.0  # a stage drains and stops within this after stop is set
 DEADLINE = 300.0  # seconds for the stages to work through a corpus on a busy 2-core machine
 
 _letters = decoder(DeadLetterRecord)
@@ -307,8 +308,14 @@ async def run_corpus(
         assert all(not task.done() for task in tasks)
     finally:
         stop.set()
+        # A stage stuck on a record (publishing a letter that can never land, say) would
+        # not stop either: it is cancelled, and that is a failure of its own.
+        _, stuck = await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+        for task in stuck:
+            task.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         await observed.stop()
+    assert not stuck, f"stages that did not stop: {[task.get_name() for task in stuck]}"
     assert [r for r in results if r is not None] == [], results
     return observed, stages
 
