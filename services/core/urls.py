@@ -105,7 +105,10 @@ def canonical_domain(domain: str) -> str:
     """A scope domain (``allow_domains``) in the form canonical URLs have: lower case,
     IDNA-encoded, without a leading or trailing dot. Raises :class:`InvalidURL`."""
     name = domain.strip().strip(".")
-    return urlsplit(canonicalize(f"http://{name}/")).hostname or ""
+    try:  # an IP address, bracketed or not, as canonical URLs write it (without brackets)
+        return ipaddress.ip_address(name.removeprefix("[").removesuffix("]")).compressed
+    except ValueError:
+        return urlsplit(canonicalize(f"http://{name}/")).hostname or ""
 
 
 @lru_cache(maxsize=32)

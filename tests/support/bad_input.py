@@ -476,6 +476,11 @@ def seeds_corpus(limit: int) -> list[Case]:
             "ipv6 literal", b"http://[2001:db8::1]:8080/a", outputs=("http://[2001:db8::1]:8080/a",)
         ),
         Case("ipv6 loopback", b"http://[::1]/", outputs=("http://[::1]/",)),
+        Case(
+            "ipv6 literal, bracketed scope",
+            json_seed(url="http://[2001:db8::2]/s", scope={"allow_domains": ["[2001:DB8::2]"]}),
+            outputs=("http://[2001:db8::2]/s",),
+        ),
         Case("broken ipv6", b"http://[::1/", dlq("invalid_url")),
         Case(
             "idn host",

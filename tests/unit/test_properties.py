@@ -25,7 +25,7 @@ from streamcrawl.core.messages import SCHEMA_TYPES, Message, Page, decode_seed, 
 from streamcrawl.core.runtime import json_input
 from streamcrawl.core.scope import canonical_url
 from streamcrawl.core.topics import MAX_MESSAGE_BYTES
-from streamcrawl.core.urls import InvalidURL, in_scope, valid_host
+from streamcrawl.core.urls import InvalidURL, canonical_domain, hostname_of, in_scope, valid_host
 from streamcrawl.fetcher.politeness import HostDelays
 from streamcrawl.fetcher.robots import MAX_SITEMAPS, rules_from_response
 from streamcrawl.frontier.logic import Rejected, parse_seed
@@ -159,8 +159,18 @@ def test_canonical_urls_are_idempotent_http_urls_or_invalid(url: str) -> None:
 
 
 @given(url=url_texts, domains=st.lists(hosts, max_size=3))
-def test_scope_is_a_plain_yes_or_no(url: str, domains: list[str]) -> None:
-    assert in_scope(url, domains) in (True, False)
+def test_scope_of_a_canonical_url_is_a_plain_yes_or_no(url: str, domains: list[str]) -> None:
+    """Scope is decided on canonical URLs (the frontier canonicalises first); there it is
+    a yes or no for any allow list, and a URL is in the scope of its own host, however
+    that host is spelt in the list."""
+    try:
+        canonical = canonical_url(url, SETTINGS)
+    except InvalidURL:
+        return
+    assert in_scope(canonical, domains) in (True, False)
+    hostname = hostname_of(canonical)
+    assert in_scope(canonical, [hostname])
+    assert in_scope(canonical, [canonical_domain(hostname.upper() + ".")])
 
 
 # -- HTML --------------------------------------------------------------------------------
