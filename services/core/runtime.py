@@ -121,10 +121,10 @@ def dead_letter(
     """The DLQ record for ``record``: why, where, and the original payload (cut to
     :data:`MAX_DLQ_PAYLOAD` bytes, so that the dead letter of any record fits crawl.dlq)."""
     payload = record.value or b""
-    text, encoding = _payload_text(payload[:MAX_DLQ_PAYLOAD])
+    truncated = len(payload) > MAX_DLQ_PAYLOAD
+    text, encoding = _payload_text(payload[:MAX_DLQ_PAYLOAD], truncated)
     raw_key = record.key[:MAX_DLQ_KEY] if record.key is not None else None
     key = raw_key.decode("utf-8", "replace") if raw_key is not None else None
-    truncated = len(payload) > MAX_DLQ_PAYLOAD
     value = DeadLetterRecord(
         stage=stage,  # type: ignore[arg-type]
         reason=reason,
@@ -159,12 +159,12 @@ MAX_DLQ_PAYLOAD = 4 * 1024 * 1024
 MAX_DLQ_KEY = 1024
 
 
-def _payload_text(payload: bytes) -> tuple[str, str]:
+def _payload_text(payload: bytes, cut: bool) -> tuple[str, str]:
     """The payload as UTF-8 text, or as base64 when it is not UTF-8 or when JSON would
     escape so much of it (control characters take six bytes each) that base64 is smaller.
-    A multi-byte character cut at the end is left out."""
+    In a ``cut`` payload, a multi-byte character the cut split is left out."""
     try:
-        text = codecs.getincrementaldecoder("utf-8")().decode(payload, final=False)
+        text = codecs.getincrementaldecoder("utf-8")().decode(payload, final=not cut)
     except UnicodeDecodeError:
         text = ""
     else:

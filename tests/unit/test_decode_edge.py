@@ -94,6 +94,13 @@ def test_a_dead_letter_always_fits_the_dlq_topic(payload: bytes) -> None:
     assert output.key == b"k" * MAX_DLQ_KEY
 
 
+def test_a_payload_ending_in_half_a_character_is_kept_whole_in_base64() -> None:
+    letter = dead_letter(SETTINGS, "parser", record(b"abc\xc3"), "x", "d").value
+    assert isinstance(letter, DeadLetterRecord)
+    assert letter.payload_encoding == "base64"
+    assert base64.b64decode(letter.payload) == b"abc\xc3"
+
+
 def test_a_small_payload_is_kept_whole_and_unmarked() -> None:
     letter = dead_letter(SETTINGS, "parser", record("héllo".encode()), "x", "d").value
     assert isinstance(letter, DeadLetterRecord)
