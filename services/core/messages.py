@@ -9,8 +9,10 @@ back, which the runtime encodes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta
@@ -226,6 +228,13 @@ class DeadLetterRecord(Message, kw_only=True):
     key: str | None = None
     payload: str
     payload_encoding: Literal["utf-8", "base64"]
+    payload_truncated: Annotated[
+        bool, Meta(description="The payload was cut; the record stays at topic/partition/offset.")
+    ] = False
+    payload_bytes: (
+        Annotated[int, Meta(ge=0, description="The original payload's size, when it was cut.")]
+        | None
+    ) = None
     failed_at: float
     history: History = []
 
@@ -280,6 +289,11 @@ _encoder = msgspec.json.Encoder()
 
 def encode(message: Message) -> bytes:
     return _encoder.encode(message)
+
+
+def encode_json(value: Any) -> bytes:
+    """Any JSON-able value (not only a message) as JSON."""
+    return _encoder.encode(value)
 
 
 def decoder(kind: type[M]) -> msgspec.json.Decoder[M]:
@@ -339,6 +353,20 @@ class Undecodable(ReasonedError):
     """A value that is not a message of its topic; ``reason`` is machine-readable."""
 
 
+def decode_json(decoder: msgspec.json.Decoder[M], text: bytes | str, what: str) -> M:
+    """``text`` decoded and validated as ``decoder``'s type, or :class:`Undecodable`."""
+    try:
+        return decoder.decode(text)
+    except msgspec.ValidationError as exc:
+        raise Undecodable("schema_violation", f"{what}: {str(exc)[:300]}") from exc
+    except msgspec.DecodeError as exc:
+        raise Undecodable("invalid_json", str(exc)[:300]) from exc
+    except UnicodeDecodeError as exc:  # msgspec raises it for invalid UTF-8 in a string
+        raise Undecodable("invalid_json", f"not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    except RecursionError as exc:  # msgspec's own depth limit
+        raise Undecodable("invalid_json", "nested too deeply") from exc
+
+
 def decode_seed(value: bytes | None) -> Seed:
     """A crawl.seeds value: a JSON object (``schemas/seed.json``) or one plain-text URL."""
     if not value or not value.strip():
@@ -350,12 +378,48 @@ def decode_seed(value: bytes | None) -> Seed:
     except UnicodeDecodeError as exc:
         raise Undecodable("undecodable", f"not UTF-8 ({exc.reason} at byte {exc.start})") from exc
     if text.startswith(("{", "[", '"')):
-        try:
-            return _seed_decoder.decode(text)
-        except msgspec.ValidationError as exc:
-            raise Undecodable("schema_violation", f"seed: {str(exc)[:300]}") from exc
-        except msgspec.DecodeError as exc:
-            raise Undecodable("invalid_json", str(exc)[:300]) from exc
+        return decode_json(_seed_decoder, text, "seed")
     if any(char.isspace() for char in text):
         raise Undecodable("invalid_url", f"a plain-text seed is one URL, got {text[:200]!r}")
     return Seed(url=text)
+
+
+# -- what the types cannot say -------------------------------------------------------------
+
+# A seed is at most 64 KiB, so its meta is too; a larger one (from a faulty producer) would
+# be copied into every candidate of the crawl and could push a record past its topic's limit.
+MAX_META_BYTES = _MAX_SEED_BYTES
+# The fetcher's longest wait (a full host queue at the longest Crawl-delay) is under two
+# days; a retry due later than this is no record of ours, and held it would stop its
+# partition's commits for good.
+MAX_RETRY_WAIT = 30 * 24 * 3600.0
+
+Addressed = Discovered | Fetched | Page
+
+
+def check_message(message: Message, now: float | None = None) -> None:
+    """Raise :class:`Undecodable` for a decoded message that the types admit but no stage
+    produces: a URL that is not absolute http(s), a ``host`` that is not the URL's, a
+    ``meta`` larger than a seed, a retry due beyond :data:`MAX_RETRY_WAIT`."""
+    if isinstance(message, Discovered | Fetched | Page):
+        _check_address(message)
+        if message.meta is not None and len(encode_json(message.meta)) > MAX_META_BYTES:
+            raise Undecodable("meta_too_large", f"meta is over {MAX_META_BYTES} bytes")
+    if isinstance(message, Retry):
+        wait = message.due_at - (time.time() if now is None else now)
+        if wait > MAX_RETRY_WAIT:
+            raise Undecodable("due_too_far", f"due in {wait:.3g}s > {MAX_RETRY_WAIT:.0f}s")
+
+
+def _check_address(message: Addressed) -> None:
+    try:
+        parts = urlsplit(message.url)
+        hostname = parts.hostname
+    except ValueError as exc:  # an unbalanced IPv6 bracket, a bad port
+        raise Undecodable("invalid_url", f"{exc} in {message.url[:200]!r}") from exc
+    if parts.scheme.lower() not in ("http", "https"):
+        raise Undecodable("unsupported_scheme", f"{message.url[:200]!r} is not http(s)")
+    if not hostname:
+        raise Undecodable("invalid_url", f"no host in {message.url[:200]!r}")
+    if parts.netloc != message.host:
+        raise Undecodable("host_mismatch", f"host {message.host[:200]!r} is not the URL's")

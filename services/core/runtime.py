@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import logging
 import signal
 import time
@@ -42,7 +43,15 @@ from .config import Settings
 from .errors import ReasonedError, StageCannotRun
 from .kafka import export_lag, kafka_reachable, make_consumer, make_producer, stop_consumer
 from .membership import consumer_options, remove_static_member
-from .messages import Attempt, DeadLetterRecord, Message, encode
+from .messages import (
+    Attempt,
+    DeadLetterRecord,
+    Message,
+    check_message,
+    decode_json,
+    encode,
+    encode_json,
+)
 from .offsets import OffsetTracker, commit_finished
 from .poison import (
     OutputTooLarge,
@@ -93,8 +102,6 @@ Decode: TypeAlias = Callable[[bytes | None], Message]
 # The producer refuses a record over MAX_MESSAGE_BYTES (key and framing included): an
 # output that large is refused before publishing, and its input dead-lettered.
 MAX_OUTPUT_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
-# A dead letter carries at most this much of its record (which stays in its topic).
-MAX_DLQ_PAYLOAD = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -107,18 +114,15 @@ class Input:
 
 
 def json_input(suffix: str, kind: type[Message]) -> Input:
-    """The usual input: a JSON value of one message type, validated while it is parsed."""
+    """The usual input: a JSON value of one message type, validated while it is parsed,
+    then checked for what the type cannot say (:func:`check_message`)."""
     decoder = msgspec.json.Decoder(kind)
 
     def decode(value: bytes | None) -> Message:
         if not value:
             raise DeadLetter("empty_value", "the record has no value")
-        try:
-            message: Message = decoder.decode(value)
-        except msgspec.ValidationError as exc:
-            raise DeadLetter("schema_violation", f"{suffix}: {str(exc)[:300]}") from exc
-        except msgspec.DecodeError as exc:
-            raise DeadLetter("invalid_json", str(exc)[:300]) from exc
+        message: Message = decode_json(decoder, value, suffix)
+        check_message(message)
         return message
 
     return Input(suffix, decode)
@@ -132,16 +136,13 @@ def dead_letter(
     detail: str,
     history: Sequence[Attempt] = (),
 ) -> Output:
-    """The DLQ record for ``record``: why, where, and the original payload."""
+    """The DLQ record for ``record``: why, where, and the original payload (cut to
+    :data:`MAX_DLQ_PAYLOAD` bytes, so that the dead letter of any record fits crawl.dlq)."""
     payload = record.value or b""
-    try:
-        text, encoding = payload.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
-        text, encoding = base64.b64encode(payload).decode("ascii"), "base64"
-    if len(text) > MAX_DLQ_PAYLOAD:
-        detail = f"{detail[:3800]} (payload: first {MAX_DLQ_PAYLOAD} of {len(text)} characters)"
-        text = text[:MAX_DLQ_PAYLOAD]
-    key = record.key.decode("utf-8", "replace") if record.key is not None else None
+    truncated = len(payload) > MAX_DLQ_PAYLOAD
+    text, encoding = _payload_text(payload[:MAX_DLQ_PAYLOAD], truncated)
+    raw_key = record.key[:MAX_DLQ_KEY] if record.key is not None else None
+    key = raw_key.decode("utf-8", "replace") if raw_key is not None else None
     value = DeadLetterRecord(
         stage=stage,  # type: ignore[arg-type]
         reason=reason,
@@ -152,6 +153,8 @@ def dead_letter(
         key=key,
         payload=text,
         payload_encoding=encoding,  # type: ignore[arg-type]
+        payload_truncated=truncated,
+        payload_bytes=len(payload) if truncated else None,
         failed_at=time.time(),
         history=list(history),
     )
@@ -165,7 +168,27 @@ def dead_letter(
         record.offset,
         detail[:300],
     )
-    return Output(topic_name(settings.topic_prefix, DLQ), value, key=record.key)
+    return Output(topic_name(settings.topic_prefix, DLQ), value, key=raw_key)
+
+
+# A dead letter must fit crawl.dlq (8 MiB) whatever the record was: a payload beyond this is
+# cut (the record itself stays in its topic, at the partition and offset the letter names).
+MAX_DLQ_PAYLOAD = 4 * 1024 * 1024
+MAX_DLQ_KEY = 1024
+
+
+def _payload_text(payload: bytes, cut: bool) -> tuple[str, str]:
+    """The payload as UTF-8 text, or as base64 when it is not UTF-8 or when JSON would
+    escape so much of it (control characters take six bytes each) that base64 is smaller.
+    In a ``cut`` payload, a multi-byte character the cut split is left out."""
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(payload, final=not cut)
+    except UnicodeDecodeError:
+        text = ""
+    else:
+        if len(encode_json(text)) <= len(payload) * 4 // 3 + 4:
+            return text, "utf-8"
+    return base64.b64encode(payload).decode("ascii"), "base64"
 
 
 class Publisher:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -72,10 +73,42 @@ def canonicalize(
         raise InvalidURL("invalid_url", f"{exc} in {text[:200]!r}") from exc
     result = urlsplit(canonical)
     host = (result.hostname or "").rstrip(".")
+    if not valid_host(host):
+        raise InvalidURL("invalid_host", f"host {host[:200]!r} in {text[:200]!r}")
     netloc = host if ":" not in host else f"[{host}]"
     if port is not None and port != _DEFAULT_PORTS[scheme]:
         netloc = f"{netloc}:{port}"
     return urlunsplit((scheme, netloc, result.path or "/", result.query, ""))
+
+
+# A DNS name after IDNA encoding: labels of letters, digits, '-' and '_' (seen in real
+# hostnames), 1-63 characters each, 253 in all.
+_HOSTNAME = re.compile(r"(?:[a-z0-9_-]{1,63}\.)*[a-z0-9_-]{1,63}")
+
+
+def valid_host(host: str) -> bool:
+    """An IP address, or a DNS name whose last label is not a number: browsers read
+    ``0x7f.1`` or ``256.1`` as (invalid) IPv4 addresses, so no crawler should guess."""
+    if ":" in host or host[-1:].isdigit():
+        try:
+            ipaddress.ip_address(host)
+            return True
+        except ValueError:
+            if ":" in host:
+                return False
+    if len(host) > 253 or not _HOSTNAME.fullmatch(host):
+        return False
+    return not host.rsplit(".", 1)[-1].isdigit()
+
+
+def canonical_domain(domain: str) -> str:
+    """A scope domain (``allow_domains``) in the form canonical URLs have: lower case,
+    IDNA-encoded, without a leading or trailing dot. Raises :class:`InvalidURL`."""
+    name = domain.strip().strip(".")
+    try:  # an IP address, bracketed or not, as canonical URLs write it (without brackets)
+        return ipaddress.ip_address(name.removeprefix("[").removesuffix("]")).compressed
+    except ValueError:
+        return urlsplit(canonicalize(f"http://{name}/")).hostname or ""
 
 
 @lru_cache(maxsize=32)

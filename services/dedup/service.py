@@ -209,10 +209,13 @@ class DedupStage(BatchStage):
                 for record in records:
                     try:
                         admitted = _replay_decoder.decode(record.value or b"")
-                    except msgspec.DecodeError:
+                    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
                         continue  # never produced by us; nothing to remember
-                    # remember() also rebuilds the per-host and calendar counts.
-                    bloom.remember(admitted.crawl_id, admitted.url)
+                    try:
+                        # remember() also rebuilds the per-host and calendar counts.
+                        bloom.remember(admitted.crawl_id, admitted.url)
+                    except ValueError:
+                        continue  # a URL no stage admits (an unbalanced IPv6 bracket)
                 if records:
                     positions[tp] = records[-1].offset + 1
                 replayed[tp.partition] = replayed.get(tp.partition, 0) + len(records)

@@ -8,7 +8,7 @@ from ..core.config import Settings
 from ..core.errors import ReasonedError
 from ..core.messages import Discovered, Kind, Page, Scope, Seed, SeedScope, decode_seed
 from ..core.scope import Drop, Origin, candidate_for, canonical_url
-from ..core.urls import InvalidURL, host_of, hostname_of, in_scope
+from ..core.urls import InvalidURL, canonical_domain, host_of, hostname_of, in_scope
 
 __all__ = [
     "Drop",
@@ -31,8 +31,14 @@ def seed_candidate(seed: Seed, settings: Settings, now: float | None = None) -> 
     except InvalidURL as exc:
         raise Rejected(exc.reason, str(exc)) from exc
     given = seed.scope or SeedScope()
+    try:
+        # In the form of canonical hosts: a seed may name "bücher.example" for its
+        # IDNA-encoded URLs, or "Example.COM."
+        domains = [canonical_domain(d) for d in given.allow_domains or settings.allow_domains]
+    except InvalidURL as exc:
+        raise Rejected("invalid_scope", f"allow_domains: {exc.detail}") from exc
     scope = Scope(
-        allow_domains=list(given.allow_domains or settings.allow_domains or [hostname_of(url)]),
+        allow_domains=domains or [hostname_of(url)],
         max_depth=settings.max_depth if given.max_depth is None else given.max_depth,
         max_pages=settings.max_pages if given.max_pages is None else given.max_pages,
     )

@@ -19,6 +19,9 @@ MAX_TEXT_CHARS = 200_000
 MAX_LINKS = 5000
 # The frontier refuses longer URLs, so resolving them here would only be wasted work.
 MAX_LINK_CHARS = 2048
+# All links together: a page must fit crawl.pages (8 MiB), and 5000 links of 2048
+# characters would not. 1M characters are at most 4 MiB of UTF-8.
+MAX_LINKS_TOTAL_CHARS = 1_000_000
 # Browsers cap tree depth around 512 too; deeper trees are attacks or broken generators.
 MAX_NESTING = 512
 _MAX_TITLE_CHARS = 1000
@@ -67,6 +70,8 @@ _TAG_TOKEN = re.compile(r"<(/?[A-Za-z][A-Za-z0-9-]*)")
 # Tag tokens seen so far and their nesting step; bounded, hostile pages invent names.
 _NESTING_STEPS: dict[str, int] = {}
 _NESTING_STEPS_MAX = 4096
+# No URL has control characters (the frontier refuses them), and JSON would write each as six.
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 # Void elements never stay open, and these are closed by their next sibling, so neither
 # deepens the tree the parser keeps.
 _NOT_NESTING = frozenset(
@@ -371,7 +376,9 @@ def _absolute(base: str, href: str) -> str | None:
     except ValueError:  # e.g. an unbalanced IPv6 bracket in the host
         return None
     absolute = urlunsplit((parts.scheme, parts.netloc, parts.path, parts.query, ""))
-    return absolute if len(absolute) <= MAX_LINK_CHARS else None
+    if len(absolute) > MAX_LINK_CHARS or _CONTROL_CHARS.search(absolute):
+        return None
+    return absolute
 
 
 # A relative reference made only of these characters needs none of urljoin's special
@@ -401,6 +408,7 @@ class LinkResolver:
                 and parts.hostname is not None
                 and ";" not in parts.path
                 and _PLAIN_REFERENCE.fullmatch(parts.path or "/") is not None
+                and _CONTROL_CHARS.search(base) is None
                 and len(base) <= MAX_LINK_CHARS
             )
         except ValueError:
@@ -456,6 +464,7 @@ def _links(
     resolved: set[str] = set()  # urljoin dominates the cost and pages repeat their hrefs
     withheld = 0
     resolver = LinkResolver(base)
+    room = MAX_LINKS_TOTAL_CHARS
     for node in tree.css("a[href], area[href]"):
         href = _attr(node, "href")
         if not href or href.lower().startswith(_SKIPPED_HREFS):
@@ -465,8 +474,9 @@ def _links(
         elif len(seen) < max_links and href not in resolved:
             resolved.add(href)
             absolute = resolver.resolve(href)
-            if absolute is not None:
+            if absolute is not None and absolute not in seen and len(absolute) <= room:
                 seen[absolute] = None
+                room -= len(absolute)
     return list(seen), withheld
 
 

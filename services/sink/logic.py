@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import bson
+from bson.errors import InvalidDocument
 from pymongo.errors import BulkWriteError
 
 from ..core.config import Settings
@@ -102,3 +104,15 @@ def stored_tallies(batch: Sequence[_Read], written: list[int], stored_at: float)
         )
         for (crawl_id, partition), offsets in read.items()
     ]
+
+
+def unencodable(documents: list[dict[str, Any]]) -> dict[int, str]:
+    """Positions of the documents BSON cannot hold (a NUL in a key, an integer past 64
+    bits), with why; pymongo refuses a whole batch for one of them."""
+    refused: dict[int, str] = {}
+    for index, document in enumerate(documents):
+        try:
+            bson.encode(document)
+        except (InvalidDocument, OverflowError) as exc:
+            refused[index] = f"not encodable as BSON: {str(exc)[:500]}"
+    return refused

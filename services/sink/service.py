@@ -22,6 +22,7 @@ import time
 from functools import partial
 from typing import Any
 
+from bson.errors import InvalidDocument
 from pymongo import AsyncMongoClient, ReplaceOne
 from pymongo.errors import BulkWriteError, OperationFailure
 
@@ -33,7 +34,13 @@ from ..core.poison import outlasting_outages
 from ..core.runtime import BatchStage, Input, Output, Received, json_input
 from ..core.secrets import mongo_client_uri
 from ..core.topics import EVENTS, PAGES, SINK_GROUP
-from .logic import classify_failures, document_under, latest_documents, stored_tallies
+from .logic import (
+    classify_failures,
+    document_under,
+    latest_documents,
+    stored_tallies,
+    unencodable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +118,24 @@ class SinkStage(BatchStage):
             return {}
         except BulkWriteError as error:
             duplicates, rejected = classify_failures(error)
+        except (InvalidDocument, OverflowError):
+            # pymongo refused to encode a document (a NUL in a meta key, an integer past
+            # 64 bits) before the database saw it: refuse those, store the others.
+            return await self._store_encodable(documents)
         replacements = [documents[i] for i in sorted(duplicates)]
         # FerretDB 1.24 (SQLite) stops answering a bulk write of 100 or more updates
         # of existing documents; 50 at a time is safe and costs little.
         for start in range(0, len(replacements), UPDATE_CHUNK):
             await self._replace(replacements[start : start + UPDATE_CHUNK])
         return rejected
+
+    async def _store_encodable(self, documents: list[dict[str, Any]]) -> dict[int, str]:
+        refused = unencodable(documents)
+        if not refused:
+            raise RuntimeError("pymongo refused a batch whose documents all encode")
+        kept = [index for index in range(len(documents)) if index not in refused]
+        rejected = await self._store([documents[index] for index in kept])
+        return {**refused, **{kept[index]: reason for index, reason in rejected.items()}}
 
     async def _replace(self, documents: list[dict[str, Any]]) -> None:
         """Replace the stored documents with these, by ``_id``.

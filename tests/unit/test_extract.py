@@ -7,6 +7,7 @@ import time
 
 import pytest
 from streamcrawl.parser.extract import (
+    MAX_LINKS_TOTAL_CHARS,
     MAX_NESTING,
     ExtractedPage,
     decode_body,
@@ -203,6 +204,20 @@ def test_overlong_links_are_dropped() -> None:
     assert links_of(f'<a href="/{"x" * 5000}">long</a><a href="/short">s</a>') == [
         "https://example.com/short"
     ]
+
+
+def test_links_together_stay_under_their_total_cap() -> None:
+    """A long <base href> turns 5000 short hrefs into 10 MB of links, more than crawl.pages
+    holds: links are kept, in order, only while their total length fits the cap."""
+    base = f"https://example.com/{'b' * 2000}"
+    html = f'<base href="{base}">' + "".join(f"<a href=?{n}>x</a>" for n in range(5000))
+    links = page(html).links
+    assert links == [f"{base}?{n}" for n in range(len(links))]
+    assert sum(map(len, links)) <= MAX_LINKS_TOTAL_CHARS < sum(map(len, links)) + len(base) + 6
+
+
+def test_links_with_control_characters_are_dropped() -> None:
+    assert links_of('<a href="/a\x01b">x</a><a href="/ok">ok</a>') == ["https://example.com/ok"]
 
 
 # --- robots, canonical, language, title ------------------------------------------------
