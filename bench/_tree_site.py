@@ -1,6 +1,7 @@
 """The site of ``bench/million``: N small pages written as files for nginx, laid out as a
-tree whose depth fits the crawl's default ``max_depth``, so every page is reachable and the
-count the crawl must store is exactly N.
+tree one level shallower than the crawl's default ``max_depth`` (so every page is reachable,
+the count the crawl must store is exactly N, and the deepest pages' links are still in
+scope: every link goes through the frontier and dedup).
 
 Why not ``_site.generate``: its extra links go to random pages, and in a pipelined crawl a
 page can then be admitted first by a long path (depth 5) rather than its short one; its own
@@ -100,7 +101,9 @@ def generate(
     """Write ``pages`` pages under ``root/www``. Each page links its tree children (all of
     them: the fan-out may exceed ``links``), then navigation links up to ``links``."""
     rng = random.Random(seed)
-    fanout = fanout_for(pages, max_depth)
+    # One level short of max_depth: the deepest pages' links are then still in scope, so
+    # every page's links go through the frontier and dedup (and are found already seen).
+    fanout = fanout_for(pages, max_depth - 1)
     www = root / "www"
     for directory in range(0, (pages - 1) // 1000 + 1):
         (www / f"p{directory}").mkdir(parents=True, exist_ok=True)
@@ -130,8 +133,8 @@ def generate(
         total += len(text)
         link_count += len(targets)
     deepest = depth_of(pages - 1, fanout)
-    if deepest > max_depth:
-        raise RuntimeError(f"tree depth {deepest} exceeds max_depth {max_depth}")
+    if deepest >= max_depth:
+        raise RuntimeError(f"tree depth {deepest} leaves no room under max_depth {max_depth}")
     return TreeSite(
         entry_url=f"http://127.0.0.1:{port}/",
         pages=pages,

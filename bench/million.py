@@ -22,6 +22,7 @@ bench/million-rate.png, the report to ``--out``/report.md and bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import itertools
 import json
@@ -29,6 +30,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -77,6 +79,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def _log(text: str) -> None:
     print(f"[million {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def free_ports(count: int) -> list[int]:
@@ -211,6 +217,7 @@ def git_commit() -> tuple[str, bool]:
 def main() -> None:
     argv = sys.argv[1:]
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` cleans up as Ctrl-C does
     if args.analyse:
         print(render_partial(args.analyse.resolve(), plots(args.analyse.resolve(), args.plots)))
         return
@@ -346,13 +353,23 @@ def crawl(
     started = time.monotonic()
     with open(out / "crawl.log", "wb") as log_file:
         process = subprocess.Popen(
-            command, env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            command,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own group: its stages can be found and stopped
         )
     watched.root = process.pid
     recorder.start()
-    code, usage, _ = wait_child(process.pid, None, timeout=7 * 24 * 3600.0, every=1.0)
+    try:
+        code, usage, _ = wait_child(process.pid, None, timeout=7 * 24 * 3600.0, every=1.0)
+    except BaseException:
+        stop_crawl(process.pid)
+        raise
+    finally:
+        recorder.stop()
     crawl_s = time.monotonic() - started
-    recorder.stop()
     loop.run(watch.stop())
     _log(f"crawl exited {code} after {crawl_s:.0f}s; counting what was stored")
     counts = count_documents(stack.config.mongo_uri, settings)
@@ -383,6 +400,23 @@ def crawl(
     }
     result["series"] = analyse(out)
     return result
+
+
+def stop_crawl(pid: int, grace: float = 60.0) -> None:
+    """Interrupted: SIGINT to the crawl command (it stops its stages), then SIGKILL to
+    whatever of its process group is left, so no stage outlives the stack."""
+    _log(f"stopping the crawl command {pid} and its stages")
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGINT)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            break
+        time.sleep(0.5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 def count_documents(uri: str, settings: Any) -> dict[str, Any]:
