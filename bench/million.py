@@ -403,15 +403,20 @@ def crawl(
 
 
 def stop_crawl(pid: int, grace: float = 60.0) -> None:
-    """Interrupted: SIGINT to the crawl command (it stops its stages), then SIGKILL to
-    whatever of its process group is left, so no stage outlives the stack."""
+    """Interrupted: SIGTERM to the crawl command's process group (the stages drain and
+    commit on SIGTERM; SIGINT would not do, a background job ignores it), then SIGKILL to
+    whatever is left after ``grace`` s, so no stage outlives the stack."""
     _log(f"stopping the crawl command {pid} and its stages")
     with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGINT)
+        os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            break
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reap the command, or its zombie keeps the group
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
         time.sleep(0.5)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
