@@ -101,9 +101,15 @@ class Stack:
     """A private local stack (its own data dir and ports), so the Kafka and FerretDB CPU
     measured belongs to this benchmark and not to a test suite sharing the default one."""
 
-    def __init__(self, data_dir: Path, ports: tuple[int, int, int]) -> None:
+    def __init__(
+        self, data_dir: Path, ports: tuple[int, int, int], kafka_heap: str = "512m"
+    ) -> None:
         self.config = StackConfig(
-            data_dir=data_dir, kafka_port=ports[0], controller_port=ports[1], mongo_port=ports[2]
+            data_dir=data_dir,
+            kafka_port=ports[0],
+            controller_port=ports[1],
+            mongo_port=ports[2],
+            kafka_heap=kafka_heap,
         )
         self.stack = LocalStack(self.config)
         self.pids: dict[str, int] = {}
