@@ -16,6 +16,12 @@ from pymongo import MongoClient
 from sink_writes import free_port
 from streamcrawl.localstack.provision import ensure_ferretdb
 
+# Variants of the sqlite backend with SQLite settings in the URL (FerretDB passes them on).
+SQLITE_PRAGMAS = {
+    "sqlite-normal": "_pragma=synchronous(normal)",
+    "sqlite-cache": "_pragma=cache_size(-65536)",
+    "sqlite-normal-cache": "_pragma=synchronous(normal)&_pragma=cache_size(-65536)",
+}
 STOCK_FERRETDB = Path.home() / ".cache" / "streamcrawl" / "ferretdb-v1.24.2" / "ferretdb"
 
 
@@ -128,8 +134,8 @@ def _backend_flags(backend: str, root: Path) -> Iterator[tuple[str, list[str]]]:
     sqlite = ["--handler=sqlite", f"--sqlite-url=file:{root / 'data'}/"]
     if backend == "sqlite":
         yield str(ensure_ferretdb()), sqlite
-    elif backend == "sqlite-normal":
-        url = f"--sqlite-url=file:{root / 'data'}/?_pragma=synchronous(normal)"
+    elif backend in SQLITE_PRAGMAS:
+        url = f"--sqlite-url=file:{root / 'data'}/?{SQLITE_PRAGMAS[backend]}"
         yield str(ensure_ferretdb()), ["--handler=sqlite", url]
     elif backend == "sqlite-stock":
         if not STOCK_FERRETDB.exists():
