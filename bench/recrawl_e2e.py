@@ -31,6 +31,7 @@ from compare import free_ports
 from recrawl_big import compare, preload
 from streamcrawl.core.config import Settings
 from streamcrawl.demo.nginx import NginxSite
+from streamcrawl.localstack.stack import StackError
 
 
 def crawl(bench: Bench, collection: str) -> RunResult:
@@ -75,7 +76,12 @@ def main() -> None:
     stack = Stack(work / "stack", tuple(free_ports(3)))  # type: ignore[arg-type]
     rows: list[tuple[str, int, RunResult]] = []
     try:
-        stack.up()
+        try:
+            stack.up()
+        except StackError as error:  # Kafka's start-up has failed on a loaded machine
+            print(f"stack up failed ({error}); once more", flush=True)
+            stack.down()
+            stack.up()
         port = free_ports(1)[0]
         info = _site.generate(work / "site", port, args.pages, args.links, int(args.page_kb * 1024))
         print(f"site: {info.description}", flush=True)
