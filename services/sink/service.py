@@ -7,10 +7,11 @@ the document keeps the URL that was fetched in ``url``.
 Each batch is written as delete-then-insert: what is stored under the batch's ``_id``s is
 deleted (one delete by ``_id`` $in), then the batch is inserted in bulk (unordered). The
 end state is that of an upsert per page, so a redelivered batch or a re-crawl rewrites the
-same documents instead of adding new ones, and a page costs about the same whether it is
-new or stored: FerretDB inserts a batch in one transaction but replaces (or upserts) one
-document per transaction, ten to thirty times slower, and a bulk insert that hits a
-stored ``_id`` falls back to one insert per document (see bench/RESULTS.md). A crash
+same documents instead of adding new ones. A stored page costs a delete and an insert,
+two to four times a new page on FerretDB, where replacing it cost ten to twenty times: FerretDB
+inserts a batch in one transaction but replaces (or upserts) one document per transaction,
+and a bulk insert that hits a stored ``_id`` falls back to one insert per document (see
+bench/RESULTS.md). A crash
 between the delete and the insert loses nothing: the offsets are not committed, so the
 batch is written again. Documents whose insert still fails as duplicates (their URL is
 stored under another ``_id``) are replaced one by one. Offsets are committed only after
