@@ -155,13 +155,18 @@ async def preload(settings: Settings, count: int) -> float:
         await sink.stop()
 
 
-async def count(settings: Settings, database: str) -> int:
+async def count_site(settings: Settings, database: str, pages: int) -> int:
+    """How many of the site's pages are stored, looked up by ``_id`` (a count of the
+    whole collection would make FerretDB read every document back)."""
     sink = SinkStage(settings)
     await sink.start()
     try:
-        total: int = await sink.client[database][
-            settings.mongo_collection
-        ].estimated_document_count()
+        collection = sink.client[database][settings.mongo_collection]
+        urls = [f"http://site.example/p/{n}.html" for n in range(pages)]
+        total = 0
+        for first in range(0, pages, 500):
+            query = {"_id": {"$in": urls[first : first + 500]}}
+            total += await collection.count_documents(query)
         return total
     finally:
         await sink.stop()
@@ -189,8 +194,8 @@ async def run(args: argparse.Namespace, uri: str) -> dict[str, Any]:
     result: dict[str, Any] = {"site_pages": args.site, "preload": args.preload}
     result["preload_s"] = await preload(big, args.preload)
     result.update(await compare(fresh, big, args.site, args.batch))
-    result["big_documents"] = await count(big, "big")
-    assert result["big_documents"] == args.preload + args.site, result["big_documents"]
+    result["site_documents"] = await count_site(big, "big", args.site)
+    assert result["site_documents"] == args.site, result["site_documents"]
     return result
 
 

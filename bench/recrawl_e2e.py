@@ -44,12 +44,18 @@ def crawl(bench: Bench, collection: str) -> RunResult:
     return result
 
 
-def stored(stack: Stack, collection: str) -> int:
+def stored(stack: Stack, collection: str, urls: list[str]) -> int:
+    """How many of ``urls`` are stored, looked up by ``_id`` (a count of the whole
+    collection would make FerretDB read every document back)."""
     from pymongo import MongoClient
 
     client: MongoClient[dict[str, object]] = MongoClient(stack.config.mongo_uri)
     try:
-        return client[Settings().mongo_database][collection].estimated_document_count()
+        pages = client[Settings().mongo_database][collection]
+        return sum(
+            pages.count_documents({"_id": {"$in": urls[first : first + 500]}})
+            for first in range(0, len(urls), 500)
+        )
     finally:
         client.close()
 
@@ -95,11 +101,12 @@ def main() -> None:
             print(f"preloaded {args.preload:,} in {time.monotonic() - began:.0f} s", flush=True)
             rows.append(("first crawl into the big collection", args.preload, crawl(bench, "big")))
             print(f"first: {rows[-1][2].wall_s:.1f} s", flush=True)
-            before = stored(stack, "big")
+            site = stored(stack, "big", info.page_urls)
+            assert site == len(info.page_urls), (site, len(info.page_urls))
+            before = args.preload + site
             rows.append(("re-crawl (every page stored)", before, crawl(bench, "big")))
             print(f"again: {rows[-1][2].wall_s:.1f} s", flush=True)
-            after = stored(stack, "big")
-            assert after == before, (before, after)
+            assert stored(stack, "big", info.page_urls) == site
         sink_alone = {}
         if args.sink_pages:
             uri = stack.config.mongo_uri
