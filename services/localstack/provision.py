@@ -29,6 +29,92 @@ KAFKA_VERSION = "4.1.1"
 LOG4J_VERSION = "2.24.3"
 FERRETDB_MODULE = "github.com/FerretDB/FerretDB"
 FERRETDB_VERSION = "v1.24.2"
+# The local build carries two fixes to FerretDB's SQLite backend (see _FERRETDB_EDITS); its
+# cache directory says so, so a build without them is never reused.
+FERRETDB_BUILD = f"{FERRETDB_VERSION}-sqlite-id-index"
+
+_SQLITE = Path("internal/backends/sqlite")
+# 1. FerretDB 1.24 looks documents up by ``_id`` with the expression
+# ``_ferretdb_sjson->'$._id'`` while the unique ``_id`` index it creates is on
+# ``_ferretdb_sjson->"_id"``. SQLite matches index expressions by their text, so every
+# find, update and delete by ``_id`` scanned the whole table (EXPLAIN QUERY PLAN: SCAN),
+# and replacing a stored page cost time proportional to the collection. ``->'_id'`` is the
+# same JSON path and matches the index (SEARCH ... USING INDEX).
+# 2. Only ``{_id: <string>}`` was pushed down to SQLite; ``{_id: {$in: [...]}}`` (how the
+# sink looks up and deletes a batch of stored pages) scanned. The added case pushes a list
+# of string or ObjectID ``_id``s down as an IN over the same index; the handler still
+# filters what comes back, as for every pushdown.
+_FERRETDB_EDITS = (
+    (
+        _SQLITE / "metadata" / "metadata.go",
+        "IDColumn = DefaultColumn + \"->'$._id'\"",
+        "IDColumn = DefaultColumn + \"->'_id'\"",
+    ),
+    (
+        _SQLITE / "collection.go",
+        "\t\tcase string, types.ObjectID:\n\t\t\twhereClause = ",
+        "\t\tcase *types.Document:\n\t\t\twhereClause, args = idsInClause(v.(*types.Document))"
+        "\n\t\tcase string, types.ObjectID:\n\t\t\twhereClause = ",
+    ),
+    (  # the same in explain, so that a query plan shows it
+        _SQLITE / "collection.go",
+        "\t\tcase string, types.ObjectID:\n\t\t\tfilterPushdown = true",
+        "\t\tcase *types.Document:\n\t\t\twhereClause, args = idsInClause(v.(*types.Document))"
+        '\n\t\t\tfilterPushdown = whereClause != ""'
+        "\n\t\tcase string, types.ObjectID:\n\t\t\tfilterPushdown = true",
+    ),
+)
+_FERRETDB_IDS_IN = """package sqlite
+
+import (
+\t"fmt"
+\t"strings"
+
+\t"github.com/FerretDB/FerretDB/internal/backends/sqlite/metadata"
+\t"github.com/FerretDB/FerretDB/internal/handler/sjson"
+\t"github.com/FerretDB/FerretDB/internal/types"
+)
+
+// maxIDsIn keeps the statement well under SQLite's limit on bound parameters.
+const maxIDsIn = 1000
+
+// idsInClause returns a WHERE clause over the _id index for the filter value
+// {$in: [strings or ObjectIDs]}, or nothing when the value is anything else.
+// Added by streamcrawl's build of FerretDB.
+func idsInClause(filter *types.Document) (string, []any) {
+\tif filter.Len() != 1 {
+\t\treturn "", nil
+\t}
+\tin, err := filter.Get("$in")
+\tif err != nil {
+\t\treturn "", nil
+\t}
+\tvalues, ok := in.(*types.Array)
+\tif !ok || values.Len() == 0 || values.Len() > maxIDsIn {
+\t\treturn "", nil
+\t}
+\tplaceholders := make([]string, values.Len())
+\targs := make([]any, values.Len())
+\tfor i := 0; i < values.Len(); i++ {
+\t\tv, err := values.Get(i)
+\t\tif err != nil {
+\t\t\treturn "", nil
+\t\t}
+\t\tswitch v.(type) {
+\t\tcase string, types.ObjectID:
+\t\tdefault:
+\t\t\treturn "", nil
+\t\t}
+\t\tencoded, err := sjson.MarshalSingleValue(v)
+\t\tif err != nil {
+\t\t\treturn "", nil
+\t\t}
+\t\tplaceholders[i] = "?"
+\t\targs[i] = string(encoded)
+\t}
+\treturn fmt.Sprintf(` WHERE %s IN (%s)`, metadata.IDColumn, strings.Join(placeholders, ", ")), args
+}
+"""
 
 _POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
   <modelVersion>4.0.0</modelVersion>
@@ -163,7 +249,7 @@ def _ensure_kafka(cache: Path) -> KafkaDistribution:
 
 
 def _ensure_ferretdb(cache: Path) -> Path:
-    home = cache / f"ferretdb-{FERRETDB_VERSION}"
+    home = cache / f"ferretdb-{FERRETDB_BUILD}"
     binary = home / "ferretdb"
     if binary.exists():
         return binary
@@ -174,6 +260,7 @@ def _ensure_ferretdb(cache: Path) -> Path:
         source = _download_module(go, work)
         # FerretDB embeds its version from a file its release tooling generates.
         (source / "build" / "version" / "version.txt").write_text(FERRETDB_VERSION + "\n")
+        _patch_ferretdb(source)
         log.info("building FerretDB %s", FERRETDB_VERSION)
         env = {**os.environ, "GOFLAGS": "-mod=mod -buildvcs=false", "GOTOOLCHAIN": "local"}
         staged = home / "ferretdb.tmp"
@@ -187,6 +274,20 @@ def _ensure_ferretdb(cache: Path) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return binary
+
+
+def _patch_ferretdb(source: Path) -> None:
+    """Apply the SQLite backend fixes (see ``_FERRETDB_EDITS``) to the downloaded sources."""
+    for relative, before, after in _FERRETDB_EDITS:
+        path = source / relative
+        text = path.read_text()
+        if before not in text:
+            raise ProvisionError(
+                f"FerretDB {FERRETDB_VERSION}: {relative} no longer reads {before!r}; "
+                "review the SQLite fixes before building another version"
+            )
+        path.write_text(text.replace(before, after))
+    (source / _SQLITE / "streamcrawl_ids_in.go").write_text(_FERRETDB_IDS_IN)
 
 
 def _download_module(go: str, work: Path) -> Path:

@@ -54,6 +54,25 @@ def latest_documents(pages: list[Page], settings: Settings) -> dict[str, int]:
     return {storage_id(pages[index], settings): index for index in by_url.values()}
 
 
+def refusal_reason(document: Any) -> str | None:
+    """Why a MongoDB-wire server would refuse this document, for the one refusal seen in
+    practice that can be told before writing: a field name that starts with ``$`` (a
+    seed's ``meta`` can carry one; FerretDB refuses it, and MongoDB before 5.0). The sink
+    deletes a stored page before writing its new version, so it must not delete for a
+    version that will be refused."""
+    pending = [document]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and key.startswith("$"):
+                    return f"field name {key!r} starts with '$' (refused before writing)"
+                pending.append(item)
+        elif isinstance(value, list):
+            pending.extend(value)
+    return None
+
+
 def classify_failures(error: BulkWriteError) -> tuple[set[int], dict[int, str]]:
     """Positions that failed only because the URL exists, and positions the database
     rejected for good (a document-level write error is not cured by retrying)."""

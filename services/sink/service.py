@@ -4,15 +4,22 @@ A page is stored under its URL, or under the rel=canonical URL it declares when 
 on its own host (see :func:`storage_id`), so spellings of one page share a document;
 the document keeps the URL that was fetched in ``url``.
 
-Each batch is first inserted in bulk (unordered), and only the documents whose
-``_id`` or URL is already stored are then replaced with upserts: the end state is that
-of an upsert per page, so a redelivered batch rewrites the same documents instead of
-adding new ones, while fresh pages take the fast path (FerretDB inserts about a
-hundred times faster than it upserts; see bench/RESULTS.md). Offsets are committed only after
-the database acknowledged the batch; while it is down the sink retries and the
-pipeline backs up behind it in Kafka, where nothing is lost. A page the database refuses
-is dead-lettered: on the insert path by its write error, on the replace path (or when the
-driver cannot encode it) by the runtime's poison-record isolation.
+Each batch is written as delete-then-insert: what is stored under the batch's ``_id``s is
+deleted (one delete by ``_id`` $in), then the batch is inserted in bulk (unordered). The
+end state is that of an upsert per page, so a redelivered batch or a re-crawl rewrites the
+same documents instead of adding new ones. A stored page costs a delete and an insert,
+two to four times a new page on FerretDB, where replacing it cost ten to twenty times: FerretDB
+inserts a batch in one transaction but replaces (or upserts) one document per transaction,
+and a bulk insert that hits a stored ``_id`` falls back to one insert per document (see
+bench/RESULTS.md). A crash
+between the delete and the insert loses nothing: the offsets are not committed, so the
+batch is written again. Documents whose insert still fails as duplicates (their URL is
+stored under another ``_id``) are replaced one by one. Offsets are committed only after
+the database acknowledged the batch; while it is down the sink retries and the pipeline
+backs up behind it in Kafka, where nothing is lost. A page the database refuses is
+dead-lettered: by its write error, or before writing when it is known to be refused (a `$`
+field name) or the driver cannot encode it; a failure of anything else is left to the
+runtime's poison-record isolation.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from .logic import (
     classify_failures,
     document_under,
     latest_documents,
+    refusal_reason,
     stored_tallies,
     unencodable,
 )
@@ -45,6 +53,7 @@ from .logic import (
 log = logging.getLogger(__name__)
 
 UPDATE_CHUNK = 50
+DELETE_CHUNK = 500
 
 
 # AuthenticationFailed, Unauthorized (no credentials where the server wants some).
@@ -112,7 +121,22 @@ class SinkStage(BatchStage):
         ]
 
     async def _store(self, documents: list[dict[str, Any]]) -> dict[int, str]:
-        """Store the documents; return the positions the database refused, with why."""
+        """Store the documents; return the positions refused, with why. A document known
+        to be refused is not written, so its stored version stays."""
+        refused = {i: why for i, doc in enumerate(documents) if (why := refusal_reason(doc))}
+        writable = [i for i in range(len(documents)) if i not in refused]
+        if writable:
+            rejected = await self._write([documents[i] for i in writable])
+            refused.update({writable[i]: why for i, why in rejected.items()})
+        return refused
+
+    async def _write(self, documents: list[dict[str, Any]]) -> dict[int, str]:
+        """Delete what is stored under the documents' ``_id``s, then insert them; return
+        the positions the database refused, with why."""
+        ids = [doc["_id"] for doc in documents]
+        # Chunked: FerretDB pushes an _id $in of at most 1,000 values down to its index.
+        for start in range(0, len(ids), DELETE_CHUNK):
+            await self.collection.delete_many({"_id": {"$in": ids[start : start + DELETE_CHUNK]}})
         try:
             await self.collection.insert_many(documents, ordered=False)
             return {}
@@ -123,8 +147,8 @@ class SinkStage(BatchStage):
             # 64 bits) before the database saw it: refuse those, store the others.
             return await self._store_encodable(documents)
         replacements = [documents[i] for i in sorted(duplicates)]
-        # FerretDB 1.24 (SQLite) stops answering a bulk write of 100 or more updates
-        # of existing documents; 50 at a time is safe and costs little.
+        # FerretDB 1.24 stops answering a bulk write of 100 or more updates (each holds a
+        # pooled connection until the command ends); 50 at a time is safe and costs little.
         for start in range(0, len(replacements), UPDATE_CHUNK):
             await self._replace(replacements[start : start + UPDATE_CHUNK])
         return rejected
@@ -140,8 +164,8 @@ class SinkStage(BatchStage):
     async def _replace(self, documents: list[dict[str, Any]]) -> None:
         """Replace the stored documents with these, by ``_id``.
 
-        Their insert failed because the ``_id`` exists (the usual case: a redelivery, or
-        another spelling of the page) or because the URL is stored under another ``_id``
+        Their insert failed because the ``_id`` exists (another writer stored it between
+        the delete and the insert) or because the URL is stored under another ``_id``
         (its page declared another canonical, or none, when it was stored). That rare
         second case breaks the unique index on ``url``: then the stale documents are
         deleted and the write repeated. Only then, because FerretDB 1.24 scans the whole

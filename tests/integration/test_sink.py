@@ -244,3 +244,27 @@ async def test_a_replacement_the_database_refuses_is_raised_not_retried(settings
         assert asyncio.get_running_loop().time() - started < 10
     finally:
         await sink.stop()
+
+
+async def test_the_local_server_finds_stored_pages_by_id_through_its_index(
+    settings: Settings,
+) -> None:
+    """The sink's lookups by ``_id`` (one, and a batch with $in) must not scan: the query
+    plans of the stack's FerretDB build search the ``_id`` index, and a mixed $in (which
+    cannot be pushed down) still answers right."""
+    sink = SinkStage(settings)
+    await sink.start()
+    try:
+        urls = [f"http://a.example/{n}" for n in range(5)]
+        await sink._store([document_for(page(url, "t"), 1.0, settings) for url in urls])
+        database = sink.client[settings.mongo_database]
+        for filter_ in ({"_id": urls[0]}, {"_id": {"$in": urls[:3]}}):
+            explained = await database.command(
+                "explain", {"find": settings.mongo_collection, "filter": filter_}
+            )
+            (plan,) = explained["queryPlanner"]["Plan"]
+            assert "USING INDEX" in plan and "__id_" in plan, (filter_, plan)
+        found = sink.collection.find({"_id": {"$in": [urls[1], urls[4], 7, "nope"]}}, {"_id": 1})
+        assert sorted([doc["_id"] async for doc in found]) == [urls[1], urls[4]]
+    finally:
+        await sink.stop()

@@ -55,7 +55,13 @@ from streamcrawl.fetcher.service import FetcherStage
 from streamcrawl.frontier.service import FrontierStage
 from streamcrawl.parser.service import ParserStage
 from streamcrawl.registry import STAGES, stage_class
-from streamcrawl.sink.logic import classify_failures, document_for, latest_documents, storage_id
+from streamcrawl.sink.logic import (
+    classify_failures,
+    document_for,
+    latest_documents,
+    refusal_reason,
+    storage_id,
+)
 from streamcrawl.sink.service import SinkStage
 from streamcrawl.stats.service import StatsWorker
 from streamcrawl.warc.service import WarcStage
@@ -673,6 +679,16 @@ def test_sink_replaces_duplicates_and_dead_letters_refusals() -> None:
     assert list(rejected) == [2] and rejected[2].startswith("code 2: invalid key $where")
     assert len(rejected[2]) == len("code 2: ") + 500
     assert classify_failures(BulkWriteError({})) == (set(), {})
+
+
+def test_sink_tells_a_dollar_field_name_before_writing_at_any_depth() -> None:
+    document = document_for(page(url="http://a.example/a", title="a"), 1.0, SETTINGS)
+    assert refusal_reason(document) is None
+    assert refusal_reason({**document, "meta": {"ok": [{"$where": "1"}]}}) == (
+        "field name '$where' starts with '$' (refused before writing)"
+    )
+    assert "'$set'" in (refusal_reason({"meta": {"a": {"b": {"$set": 1}}}}) or "")
+    assert refusal_reason({"meta": {"price": "$5", "a$": 1}}) is None
 
 
 # -- a StreamContext that records what a stream stage finishes -----------------------------------
