@@ -62,7 +62,7 @@ from .poison import (
     poison_reason,
 )
 from .shutdown import Deadline, run_until_deadline
-from .topics import DLQ, MAX_MESSAGE_BYTES, topic_name
+from .topics import DLQ, MAX_MESSAGE_BYTES, group_id, topic_name
 
 log = logging.getLogger(__name__)
 
@@ -676,7 +676,7 @@ async def run_stage(stage: Stage, stop: asyncio.Event) -> None:
         "%s: consuming %s as group %s%s",
         stage.name,
         ", ".join(topics),
-        stage.group,
+        group_id(settings.topic_prefix, stage.group),
         f" (static member {settings.instance_id})" if settings.instance_id else "",
     )
     deadline = Deadline(settings.shutdown_grace)

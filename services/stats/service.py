@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from ..core.config import Settings
+from ..core.topics import STATS_GROUP
 from .app import app_id
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class StatsWorker:
     """What ``streamcrawl run stats`` starts: the lock, then the faust worker."""
 
     name = "stats"
+    group = STATS_GROUP  # faust's application id, under the topic prefix (app.app_id)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
