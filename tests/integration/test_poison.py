@@ -1,14 +1,17 @@
 """No poison record blocks a partition, against a real broker (and the real FerretDB for
-the sink): for each stage a record that makes its step raise goes to crawl.dlq with the
-error, the good records around it are processed, the stage process keeps running and the
-partition's committed offset moves past it.
+the sink).
 
-The inputs are real, not injected failures. One URL, ``POISON_URL``, makes the URL code
-raise: w3lib canonicalises it to ``http://%E2%80%8B0user:pass@%E3%80%82[::1`` (an
-unbalanced ``[`` in the host), which ``urlsplit`` refuses. The parser is fed a page whose
-5,000 links each resolve against a 2,000-character ``<base>``: a 106 KB body that parses
-into a 10 MB page, over the topic's limit. The sink gets a page whose ``meta`` has a key
-with a NUL byte, which BSON cannot encode.
+Two halves. ``test_runtime_defends_*``: a stage whose step raises on one record (a real
+stage class, subclassed here to raise ``StageBug`` for one chosen record, run by the real
+runtime) must send that record to crawl.dlq with a reason naming the exception, process
+the good records around it (batch stages: nothing the failed batch decided before the
+bad record is lost or taken for a duplicate), keep running, and commit past it.
+
+``test_*_at_the_edge`` and the others: the inputs that once made a stage raise (a URL that
+canonicalised to the unbalanced IPv6 host ``http://%E2%80%8B0user:pass@%E3%80%82[::1``, a
+106 KB page whose 5,000 links resolve to 10 MB, a ``meta`` key with a NUL byte) are now
+caught before the step: their records go to the DLQ with the edge's reason (or the bad
+link is dropped, or the links capped) and the records around them are processed.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from streamcrawl.core.messages import (
     Retry,
     encode,
 )
+from streamcrawl.core.runtime import MAX_OUTPUT_BYTES, Output, Received, Stage, run_stage
 from streamcrawl.core.topics import (
     DEDUP_GROUP,
     DISCOVERED,
@@ -52,8 +56,15 @@ from streamcrawl.core.topics import (
 )
 from streamcrawl.crawl.local import free_port
 from streamcrawl.crawl.processes import StageProcesses, child_env
+from streamcrawl.dedup.logic import Admission, BatchAdmission
+from streamcrawl.dedup.service import DedupStage
+from streamcrawl.fetcher.service import FetcherStage
+from streamcrawl.frontier.logic import RecentBatch
+from streamcrawl.frontier.service import FrontierStage
 from streamcrawl.localstack.provision import ensure_ferretdb
 from streamcrawl.localstack.stack import StackConfig, mongo_answers
+from streamcrawl.parser.service import ParserStage
+from streamcrawl.sink.service import SinkStage
 
 from ..conftest import isolated_settings
 from ..unit.test_stages import discovered, fetch, fetched, page
@@ -149,31 +160,37 @@ async def run_with_poison(
     return settings, decoded(await read_topic(settings, DLQ), DeadLetterRecord)
 
 
-def the_one_dead_letter(dead: list[DeadLetterRecord], reason: str, offset: int) -> DeadLetterRecord:
+def the_one_dead_letter(
+    dead: list[DeadLetterRecord], reason: str, offset: int, attempts: int | None = None
+) -> DeadLetterRecord:
+    """The only dead letter; ``attempts``: it was tried that many times by the runtime's
+    poison path (the edge's letters are written at once)."""
     assert [(d.reason, d.partition, d.offset) for d in dead] == [(reason, 0, offset)], dead
-    assert "after 2 attempts" in dead[0].detail
+    if attempts is not None:
+        assert f"after {attempts} attempts" in dead[0].detail, dead[0].detail
     return dead[0]
 
 
-async def test_frontier_dead_letters_a_poison_seed(stack: StackConfig, tmp_path: Path) -> None:
+# -- the formerly poison inputs, now caught at the edge ------------------------------------
+
+
+async def test_frontier_dead_letters_an_invalid_seed_at_the_edge(
+    stack: StackConfig, tmp_path: Path
+) -> None:
     seeds = [b"http://a.example/seed-1", POISON_URL.encode(), b"http://a.example/seed-2"]
     settings, dead = await run_with_poison(
         stack, tmp_path, "frontier", FRONTIER_GROUP, SEEDS, seeds
     )
     urls = sorted(d.url for d in decoded(await read_topic(settings, DISCOVERED), Discovered))
     assert urls == ["http://a.example/seed-1", "http://a.example/seed-2"]
-    letter = the_one_dead_letter(dead, "raised_value_error", 1)
-    assert "builtins.ValueError after 2 attempts: Invalid IPv6 URL" in letter.detail
+    letter = the_one_dead_letter(dead, "invalid_host", 1)
+    assert "attempts" not in letter.detail  # refused once, not retried as a poison record
     assert letter.payload == POISON_URL and letter.topic.endswith(SEEDS)
 
 
-async def test_frontier_dead_letters_a_poison_page_and_loses_no_link_before_it(
+async def test_frontier_drops_a_link_with_an_invalid_host_and_keeps_the_page(
     stack: StackConfig, tmp_path: Path
 ) -> None:
-    # One batch: the first page's links are marked as sent while the batch runs; the batch
-    # raises on the second page and is run again record by record: the first page's links
-    # must still go out (they never did), and the poison page must raise again (its
-    # first link must not have been marked either), so it reaches the DLQ.
     pages = [
         page(links=["http://a.example/1", "http://a.example/2"]),
         page(url="http://a.example/poison.html", links=["http://a.example/3", POISON_URL]),
@@ -183,32 +200,29 @@ async def test_frontier_dead_letters_a_poison_page_and_loses_no_link_before_it(
         stack, tmp_path, "frontier", FRONTIER_GROUP, PAGES, [encode(p) for p in pages]
     )
     urls = sorted(d.url for d in decoded(await read_topic(settings, DISCOVERED), Discovered))
-    assert urls == ["http://a.example/1", "http://a.example/2", "http://a.example/4"]
-    letter = the_one_dead_letter(dead, "raised_value_error", 1)
-    assert "Invalid IPv6 URL" in letter.detail and "poison.html" in letter.payload
+    assert urls == [f"http://a.example/{n}" for n in (1, 2, 3, 4)]
+    assert dead == []
 
 
-async def test_dedup_dead_letters_a_poison_candidate_and_loses_nothing_around_it(
+async def test_dedup_dead_letters_an_unsplittable_candidate_at_the_edge(
     stack: StackConfig, tmp_path: Path
 ) -> None:
-    # Before the poison record the batch admits /1 into the partition's Bloom filter; the
-    # batch is run again record by record and /1 must not then count as a duplicate.
     candidates = [
         discovered("http://a.example/1"),
         discovered(CANONICAL_POISON, host="a.example"),
         discovered("http://a.example/2"),
-        discovered("http://a.example/1"),  # a true duplicate, still dropped
+        discovered("http://a.example/1"),  # a true duplicate, dropped
     ]
     settings, dead = await run_with_poison(
         stack, tmp_path, "dedup", DEDUP_GROUP, DISCOVERED, [encode(c) for c in candidates]
     )
     fetches = decoded(await read_topic(settings, FETCH), Fetch)
     assert sorted(f.url for f in fetches) == ["http://a.example/1", "http://a.example/2"]
-    letter = the_one_dead_letter(dead, "raised_value_error", 1)
+    letter = the_one_dead_letter(dead, "invalid_url", 1)
     assert "Invalid IPv6 URL" in letter.detail and letter.stage == "dedup"
 
 
-async def test_parser_dead_letters_a_page_that_parses_over_the_topic_limit(
+async def test_parser_caps_the_links_of_a_page_that_would_parse_over_the_topic_limit(
     stack: StackConfig, tmp_path: Path
 ) -> None:
     base = "http://a.example/" + "p" * 1990 + "/"
@@ -224,30 +238,31 @@ async def test_parser_dead_letters_a_page_that_parses_over_the_topic_limit(
     settings, dead = await run_with_poison(
         stack, tmp_path, "parser", PARSER_GROUP, FETCHED, [encode(r) for r in records]
     )
-    pages = decoded(await read_topic(settings, PAGES), Page)
-    assert sorted(p.url for p in pages) == ["http://a.example/after", "http://a.example/before"]
-    letter = the_one_dead_letter(dead, "raised_output_too_large", 1)
-    assert "crawl.pages message of" in letter.detail or "pages message of" in letter.detail
+    assert dead == []
+    values = await read_topic(settings, PAGES)
+    assert all(len(value) <= MAX_OUTPUT_BYTES for value in values)
+    by_url = {p.url: p for p in decoded(values, Page)}
+    assert sorted(by_url) == [f"http://a.example/{n}" for n in ("after", "before", "bomb")]
+    assert 0 < len(by_url["http://a.example/bomb"].links) < 5000  # capped, not dropped
 
 
-async def test_fetcher_dead_letters_a_fetch_it_cannot_admit(
+async def test_fetcher_dead_letters_an_unsplittable_fetch_at_the_edge(
     stack: StackConfig, tmp_path: Path
 ) -> None:
     # Port 9 on 127.0.0.1 (allowed here) refuses connections: the good URLs' robots.txt
     # is unavailable, so they are processed into crawl.retry.
     good = [fetch("http://127.0.0.1:9/a"), fetch("http://127.0.0.1:9/b")]
-    poison = fetch(CANONICAL_POISON)
     settings, dead = await run_with_poison(
         stack,
         tmp_path,
         "fetcher",
         FETCHER_GROUP,
         FETCH,
-        [encode(good[0]), encode(poison), encode(good[1])],
+        [encode(good[0]), encode(fetch(CANONICAL_POISON)), encode(good[1])],
     )
     retries = decoded(await read_topic(settings, RETRY), Retry)
     assert sorted(r.url for r in retries) == ["http://127.0.0.1:9/a", "http://127.0.0.1:9/b"]
-    letter = the_one_dead_letter(dead, "raised_value_error", 1)
+    letter = the_one_dead_letter(dead, "invalid_url", 1)
     assert letter.stage == "fetcher" and "Invalid IPv6 URL" in letter.detail
 
 
@@ -262,15 +277,191 @@ async def test_sink_dead_letters_a_page_the_driver_cannot_encode(
     settings, dead = await run_with_poison(
         stack, tmp_path, "sink", SINK_GROUP, PAGES, [encode(p) for p in pages]
     )
-    letter = the_one_dead_letter(dead, "raised_invalid_document", 1)
+    letter = the_one_dead_letter(dead, "rejected_by_database", 1)
     assert "NULL byte" in letter.detail
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
+    assert await stored_ids(settings.mongo_uri, settings) == [
+        "http://a.example/after",
+        "http://a.example/before",
+    ]
+
+
+# -- the runtime's defence against a stage bug ---------------------------------------------
+
+
+class StageBug(RuntimeError):
+    """What the stages below raise for the one record they are given to fail on."""
+
+
+BUG_URL = "http://a.example/bug"
+
+
+def bug(url: str) -> StageBug:
+    return StageBug(f"a bug in the stage for {url}")
+
+
+async def run_in_process(
+    stage: Stage, suffix: str, values: list[bytes]
+) -> tuple[Settings, list[DeadLetterRecord]]:
+    """Produce ``values`` (one partition, one batch) and run ``stage`` with the real runtime
+    until its group committed them all; it must still be running then. Returns the stage's
+    settings and the dead letters."""
+    settings = stage.settings
+    await create_topics(settings)
+    await produce(settings, suffix, values, partition=0)
+    stop = asyncio.Event()
+    running = asyncio.create_task(run_stage(stage, stop), name=stage.name)
     try:
-        collection = client[settings.mongo_database][settings.mongo_collection]
-        stored = sorted([doc["_id"] async for doc in collection.find({})])
+        await wait_committed(settings, stage.group, suffix, timeout=120)
+        assert not running.done(), running.exception()
     finally:
-        await client.close()
-    assert stored == ["http://a.example/after", "http://a.example/before"]
+        stop.set()
+        await asyncio.wait_for(running, timeout=60)
+    return settings, decoded(await read_topic(settings, DLQ), DeadLetterRecord)
+
+
+def poison_settings(stack: StackConfig) -> Settings:
+    return isolated_settings(stack, poison_attempts="2")
+
+
+def the_bug_letter(dead: list[DeadLetterRecord], stage: str, offset: int) -> DeadLetterRecord:
+    letter = the_one_dead_letter(dead, "raised_stage_bug", offset, attempts=2)
+    assert letter.stage == stage
+    assert f"StageBug after 2 attempts: a bug in the stage for {BUG_URL}" in letter.detail
+    return letter
+
+
+class FrontierBuggyOnOnePage(FrontierStage):
+    """Raises on the page ``BUG_URL`` after deciding its links (so they are in the batch's
+    memory of sent links when it raises)."""
+
+    def _from_page(self, item: Received[Page], recent: RecentBatch) -> list[Output]:
+        outputs = super()._from_page(item, recent)
+        if item.message.url == BUG_URL:
+            raise bug(item.message.url)
+        return outputs
+
+
+async def test_runtime_defends_against_a_frontier_bug_and_loses_no_link_of_the_batch(
+    stack: StackConfig,
+) -> None:
+    # One batch: links 1 and 2, then the bug page's link 3, are decided before it raises.
+    # Run again record by record, the first page's links must still go out (they never
+    # did), and the last page's link 3 too: the bug page's links were never sent.
+    pages = [
+        page(links=["http://a.example/1", "http://a.example/2"]),
+        page(url=BUG_URL, links=["http://a.example/3"]),
+        page(url="http://a.example/last.html", links=["http://a.example/3", "http://a.example/4"]),
+    ]
+    stage = FrontierBuggyOnOnePage(poison_settings(stack))
+    assert stage.settings.frontier_recent_urls > 0  # the memory this test is about
+    settings, dead = await run_in_process(stage, PAGES, [encode(p) for p in pages])
+    urls = sorted(d.url for d in decoded(await read_topic(settings, DISCOVERED), Discovered))
+    assert urls == [f"http://a.example/{n}" for n in (1, 2, 3, 4)]
+    the_bug_letter(dead, "frontier", 1)
+
+
+class BatchAdmissionBuggyOnOneURL(BatchAdmission):
+    def decide(self, partition: int, crawl_id: str, url: str, *limits: int) -> str | None:
+        verdict = super().decide(partition, crawl_id, url, *limits)
+        if url == BUG_URL:
+            raise bug(url)
+        return verdict
+
+
+class AdmissionBuggyOnOneURL(Admission):
+    def batch(self) -> BatchAdmission:
+        return BatchAdmissionBuggyOnOneURL(self)
+
+
+class DedupBuggyOnOneURL(DedupStage):
+    """Raises while admitting ``BUG_URL``, after it (and the batch's URLs before it) were
+    taken into the batch's admissions."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.admission = AdmissionBuggyOnOneURL()
+
+
+async def test_runtime_defends_against_a_dedup_bug_and_loses_no_url_of_the_batch(
+    stack: StackConfig,
+) -> None:
+    # /1 is admitted in the failed batch before the bug record: run again record by record
+    # it must not count as a duplicate; its true duplicate at the end still does.
+    candidates = [
+        discovered("http://a.example/1"),
+        discovered(BUG_URL),
+        discovered("http://a.example/2"),
+        discovered("http://a.example/1"),
+    ]
+    stage = DedupBuggyOnOneURL(poison_settings(stack))
+    settings, dead = await run_in_process(stage, DISCOVERED, [encode(c) for c in candidates])
+    fetches = decoded(await read_topic(settings, FETCH), Fetch)
+    assert sorted(f.url for f in fetches) == ["http://a.example/1", "http://a.example/2"]
+    the_bug_letter(dead, "dedup", 1)
+
+
+class ParserBuggyOnOnePage(ParserStage):
+    async def process(self, batch: list[Received[Any]]) -> list[Output]:
+        outputs = await super().process(batch)
+        for item in batch:
+            if item.message.url == BUG_URL:
+                raise bug(item.message.url)
+        return outputs
+
+
+async def test_runtime_defends_against_a_parser_bug(stack: StackConfig) -> None:
+    body = b'<html><body><a href="/next">next</a></body></html>'
+    records = [
+        fetched(body, url=url, final_url=url)
+        for url in ("http://a.example/before", BUG_URL, "http://a.example/after")
+    ]
+    stage = ParserBuggyOnOnePage(poison_settings(stack))
+    settings, dead = await run_in_process(stage, FETCHED, [encode(r) for r in records])
+    pages = decoded(await read_topic(settings, PAGES), Page)
+    assert sorted(p.url for p in pages) == ["http://a.example/after", "http://a.example/before"]
+    the_bug_letter(dead, "parser", 1)
+
+
+class FetcherBuggyOnOneURL(FetcherStage):
+    def admit(self, item: Received[Any]) -> None:
+        if item.message.url == BUG_URL:
+            raise bug(item.message.url)
+        super().admit(item)
+
+
+async def test_runtime_defends_against_a_fetcher_admit_bug(stack: StackConfig) -> None:
+    # Port 9 on 127.0.0.1 (allowed here) refuses connections: the good URLs' robots.txt
+    # is unavailable, so they are processed into crawl.retry.
+    requests = [fetch("http://127.0.0.1:9/a"), fetch(BUG_URL), fetch("http://127.0.0.1:9/b")]
+    stage = FetcherBuggyOnOneURL(poison_settings(stack))
+    settings, dead = await run_in_process(stage, FETCH, [encode(r) for r in requests])
+    retries = decoded(await read_topic(settings, RETRY), Retry)
+    assert sorted(r.url for r in retries) == ["http://127.0.0.1:9/a", "http://127.0.0.1:9/b"]
+    # admit is tried poison_attempts times, not "after N attempts" of a spawned task.
+    letter = the_one_dead_letter(dead, "raised_stage_bug", 1)
+    assert letter.stage == "fetcher" and f"a bug in the stage for {BUG_URL}" in letter.detail
+
+
+class SinkBuggyOnOnePage(SinkStage):
+    """Its write raises for a batch that holds ``BUG_URL`` (after storing nothing)."""
+
+    async def _store(self, documents: list[dict[str, Any]]) -> dict[int, str]:
+        if any(document["_id"] == BUG_URL for document in documents):
+            raise bug(BUG_URL)
+        return await super()._store(documents)
+
+
+async def test_runtime_defends_against_a_sink_write_bug(stack: StackConfig) -> None:
+    pages = [
+        page(url=url) for url in ("http://a.example/before", BUG_URL, "http://a.example/after")
+    ]
+    stage = SinkBuggyOnOnePage(poison_settings(stack))
+    settings, dead = await run_in_process(stage, PAGES, [encode(p) for p in pages])
+    the_bug_letter(dead, "sink", 1)
+    assert await stored_ids(settings.mongo_uri, settings) == [
+        "http://a.example/after",
+        "http://a.example/before",
+    ]
 
 
 class PrivateFerretDB:
