@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from streamcrawl.localstack.provision import FERRETDB_VERSION, KAFKA_VERSION
+from streamcrawl.localstack.provision import FERRETDB_BUILD, FERRETDB_VERSION, KAFKA_VERSION
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
@@ -45,7 +45,7 @@ def test_two_provisions_at_once_on_an_empty_cache_both_succeed(tmp_path: Path) -
     assert codes == [0, 0], logs
     # Both report the same servers: the second waited and then found the first's work.
     kafka_home = cache / f"kafka-{KAFKA_VERSION}"
-    ferretdb = cache / f"ferretdb-{FERRETDB_VERSION}" / "ferretdb"
+    ferretdb = cache / f"ferretdb-{FERRETDB_BUILD}" / "ferretdb"
     for output in logs:
         assert f"Kafka {KAFKA_VERSION}: {kafka_home / 'libs'}" in output, output
         assert f"FerretDB: {ferretdb}" in output, output
