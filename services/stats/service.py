@@ -15,17 +15,25 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
+import os
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import IO
+
+from aiokafka.errors import KafkaError
 
 from ..core.config import Settings
 from ..core.topics import STATS_GROUP
 from .app import app_id
 
 log = logging.getLogger(__name__)
+
+# faust gives up on the first Kafka error of its start-up (a broker restarting, a
+# coordinator moving) and stops the worker: the process starts it again after this long.
+RESTART_DELAY_S = 5.0
 
 
 def lock_path(settings: Settings) -> Path:
@@ -75,6 +83,46 @@ class StatsWorker:
                 redirect_stdouts=False,
                 quiet=True,
             )
-            worker.execute_from_commandline()
+            try:
+                worker.execute_from_commandline()
+            except SystemExit as stopped:
+                # A SIGTERM/SIGINT that faust handled (mode's Worker records when) stops it.
+                signalled = getattr(worker, "_signal_stop_time", None)
+                cause = None if signalled else kafka_failure(stopped)
+                if cause is None:
+                    raise
+                log.error(
+                    "stats: the faust worker stopped on a Kafka error (%r); starting it again"
+                    " in %.0f s, the tables recovered from their changelogs",
+                    cause,
+                    RESTART_DELAY_S,
+                )
         finally:
             lock.close()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a stop while waiting: stop at once
+        time.sleep(RESTART_DELAY_S)
+        restart_this_process()
+
+
+def kafka_failure(stopped: SystemExit) -> BaseException | None:
+    """The Kafka error a failed worker stopped on (faust exits with the error as the
+    context of its SystemExit), or None: a clean stop, or a failure of another kind."""
+    if stopped.code in (0, None):
+        return None
+    seen: set[int] = set()
+    cause = stopped.__context__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KafkaError):
+            failure: BaseException = cause  # aiokafka has no type hints
+            return failure
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def restart_this_process() -> None:
+    """Run this command again in this process (same pid, arguments and environment): faust
+    closed its event loop and keeps module state, so a fresh interpreter is the clean way."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

@@ -252,7 +252,9 @@ async def wait_until_stored(watch: PipelineWatch, pages: int, timeout: float) ->
         await asyncio.sleep(0.2)
 
 
-async def drain(settings: Settings, stages: StageProcesses, timeout: float) -> list[str]:
+async def drain(
+    settings: Settings, stages: StageProcesses, timeout: float, log_dir: Path
+) -> list[str]:
     """Wait until every group committed everything; the stages that exited meanwhile."""
     watch = PipelineWatch(settings)  # fresh connections: the broker may have restarted
     await watch.start()
@@ -260,9 +262,39 @@ async def drain(settings: Settings, stages: StageProcesses, timeout: float) -> l
         await watch_until_drained(watch, stages, io.StringIO(), timeout=timeout)
     except RuntimeError:  # a stage exited: watch_until_drained stops there
         return stages.dead()
+    except TimeoutError as exc:  # say where the work stands, for a failure seen only in CI
+        lagging = await lagging_partitions(settings)
+        raise TimeoutError(f"{exc}; lagging: {lagging}; logs: {log_tails(log_dir)}") from exc
     finally:
         await watch.stop()
     return stages.dead()
+
+
+async def lagging_partitions(settings: Settings) -> list[str]:
+    """'group topic[partition] committed/end' of every partition some group lags on."""
+    probe = OffsetProbe(settings)
+    await probe.start()
+    try:
+        rows = [
+            row
+            for group, inputs in GROUP_INPUTS.items()
+            for row in await probe.lag(group, [settings.topic_prefix + s for s in inputs])
+        ]
+    finally:
+        await probe.stop()
+    return [
+        f"{row.group} {row.topic}[{row.partition}] {row.committed}/{row.end_offset}"
+        for row in rows
+        if row.lag
+    ]
+
+
+def log_tails(log_dir: Path, lines: int = 4) -> dict[str, list[str]]:
+    """The last lines of every stage's log."""
+    return {
+        log.stem: log.read_text(errors="replace").splitlines()[-lines:]
+        for log in sorted(log_dir.glob("*.log"))
+    }
 
 
 async def crawl_through_fault(
@@ -289,7 +321,7 @@ async def crawl_through_fault(
             committed = await fetcher_commits(settings)
             context.notes["fault_at_s"] = round(time.monotonic() - started, 1)
             await fault(context)
-            exited = await drain(settings, stages, timeout)
+            exited = await drain(settings, stages, timeout, log_dir)
             crawl_s = time.monotonic() - started
         finally:
             await sampler.stop()
