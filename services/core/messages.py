@@ -415,6 +415,7 @@ def _check_address(message: Addressed) -> None:
     try:
         parts = urlsplit(message.url)
         hostname = parts.hostname
+        parts.port  # noqa: B018 (reading it raises ValueError for a port out of range)
     except ValueError as exc:  # an unbalanced IPv6 bracket, a bad port
         raise Undecodable("invalid_url", f"{exc} in {message.url[:200]!r}") from exc
     if parts.scheme.lower() not in ("http", "https"):

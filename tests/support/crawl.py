@@ -102,8 +102,10 @@ def kcat_consume(bootstrap: str, topic: str) -> list[tuple[str, bytes]]:
     return rows
 
 
-async def stored_documents(settings: Settings) -> list[dict[str, Any]]:
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
+async def stored_documents(settings: Settings, uri: str | None = None) -> list[dict[str, Any]]:
+    """Every document in the crawl's collection, without its text (``uri`` where the
+    client needs other credentials than the stages')."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri or settings.mongo_uri)
     try:
         collection = client[settings.mongo_database][settings.mongo_collection]
         return [doc async for doc in collection.find({}, {"text": 0})]

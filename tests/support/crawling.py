@@ -9,12 +9,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from pymongo import AsyncMongoClient
 from streamcrawl.core.config import Settings
 from streamcrawl.crawl.local import running_pipeline
 from streamcrawl.crawl.seeds import produce_seeds
 from streamcrawl.crawl.watch import PipelineWatch, watch_until_drained
 from streamcrawl.demo.site import SiteManifest
+
+from .crawl import stored_documents
+
+__all__ = ["assert_stored_once", "crawl_site", "stored_documents"]
 
 # Called once the crawl is under way, with the progress watch (to wait for a point in the
 # crawl) -- where a test breaks something.
@@ -35,15 +38,6 @@ async def crawl_site(
         if during is not None:
             await during(watch)
         await watch_until_drained(watch, stages, io.StringIO(), timeout=timeout)
-
-
-async def stored_documents(settings: Settings, uri: str | None = None) -> list[dict[str, Any]]:
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri or settings.mongo_uri)
-    try:
-        collection = client[settings.mongo_database][settings.mongo_collection]
-        return [doc async for doc in collection.find({}, {"text": 0})]
-    finally:
-        await client.close()
 
 
 def assert_stored_once(manifest: SiteManifest, documents: list[dict[str, Any]]) -> None:

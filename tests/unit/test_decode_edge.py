@@ -48,6 +48,8 @@ def record(value: bytes | None, key: bytes | None = None) -> ConsumerRecord[byte
         ({"url": "javascript:alert(1)"}, "unsupported_scheme"),
         ({"url": "http:///x"}, "invalid_url"),
         ({"url": "http://[::1/x"}, "invalid_url"),
+        ({"url": "http://a.example:99999/x", "host": "a.example:99999"}, "invalid_url"),
+        ({"url": "http://a.example:x/", "host": "a.example:x"}, "invalid_url"),
         ({"url": "http://b.example/x"}, "host_mismatch"),
         ({"meta": {"k": "x" * MAX_META_BYTES}}, "meta_too_large"),
     ],
