@@ -190,9 +190,11 @@ class ControlFollower:
         assert self._consumer is not None
         deadline = time.monotonic() + timeout
         while True:
+            found: set[int] | None = None
             with contextlib.suppress(KafkaError):
-                await self._consumer.topics()  # refreshes the metadata
-            found = self._consumer.partitions_for_topic(self.topic)
+                # The whole cluster's metadata (a reader's own covers assigned topics only).
+                cluster = await self._consumer._client.fetch_all_metadata()
+                found = cluster.partitions_for_topic(self.topic)
             if found:
                 return [TopicPartition(self.topic, p) for p in sorted(found)]
             if time.monotonic() > deadline:
