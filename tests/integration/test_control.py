@@ -158,6 +158,16 @@ async def test_pause_resume_and_cancel_two_of_three_crawls_on_one_pipeline(
         during = [ts for ts, _ in running.requests() if paused_at + SETTLE < ts < pause_ended]
         assert len(during) >= 20, "the crawl that was not paused went on meanwhile"
         held_back = len(paused.requests())
+        last_paused = max(ts for ts, _ in paused.requests()) - paused_at
+        last_cancelled = max(ts for ts, _ in cancelled.requests()) - cancelled_at
+        print(
+            f"\ncontrol figures: last request of the paused crawl {last_paused:+.2f}s and of "
+            f"the cancelled one {last_cancelled:+.2f}s after their command returned; "
+            f"{len(during)} requests of the other crawl during the pause "
+            f"({pause_ended - paused_at - SETTLE:.0f}s); paused at {held_back}/"
+            f"{paused.expected} pages",
+            file=sys.stderr,
+        )
         assert held_back < paused.expected, "the paused crawl was paused mid-way"
         assert len(cancelled.requests()) < cancelled.expected
 
