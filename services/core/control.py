@@ -156,7 +156,7 @@ class ControlFollower:
             auto_offset_reset="earliest",
         )
         await self._consumer.start()
-        partitions = await self._partitions(timeout / 4 if missing_ok else timeout)
+        partitions = await self._partitions(5.0 if missing_ok else timeout)
         if not partitions:
             if not missing_ok:
                 raise TimeoutError(f"topic {self.topic} does not exist (streamcrawl topics create)")
