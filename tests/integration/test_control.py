@@ -110,11 +110,16 @@ async def wait_for_requests(site: Site, count: int, timeout: float = 180) -> Non
         await asyncio.sleep(0.2)
 
 
-async def crawl_status(settings: Settings, crawl_id: str) -> dict[str, Any]:
-    result = await asyncio.to_thread(command, settings, "status", "--json", crawl_id)
-    assert result.returncode == 0, result.stderr
-    found: dict[str, Any] = json.loads(result.stdout)
-    return found
+async def crawl_status(settings: Settings, crawl_id: str, timeout: float = 120) -> dict[str, Any]:
+    """``streamcrawl status --json CRAWL_ID``, once the stats stage answers for the crawl."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await asyncio.to_thread(command, settings, "status", "--json", crawl_id)
+        if result.returncode == 0:
+            found: dict[str, Any] = json.loads(result.stdout)
+            return found
+        assert time.monotonic() < deadline, result.stderr
+        await asyncio.sleep(1.0)
 
 
 async def test_pause_resume_and_cancel_two_of_three_crawls_on_one_pipeline(
@@ -128,6 +133,7 @@ async def test_pause_resume_and_cancel_two_of_three_crawls_on_one_pipeline(
         fetch_per_host_concurrency="1",
         pause_recheck=str(PAUSE_RECHECK),
         shutdown_grace="15",
+        stats_port=str(free_port()),  # its own stats stage, not another test's
         state_dir=str(tmp_path / "state"),
     )
     async with running_pipeline(settings, tmp_path / "logs") as (stages, watch):
