@@ -211,3 +211,45 @@ async def test_dedup_and_frontier_drop_a_cancelled_crawl() -> None:
     outputs = await run_batch(frontier, seeds)
     assert [out.value.crawl_id for out in pipeline(outputs)] == ["kept"]
     assert counted(outputs) == {"gone": {"cancelled": 1}, "kept": {"discovered": 1}}
+
+
+# -- the commands --------------------------------------------------------------------------
+
+
+def test_the_commands_parse_one_or_more_crawl_ids() -> None:
+    from streamcrawl.cli import build_parser
+
+    for command in ("pause", "resume", "cancel"):
+        args = build_parser().parse_args([command, "shop", "blog"])
+        assert (args.command, args.crawl_ids) == (command, ["shop", "blog"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["pause"])  # a crawl id is required
+
+
+def test_status_shows_a_paused_or_cancelled_crawl_as_such() -> None:
+    from streamcrawl.crawl.status import crawls_table
+
+    def row(crawl_id: str, control: str | None) -> dict[str, object]:
+        found: dict[str, object] = {
+            "crawl_id": crawl_id,
+            "state": "running",
+            "stored": 1,
+            "pages_per_s": 1.0,
+            "errors": 0,
+            "age_s": 5.0,
+        }
+        if control is not None:
+            found["control"] = control
+        return found
+
+    listing = {
+        "crawls": [row("a", "paused"), row("b", "cancelled"), row("c", "active"), row("d", None)],
+        "recovering": False,
+    }
+    lines = crawls_table(listing).splitlines()[2:]
+    assert [line.split()[:2] for line in lines] == [
+        ["a", "paused"],
+        ["b", "cancelled"],
+        ["c", "running"],
+        ["d", "running"],
+    ]
