@@ -17,7 +17,7 @@ from aiokafka import TopicPartition
 
 from ..core import metrics
 from ..core.config import Settings
-from ..core.messages import Retry, fetch_from_retry, tallies
+from ..core.messages import ControlState, Retry, fetch_from_retry, tallies
 from ..core.runtime import Input, Output, Received, StreamStage, json_input
 from ..core.topics import DELAY_GROUP, EVENTS, FETCH, RETRY
 from .logic import DelayBuffer
@@ -81,6 +81,21 @@ class DelayStage(StreamStage):
             key=item.record.key,
             partition=item.record.partition,
         )
+
+    def on_control(self, crawl_id: str, state: ControlState) -> None:
+        """A resumed crawl's paused URLs go back to the fetcher now, not after their
+        ``PAUSE_RECHECK``; a cancelled crawl's retries are dropped now (see release)."""
+        if state == "paused":
+            return
+
+        def matches(item: Received[Retry]) -> bool:
+            message = item.message
+            return message.crawl_id == crawl_id and (
+                state == "cancelled" or message.retry_reason == "paused"
+            )
+
+        if self.buffer.advance_where(matches, time.time()):
+            self.wakeup.set()
 
     def hand_back(self, partitions: set[TopicPartition] | None) -> None:
         # Held records were never committed: the partition's next owner reads them again.

@@ -253,3 +253,28 @@ def test_status_shows_a_paused_or_cancelled_crawl_as_such() -> None:
         ["c", "running"],
         ["d", "running"],
     ]
+
+
+async def test_delay_releases_a_resumed_crawls_paused_urls_at_once() -> None:
+    stage = DelayStage(SETTINGS)
+    harness = Harness(stage)
+    stage.crawls.apply(control("p", "paused"))
+    later = time.time() + 3600
+    held = msgspec.structs.replace(retry("1", due_at=later, reason="paused"), crawl_id="p")
+    failed = msgspec.structs.replace(retry("2", due_at=later), crawl_id="p")  # a real retry
+    other = msgspec.structs.replace(retry("3", due_at=later, reason="paused"), crawl_id="q")
+    for offset, value in enumerate([held, failed, other]):
+        harness.admit(retry_record(value, 0, offset))
+    await stage.release(time.time())
+    assert harness.finished == []
+    stage.crawls.apply(control("p", "active"))
+    await stage.release(time.time())
+    await harness.settle()
+    (finished,) = harness.finished
+    assert [out.value.url for out in finished.outputs] == ["http://a.example/1"]
+    assert stage.buffer.next_due() == later  # the failed one keeps its backoff
+    stage.crawls.apply(control("q", "cancelled"))
+    await stage.release(time.time())
+    await harness.settle()
+    assert counted(harness.finished[-1].outputs) == {"q": {"cancelled": 1}}
+    assert len(stage.buffer) == 1
