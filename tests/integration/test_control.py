@@ -184,6 +184,10 @@ async def test_pause_resume_and_cancel_two_of_three_crawls_on_one_pipeline(
 
         result = await asyncio.to_thread(command, settings, "resume", paused.crawl_id)
         assert result.returncode == 0, result.stderr
+        resumed_at = time.time()
+        await wait_for_requests(paused, held_back + 1, timeout=60)
+        first = min(ts for ts, _ in paused.requests() if ts > resumed_at - SETTLE) - resumed_at
+        print(f"control figures: first request after resume {first:+.2f}s", file=sys.stderr)
         await watch_until_drained(watch, stages, sys.stderr, quiet_polls=2, timeout=300)
 
         # Resumed: finished, every page requested once and stored once.
