@@ -149,6 +149,17 @@ def _status(args: argparse.Namespace) -> int:
     return code
 
 
+def _control(args: argparse.Namespace) -> int:
+    from .core.control import command_state, send_control
+
+    settings = Settings.from_env()
+    asyncio.run(check_kafka_access(settings))
+    sent = asyncio.run(send_control(settings, args.crawl_ids, command_state(args.command)))
+    for record in sent:
+        print(f"crawl {record.crawl_id}: {record.state}")
+    return 0
+
+
 def _crawl(args: argparse.Namespace) -> int:
     from .crawl.local import crawl_command
 
@@ -250,6 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="order of the hosts",
     )
     status.set_defaults(handler=_status)
+
+    for command, summary in (
+        ("pause", "pause crawls: their URLs wait in crawl.retry, nothing of them is fetched"),
+        ("resume", "resume paused crawls"),
+        ("cancel", "cancel crawls for good: their URLs are dropped and counted as cancelled"),
+    ):
+        control = commands.add_parser(command, help=summary + " (crawl.control)")
+        control.add_argument("crawl_ids", nargs="+", metavar="CRAWL_ID")
+        control.set_defaults(handler=_control)
 
     lag = commands.add_parser("lag", help="consumer lag, and what KEDA would scale to")
     lag.add_argument("--group", choices=list(GROUP_INPUTS))

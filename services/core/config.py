@@ -178,6 +178,13 @@ class Settings:
         default=50_000,
         metadata={"doc": "Retries the delay service holds in memory until they are due."},
     )
+    pause_recheck: float = field(
+        default=5.0,
+        metadata={
+            "doc": "A URL of a paused crawl waits in crawl.retry this many seconds, then is "
+            "checked again (so a resumed crawl goes on within about this long)."
+        },
+    )
     proxies: tuple[str, ...] = field(
         default=(),
         metadata={"doc": "Optional proxy pool (http://host:port, comma separated), one per host."},
@@ -333,6 +340,8 @@ class Settings:
             raise ValueError(f"{PREFIX}RETRY_MAX_ATTEMPTS must be between 1 and {MAX_ATTEMPTS}")
         if self.poison_attempts < 1:
             raise ValueError(f"{PREFIX}POISON_ATTEMPTS must be >= 1")
+        if self.pause_recheck <= 0:
+            raise ValueError(f"{PREFIX}PAUSE_RECHECK must be > 0")
         if self.shutdown_grace <= 0:
             raise ValueError(f"{PREFIX}SHUTDOWN_GRACE must be > 0")
         self.host_delay_map()

@@ -270,6 +270,23 @@ class Tally(Message, kw_only=True):
     ] = []
 
 
+ControlState = Literal["active", "paused", "cancelled"]
+
+
+class Control(Message, kw_only=True):
+    """crawl.control (compacted, keyed by crawl id): the state a crawl is in, written by
+    ``streamcrawl pause|resume|cancel``. The last record of a crawl id is its state; every
+    stage keeps the table. ``cancelled`` is final."""
+
+    crawl_id: CrawlId
+    state: Annotated[
+        ControlState,
+        Meta(description="active (the default, and after resume), paused, or cancelled."),
+    ]
+    at: Annotated[float, Meta(description="Unix time of the command.")]
+    by: Annotated[str, Meta(max_length=256, description="Who gave the command.")] | None = None
+
+
 # The schema file of each topic's type: the public contract.
 SCHEMA_TYPES: dict[str, type[Message]] = {
     "seed": Seed,
@@ -280,6 +297,7 @@ SCHEMA_TYPES: dict[str, type[Message]] = {
     "page": Page,
     "dlq": DeadLetterRecord,
     "event": Tally,
+    "control": Control,
 }
 
 M = TypeVar("M", bound=Message)

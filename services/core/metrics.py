@@ -52,6 +52,11 @@ FETCH_IN_FLIGHT = Gauge("streamcrawl_fetch_in_flight", "Requests in flight in th
 POLITENESS_WAIT = Counter(
     "streamcrawl_politeness_wait_seconds_total", "Seconds requests waited for host politeness."
 )
+URLS_CANCELLED = Counter(
+    "streamcrawl_urls_cancelled_total",
+    "URLs of a cancelled crawl dropped (crawl.control), by stage.",
+    ["stage"],
+)
 FETCH_DEFERRED = Counter(
     "streamcrawl_fetch_deferred_total",
     "URLs sent to crawl.retry, by reason (retry after a failure, busy host, robots outage).",

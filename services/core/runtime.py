@@ -40,11 +40,13 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from . import metrics
 from .config import Settings
+from .control import ControlFollower, CrawlStates
 from .errors import ReasonedError, StageCannotRun
 from .kafka import export_lag, kafka_reachable, make_consumer, make_producer, stop_consumer
 from .membership import consumer_options, remove_static_member
 from .messages import (
     Attempt,
+    ControlState,
     DeadLetterRecord,
     Message,
     check_message,
@@ -239,9 +241,16 @@ class Stage(ABC):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Every crawl's state (crawl.control), kept current by the runtime.
+        self.crawls = CrawlStates()
+        self.crawls.listen(self.on_control)
 
     @abstractmethod
     def inputs(self) -> tuple[Input, ...]: ...
+
+    def on_control(self, crawl_id: str, state: ControlState) -> None:
+        """A crawl's state changed (paused, resumed, cancelled): a stage holding URLs of
+        it in memory acts on them now."""
 
     async def start(self) -> None:
         """Open connections the stage needs (a database, an HTTP session)."""
@@ -650,6 +659,14 @@ async def run_stage(stage: Stage, stop: asyncio.Event) -> None:
     settings = stage.settings
     # The stage first: one that cannot start (refused credentials) leaves no client unclosed.
     await stage.start()
+    # Every crawl's state before the first record: a restarted stage keeps them.
+    control = ControlFollower(settings, stage.crawls)
+    try:
+        await control.start(missing_ok=True)
+    except BaseException:
+        await control.stop()
+        await stage.stop()
+        raise
     producer = make_producer(settings)
     consumer = make_consumer(
         settings, stage.group, max_poll_records=settings.batch_size, **consumer_options(settings)
@@ -685,6 +702,7 @@ async def run_stage(stage: Stage, stop: asyncio.Event) -> None:
     finally:
         await health.stop()
         await deadline.bounded(f"{stage.name}: closing the consumer", stop_consumer(consumer))
+        await deadline.bounded(f"{stage.name}: closing the control reader", control.stop())
         await remove_static_member(settings, stage.group, max(0.5, deadline.left()))
         await deadline.bounded(f"{stage.name}: flushing the producer", producer.stop())
         await deadline.bounded(f"{stage.name}: stopping", stage.stop())

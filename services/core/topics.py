@@ -35,9 +35,18 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
     # Stages' per-batch counts for the stats stage (keyed by crawl id). As many
     # partitions as the host-keyed topics: stats' tables are partitioned like its inputs.
     TopicSpec("events", HOST_PARTITIONS),
+    # Each crawl's state (active, paused, cancelled), keyed by crawl id: compacted, so the
+    # last command of every crawl is kept for good and a stage that starts reads them all.
+    TopicSpec(
+        "control",
+        3,
+        (("cleanup.policy", "compact"), ("min.compaction.lag.ms", "0"), ("segment.ms", "3600000")),
+    ),
 )
 
-SEEDS, DISCOVERED, FETCH, RETRY, FETCHED, PAGES, DLQ, EVENTS = (spec.suffix for spec in TOPIC_SPECS)
+SEEDS, DISCOVERED, FETCH, RETRY, FETCHED, PAGES, DLQ, EVENTS, CONTROL = (
+    spec.suffix for spec in TOPIC_SPECS
+)
 
 # Consumer groups, one per service. KEDA watches FETCHER_GROUP on crawl.fetch.
 FRONTIER_GROUP = "streamcrawl-frontier"

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any
 
 import aiohttp
+from aiokafka.errors import KafkaError
 
 from ..core.config import Settings
+from ..core.control import read_states
 from ..core.kafka import OffsetProbe
 from ..core.topics import DLQ, EVENTS, FETCHED, RETRY, STATS_GROUP
+
+log = logging.getLogger(__name__)
 
 # What the stats stage reads: when its group has committed all of it, its numbers are final.
 STATS_INPUTS = (EVENTS, FETCHED, RETRY, DLQ)
@@ -115,11 +120,17 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     )
 
 
+def _state(crawl: dict[str, Any]) -> str:
+    """A paused or cancelled crawl (crawl.control) shows that; others running or idle."""
+    control = crawl.get("control", "active")
+    return str(crawl["state"] if control == "active" else control)
+
+
 def crawls_table(listing: dict[str, Any]) -> str:
     rows = [
         [
             crawl["crawl_id"],
-            crawl["state"],
+            _state(crawl),
             str(crawl["stored"]),
             f"{crawl['pages_per_s']:.1f}",
             str(crawl["errors"]),
@@ -137,11 +148,11 @@ def crawl_report(crawl: dict[str, Any], hosts: list[dict[str, Any]]) -> str:
         return ", ".join(f"{name} {count}" for name, count in named.items()) or "-"
 
     lines = [
-        f"crawl {crawl['crawl_id']}: {crawl['state']}, age {_age(crawl['age_s'])}, "
+        f"crawl {crawl['crawl_id']}: {_state(crawl)}, age {_age(crawl['age_s'])}, "
         f"{crawl['pages_per_s']:.1f} pages/s",
         f"  discovered {crawl['discovered']}  admitted {crawl['admitted']}  "
         f"fetched {crawl['fetched']}  parsed {crawl['parsed']}  stored {crawl['stored']}  "
-        f"bytes {crawl['bytes']}",
+        f"bytes {crawl['bytes']}  cancelled {crawl.get('cancelled', 0)}",
         f"  status    {reasons(crawl['status'])}",
         f"  filtered  {reasons(crawl['filtered'])}",
         f"  failed    {reasons(crawl['failed'])}",
@@ -165,18 +176,31 @@ def crawl_report(crawl: dict[str, Any], hosts: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+async def _control_states(settings: Settings) -> dict[str, str]:
+    """Each controlled crawl's state from crawl.control; nothing when it cannot be read."""
+    try:
+        return dict((await read_states(settings, timeout=10.0)).states())
+    except (TimeoutError, KafkaError, OSError) as exc:
+        log.warning("crawl.control could not be read (%r); states not shown", exc)
+        return {}
+
+
 async def status_report(
     settings: Settings, crawl_id: str | None, top: int, sort: str, as_json: bool
 ) -> tuple[int, str]:
     """(exit code, text) of ``streamcrawl status``."""
+    states = await _control_states(settings)
     async with StatsClient(stats_url(settings)) as client:
         try:
             if crawl_id is None:
                 listing = await client.crawls()
+                for row in listing["crawls"]:
+                    row["control"] = states.get(row["crawl_id"], "active")
                 return 0, json.dumps(listing, indent=2) if as_json else crawls_table(listing)
             crawl = await client.crawl(crawl_id)
             if crawl is None:
                 return 1, f"no crawl {crawl_id!r} in the stats stage"
+            crawl["control"] = states.get(crawl_id, "active")
             hosts = await client.hosts(crawl_id, top=top, sort=sort)
         except StatsUnavailable as exc:
             return 3, f"the stats stage does not answer ({exc}); is `streamcrawl run stats` up?"

@@ -273,6 +273,10 @@ class DedupStage(BatchStage):
             if partition not in self.admission.filters:
                 # Waits for the rebuild on_assigned started (or starts one).
                 await self._rebuild([partition])
+            if self.crawls.verdict(candidate.crawl_id) == "drop":  # crawl.control
+                metrics.URLS_CANCELLED.labels(self.name).inc()
+                counts[candidate.crawl_id, "cancelled"] += 1
+                continue
             verdict = admission.decide(
                 partition,
                 candidate.crawl_id,

@@ -56,3 +56,15 @@ class DelayBuffer(Generic[T]):
         heapq.heapify(kept)
         self._heap = kept
         return dropped
+
+    def advance_where(self, predicate: Callable[[T], bool], due_at: float) -> int:
+        """Make held items matching ``predicate`` due at ``due_at`` at the latest (a
+        resumed crawl's paused URLs, a cancelled crawl's retries); returns how many."""
+        moved = 0
+        for held in self._heap:
+            if held.due_at > due_at and predicate(held.item):
+                held.due_at = due_at
+                moved += 1
+        if moved:
+            heapq.heapify(self._heap)
+        return moved

@@ -17,9 +17,9 @@ from aiokafka import TopicPartition
 
 from ..core import metrics
 from ..core.config import Settings
-from ..core.messages import Retry, fetch_from_retry
+from ..core.messages import ControlState, Retry, fetch_from_retry, tallies
 from ..core.runtime import Input, Output, Received, StreamStage, json_input
-from ..core.topics import DELAY_GROUP, FETCH, RETRY
+from ..core.topics import DELAY_GROUP, EVENTS, FETCH, RETRY
 from .logic import DelayBuffer
 
 _MAX_SLEEP = 0.5
@@ -55,7 +55,23 @@ class DelayStage(StreamStage):
     async def release(self, now: float) -> None:
         due = self.buffer.pop_due(now)
         if due:
-            await self.ctx.complete(due, [self.output(item) for item in due])
+            # A cancelled crawl's retries end here (counted); a paused crawl's go back to
+            # the fetcher, which holds them again.
+            going = [item for item in due if self.crawls.verdict(item.message.crawl_id) != "drop"]
+            outputs = [self.output(item) for item in going]
+            dropped = len(due) - len(going)
+            if dropped:
+                metrics.URLS_CANCELLED.labels(self.name).inc(dropped)
+                counts: dict[tuple[str, str], int] = {}
+                for item in due:
+                    if self.crawls.verdict(item.message.crawl_id) == "drop":
+                        key = (item.message.crawl_id, "cancelled")
+                        counts[key] = counts.get(key, 0) + 1
+                outputs.extend(
+                    Output(self.topic(EVENTS), tally, key=tally.crawl_id.encode())
+                    for tally in tallies("delay", counts, now)
+                )
+            await self.ctx.complete(due, outputs)
             metrics.DELAY_HELD.set(len(self.buffer))
 
     def output(self, item: Received[Retry]) -> Output:
@@ -65,6 +81,21 @@ class DelayStage(StreamStage):
             key=item.record.key,
             partition=item.record.partition,
         )
+
+    def on_control(self, crawl_id: str, state: ControlState) -> None:
+        """A resumed crawl's paused URLs go back to the fetcher now, not after their
+        ``PAUSE_RECHECK``; a cancelled crawl's retries are dropped now (see release)."""
+        if state == "paused":
+            return
+
+        def matches(item: Received[Retry]) -> bool:
+            message = item.message
+            return message.crawl_id == crawl_id and (
+                state == "cancelled" or message.retry_reason == "paused"
+            )
+
+        if self.buffer.advance_where(matches, time.time()):
+            self.wakeup.set()
 
     def hand_back(self, partitions: set[TopicPartition] | None) -> None:
         # Held records were never committed: the partition's next owner reads them again.

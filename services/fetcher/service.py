@@ -26,7 +26,8 @@ from aiokafka import TopicPartition
 
 from ..core import metrics
 from ..core.config import Settings
-from ..core.messages import Fetch, Tally, retry_from
+from ..core.control import Verdict
+from ..core.messages import ControlState, Fetch, Tally, retry_from
 from ..core.runtime import Input, Output, Received, StreamStage, json_input
 from ..core.topics import DISCOVERED, EVENTS, FETCH, FETCHED, FETCHER_GROUP, RETRY
 from .downloader import Downloader, observe
@@ -107,6 +108,10 @@ class FetcherStage(StreamStage):
             self.ctx.complete_later(item, [self.dead_letter(item.record, exc.reason, exc.detail)])
             return
         job = Job(item)
+        verdict = self.crawls.verdict(request.crawl_id)
+        if verdict != "go":
+            self._controlled(job, verdict)
+            return
         now = time.monotonic()
         if self._disallowed(job, now):
             return
@@ -154,6 +159,11 @@ class FetcherStage(StreamStage):
                 await asyncio.wait_for(self.wakeup.wait(), timeout=timeout)
 
     def _begin(self, host: str, job: Job, now: float) -> None:
+        verdict = self.crawls.verdict(job.request.crawl_id)
+        if verdict != "go":  # paused or cancelled while it waited: no request
+            self.scheduler.unstarted(host, now)
+            self._controlled(job, verdict)
+            return
         state = self.robots.state(host, now)
         if state is RobotsState.UNKNOWN:
             # The robots.txt request takes this slot; the job waits for its answer.
@@ -173,6 +183,38 @@ class FetcherStage(StreamStage):
         else:
             metrics.POLITENESS_WAIT.inc(max(0.0, now - job.queued_at))
             self.ctx.spawn_record(job.item, partial(self._fetch, job))
+
+    # -- crawl control ---------------------------------------------------------------
+
+    def on_control(self, crawl_id: str, state: ControlState) -> None:
+        """A crawl was paused or cancelled: its URLs waiting for their host's turn leave
+        memory at once (paused: to crawl.retry; cancelled: dropped and counted). Requests
+        already sent finish; no other request of the crawl starts."""
+        if state == "active":
+            return
+        waiting = self.scheduler.remove_where(lambda job: job.request.crawl_id == crawl_id)
+        for job in waiting:
+            self._controlled(job, self.crawls.verdict(crawl_id))
+        metrics.HOST_QUEUE.set(self.scheduler.pending)
+        log.info("fetcher: crawl %s %s; %d waiting URLs moved", crawl_id, state, len(waiting))
+        self.wakeup.set()
+
+    def _controlled(self, job: Job, verdict: Verdict) -> None:
+        """A URL of a paused crawl waits in crawl.retry and is checked again after
+        ``PAUSE_RECHECK``; one of a cancelled crawl is dropped and counted."""
+        if verdict == "hold":
+            self._wait_elsewhere(job, self.settings.pause_recheck, "paused")
+            return
+        metrics.URLS_CANCELLED.labels(self.name).inc()
+        request = job.request
+        tally = Tally(
+            stage="fetcher",
+            crawl_id=request.crawl_id,
+            at=time.time(),
+            counts={"cancelled": 1},
+        )
+        event = Output(self.topic(EVENTS), tally, key=request.crawl_id.encode())
+        self.ctx.complete_later(job.item, [event])
 
     # -- robots.txt --------------------------------------------------------------------
 

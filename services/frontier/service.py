@@ -38,6 +38,12 @@ class FrontierStage(BatchStage):
         # (crawl id, what): URLs discovered and links filtered, for the stats stage.
         self.counts = Counter()
         for item in batch:
+            if self.crawls.verdict(item.message.crawl_id) == "drop":  # crawl.control
+                # A cancelled crawl: no seed of it starts, no link of its pages is followed.
+                metrics.URLS_CANCELLED.labels(self.name).inc()
+                if isinstance(item.message, Seed):
+                    self.counts[item.message.crawl_id, "cancelled"] += 1
+                continue
             if isinstance(item.message, Seed):
                 outputs.extend(self._from_seed(item))
             else:

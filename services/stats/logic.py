@@ -90,7 +90,7 @@ def origin(dead: DeadLetterView) -> _Origin:
 
 
 # Failures a retry records (the fetcher's retry reasons that are not a busy host).
-NOT_AN_ERROR = frozenset({"host_busy"})
+NOT_AN_ERROR = frozenset({"host_busy", "paused"})
 
 
 def status_class(status: int) -> str:
@@ -284,6 +284,7 @@ class CrawlTotals:
             "parsed": counts.get("parsed", 0),
             "stored": counts.get("stored", 0),
             "bytes": counts.get("bytes", 0),
+            "cancelled": counts.get("cancelled", 0),
             "errors": self.total("failed:"),
             "filtered": self.by_reason("filtered:"),
             "failed": self.by_reason("failed:"),

@@ -20,6 +20,7 @@ from jsonschema import Draft202012Validator
 from streamcrawl.core.messages import (
     SCHEMA_TYPES,
     Attempt,
+    Control,
     DeadLetterRecord,
     Discovered,
     Fetched,
@@ -208,6 +209,8 @@ def valid_examples() -> list[tuple[str, msgspec.Struct]]:
             ),
         ),
         ("event", Tally(stage="dedup", crawl_id="c1", at=1.0, counts={"admitted": 3})),
+        ("control", Control(crawl_id="c1", state="paused", at=1_764_000_006.0, by="ops@host")),
+        ("control", Control(crawl_id="c2", state="cancelled", at=1.0)),
     ]
 
 
@@ -420,6 +423,14 @@ INVALID: dict[str, dict[str, Mutation]] = {
         "stage unknown": put("indexer", "stage"),
         "a count not a number": put({"admitted": "3"}, "counts"),
         "a negative offset": put([-1], "offsets"),
+    },
+    "control": {
+        "unknown field": put(True, "surprise"),
+        "crawl_id missing": delete("crawl_id"),
+        "crawl_id with a space": put("a b", "crawl_id"),
+        "state unknown": put("stopped", "state"),
+        "at missing": delete("at"),
+        "by too long": put("b" * 257, "by"),
     },
 }
 
