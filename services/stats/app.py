@@ -49,7 +49,7 @@ from ..core.topics import (
     group_id,
     topic_name,
 )
-from . import logic
+from . import gauges, logic
 
 log = logging.getLogger(__name__)
 
@@ -360,8 +360,8 @@ class KeyPartitionedTable(faust.Table):  # type: ignore[type-arg]
 
 
 class CrawlGauges(Collector):
-    """Crawl-level gauges, read from the tables at each scrape. Labelled by crawl id only:
-    hosts are unbounded, so they stay in the JSON API."""
+    """Crawl-level gauges (:mod:`.gauges`), read from the tables at each scrape. Labelled
+    by crawl id only: hosts are unbounded, so they stay in the JSON API."""
 
     def __init__(self, stats: StatsApp) -> None:
         self.stats = stats
@@ -370,34 +370,4 @@ class CrawlGauges(Collector):
         return []  # names are not checked at registration; collect() needs a running app
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        urls = GaugeMetricFamily(
-            "streamcrawl_crawl_urls",
-            "URLs of a crawl by step (discovered, admitted, fetched, parsed, stored, failed, "
-            "filtered).",
-            labels=["crawl_id", "step"],
-        )
-        size = GaugeMetricFamily(
-            "streamcrawl_crawl_bytes", "Body bytes fetched for a crawl.", labels=["crawl_id"]
-        )
-        rate = GaugeMetricFamily(
-            "streamcrawl_crawl_pages_per_second",
-            "Pages stored per second (last full minute).",
-            labels=["crawl_id"],
-        )
-        last = GaugeMetricFamily(
-            "streamcrawl_crawl_last_activity_seconds",
-            "Unix time of a crawl's last record.",
-            labels=["crawl_id"],
-        )
-        now = time.time()
-        for crawl_id, totals in self.stats.totals().items():
-            summary = totals.summary(now)
-            for step in ("discovered", "admitted", "fetched", "parsed", "stored"):
-                urls.add_metric([crawl_id, step], summary[step])
-            urls.add_metric([crawl_id, "failed"], summary["errors"])
-            urls.add_metric([crawl_id, "filtered"], sum(summary["filtered"].values()))
-            size.add_metric([crawl_id], summary["bytes"])
-            rate.add_metric([crawl_id], summary["pages_per_s"])
-            if summary["last_activity"] is not None:
-                last.add_metric([crawl_id], summary["last_activity"])
-        yield from (urls, size, rate, last)
+        yield from gauges.crawl_gauges(self.stats.totals(), time.time())

@@ -22,6 +22,9 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 from streamcrawl.core import metrics as metrics_module
 from streamcrawl.core.config import PREFIX, Settings
 from streamcrawl.core.topics import (
@@ -34,6 +37,8 @@ from streamcrawl.core.topics import (
     topic_name,
 )
 from streamcrawl.registry import STAGE_NAMES
+from streamcrawl.stats import gauges as stats_gauges
+from streamcrawl.stats import logic as stats_logic
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -637,7 +642,7 @@ def test_alerts_fire_when_they_should(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _exposed_metrics() -> dict[str, set[str]]:
+def _core_metrics() -> dict[str, set[str]]:
     """Every series name streamcrawl.core.metrics exposes, with its label names."""
     suffixes = {
         "counter": ("_total", "_created"),
@@ -657,12 +662,68 @@ def _exposed_metrics() -> dict[str, set[str]]:
     return exposed
 
 
+def _stats_crawl_metrics() -> dict[str, set[str]]:
+    """Every series the stats stage's crawl gauges expose, with their label names: what
+    a real registry collects from ``crawl_gauges`` for a crawl that has every count."""
+    crawl = stats_logic.CrawlTotals("c1")
+    crawl.merge(
+        {
+            "c": {
+                "discovered": 3,
+                "stored": 2,
+                "bytes": 10,
+                "cancelled": 1,
+                "failed:fetcher:gave_up": 1,
+                "filtered:scope": 1,
+            },
+            "f": 1000.0,
+            "l": 1010.0,
+            "m": {"16": 2},
+        }
+    )
+
+    class Collect(Collector):
+        def collect(self) -> Iterator[Metric]:
+            yield from stats_gauges.crawl_gauges({"c1": crawl}, 1020.0)
+
+    registry = CollectorRegistry()
+    registry.register(Collect())
+    exposed: dict[str, set[str]] = {}
+    for family in registry.collect():
+        assert family.type == "gauge" and family.samples, family.name
+        for sample in family.samples:
+            exposed.setdefault(sample.name, set()).update(sample.labels)
+    return exposed
+
+
+def _exposed_metrics() -> dict[str, set[str]]:
+    """Every series name the code exposes (streamcrawl.core.metrics and the stats stage's
+    crawl gauges), with its label names."""
+    exposed = _core_metrics()
+    crawl = _stats_crawl_metrics()
+    assert not set(exposed) & set(crawl)
+    return {**exposed, **crawl}
+
+
 def test_exposed_metric_names_are_what_we_think() -> None:
     exposed = _exposed_metrics()
     assert "streamcrawl_pages_stored_total" in exposed
     assert "streamcrawl_fetch_duration_seconds_bucket" in exposed
     assert exposed["streamcrawl_consumer_lag"] == {"group", "topic", "partition"}
+    assert exposed["streamcrawl_urls_cancelled_total"] == {"stage"}
     assert "streamcrawl_pages_stored" not in exposed
+    assert exposed["streamcrawl_crawl_urls"] == {"crawl_id", "step"}
+    assert exposed["streamcrawl_crawl_state"] == {"crawl_id", "state"}
+    assert exposed["streamcrawl_crawl_failed"] == {"crawl_id", "stage", "reason"}
+    for name in (
+        "streamcrawl_crawl_bytes",
+        "streamcrawl_crawl_pages_per_second",
+        "streamcrawl_crawl_last_activity_seconds",
+    ):
+        assert exposed[name] == {"crawl_id"}
+    # The crawl gauges are labelled by crawl id and small fixed sets, never a host.
+    for name, labels in exposed.items():
+        assert not labels & {"host", "url"}, name
 
 
 def _dashboard() -> Obj:
@@ -670,14 +731,37 @@ def _dashboard() -> Obj:
     return dashboard
 
 
+def _query_panels() -> list[Obj]:
+    """The panels that query (rows only group them)."""
+    return [panel for panel in _dashboard()["panels"] if panel["type"] != "row"]
+
+
+def _variables() -> dict[str, Obj]:
+    return {variable["name"]: variable for variable in _dashboard()["templating"]["list"]}
+
+
 def _all_exprs() -> list[tuple[str, str]]:
     exprs = [
         (f"panel {panel['title']!r}", target["expr"])
-        for panel in _dashboard()["panels"]
+        for panel in _query_panels()
         for target in panel["targets"]
+    ]
+    exprs += [
+        (f"variable {name}", variable["query"])
+        for name, variable in _variables().items()
+        if variable["type"] == "query"
     ]
     exprs += [(f"alert {name}", rule["expr"]) for name, rule in _alert_rules().items()]
     return exprs
+
+
+def _overlap(a: Obj, b: Obj) -> bool:
+    return (
+        a["x"] < b["x"] + b["w"]
+        and b["x"] < a["x"] + a["w"]
+        and a["y"] < b["y"] + b["h"]
+        and b["y"] < a["y"] + a["h"]
+    )
 
 
 def test_dashboard_panels() -> None:
@@ -687,13 +771,101 @@ def test_dashboard_panels() -> None:
     panels = dashboard["panels"]
     assert len({panel["id"] for panel in panels}) == len(panels)
     for panel in panels:
+        if panel["type"] == "row":
+            # An open row: the panels it groups are top-level panels below it.
+            assert panel["title"] and panel["collapsed"] is False and panel["panels"] == []
+            assert "targets" not in panel
+            continue
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             assert target["expr"].strip() and target["refId"]
+    for index, panel in enumerate(panels):
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+        for other in panels[index + 1 :]:
+            assert not _overlap(panel["gridPos"], other["gridPos"]), (
+                panel["title"],
+                other["title"],
+            )
     exprs = " ".join(expr for _, expr in _all_exprs())
     assert "histogram_quantile(0.5," in exprs and "histogram_quantile(0.95," in exprs
     assert 'kube_deployment_status_replicas{deployment="fetcher"}' in exprs
     assert ("Deployment", "fetcher") in by_key(render(BASE))
+
+
+STATS_GAUGE = re.compile(r"\bstreamcrawl_crawl_[a-z0-9_]+")
+
+
+def test_dashboard_crawl_variable() -> None:
+    variables = _variables()
+    crawl = variables["crawl_id"]
+    assert crawl["type"] == "query"
+    assert crawl["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+    match = re.fullmatch(
+        r"label_values\((streamcrawl_crawl_[a-z0-9_]+),\s*crawl_id\)", crawl["query"]
+    )
+    assert match, crawl["query"]
+    assert crawl["definition"] == crawl["query"]
+    assert "crawl_id" in _stats_crawl_metrics()[match.group(1)]
+    assert crawl["multi"] is True and crawl["includeAll"] is True
+    assert crawl["allValue"] == ".*"  # All: every crawl, also one newer than the list
+    assert crawl["refresh"] in (1, 2)  # new crawls appear without editing the dashboard
+
+
+def _per_crawl_panels() -> list[Obj]:
+    """The panels of the per-crawl row: those below it."""
+    panels = _dashboard()["panels"]
+    (row,) = [panel for panel in panels if panel["type"] == "row" and "crawl" in panel["title"]]
+    return [
+        panel
+        for panel in panels
+        if panel["type"] != "row" and panel["gridPos"]["y"] > row["gridPos"]["y"]
+    ]
+
+
+def test_dashboard_per_crawl_view() -> None:
+    per_crawl = _per_crawl_panels()
+    assert len(per_crawl) >= 6
+    crawl_gauges = set(_stats_crawl_metrics())
+    for panel in _query_panels():
+        exprs = [target["expr"] for target in panel["targets"]]
+        if panel not in per_crawl:  # the crawl gauges are shown per crawl only
+            assert not any(STATS_GAUGE.search(expr) for expr in exprs), panel["title"]
+            continue
+        for target in panel["targets"]:
+            expr = target["expr"]
+            selectors = re.findall(r"\b(streamcrawl_[a-z0-9_]+)(\{[^}]*\})?", expr)
+            assert selectors, f"{panel['title']}: no streamcrawl metric"
+            for name, selector in selectors:
+                # Only the stats stage's crawl gauges carry crawl_id.
+                assert name in crawl_gauges, f"{panel['title']}: {name} has no crawl_id"
+                assert 'crawl_id=~"$crawl_id"' in selector, f"{panel['title']}: {expr}"
+            # Each crawl stays its own series (or table row).
+            by = re.findall(r"\bby\s*\(([^)]*)\)", expr)
+            assert by and all("crawl_id" in clause for clause in by), expr
+            if target.get("format") == "table":
+                assert target["instant"] is True
+            else:
+                assert "{{crawl_id}}" in target["legendFormat"], panel["title"]
+    exprs = " ".join(target["expr"] for panel in per_crawl for target in panel["targets"])
+    for step in ("discovered", "fetched", "stored", "filtered", "cancelled", "failed"):
+        assert re.search(rf'step=~?"[^"]*\b{step}\b', exprs), step
+    assert {
+        "streamcrawl_crawl_urls",
+        "streamcrawl_crawl_pages_per_second",
+        "streamcrawl_crawl_bytes",
+        "streamcrawl_crawl_state",
+        "streamcrawl_crawl_failed",
+        "streamcrawl_crawl_last_activity_seconds",
+    } <= set(STATS_GAUGE.findall(exprs))
+    # the state table shows the state that is 1, joined with the other columns by crawl
+    (table,) = [panel for panel in per_crawl if panel["type"] == "table"]
+    assert any(
+        "streamcrawl_crawl_state" in target["expr"] and target["expr"].endswith("== 1")
+        for target in table["targets"]
+    )
+    joins = [t for t in table["transformations"] if t["id"] == "joinByField"]
+    assert joins and joins[0]["options"]["byField"] == "crawl_id"
 
 
 def test_promql_uses_only_existing_metrics_and_labels() -> None:
@@ -704,7 +876,7 @@ def test_promql_uses_only_existing_metrics_and_labels() -> None:
     for where, expr in _all_exprs():
         for name in re.findall(r"\bstreamcrawl_[a-z0-9_]+", expr):
             used.add(name)
-            assert name in exposed, f"{where}: {name} is not exposed by streamcrawl.core.metrics"
+            assert name in exposed, f"{where}: {name} is not exposed by streamcrawl"
         for name, selector in re.findall(r"\b(streamcrawl_[a-z0-9_]+)\{([^}]*)\}", expr):
             for label in re.findall(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)", selector):
                 assert label in exposed[name] | scrape_labels, f"{where}: {name} has no {label}"
