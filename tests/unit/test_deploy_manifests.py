@@ -868,6 +868,85 @@ def test_dashboard_per_crawl_view() -> None:
     assert joins and joins[0]["options"]["byField"] == "crawl_id"
 
 
+def _two_crawls_series() -> list[Obj]:
+    """promtool input series: the stats stage's crawl gauges for a running crawl "shop"
+    and an idle crawl "blog" (both with a failure), as crawl_gauges exports them; the
+    byte totals grow, the rest stays."""
+    now = 10_000.0
+    totals = stats_logic.crawl_totals(
+        [
+            (
+                stats_logic.crawl_key(crawl_id, "crawl.events", 0),
+                {
+                    "o": 0,
+                    "c": {"discovered": 5, "stored": 3, "bytes": 100, "cancelled": 1},
+                    "f": now - 300,
+                    "l": last,
+                    "m": {str(int(now // 60) - 1): 3},
+                },
+            )
+            for crawl_id, last in (("shop", now - 5), ("blog", now - 100))
+        ]
+        + [
+            (
+                stats_logic.crawl_key(crawl_id, "crawl.dlq", 0),
+                {"o": 0, "c": {"failed:fetcher:gave_up": 1}},
+            )
+            for crawl_id in ("shop", "blog")
+        ]
+    )
+    series = []
+    for family in stats_gauges.crawl_gauges(totals, now):
+        for sample in family.samples:
+            labels = ",".join(f'{key}="{value}"' for key, value in sorted(sample.labels.items()))
+            grow = "+100" if sample.name == "streamcrawl_crawl_bytes" else "+0"
+            series.append(
+                {"series": f"{sample.name}{{{labels}}}", "values": f"{sample.value:g}{grow}x30"}
+            )
+    return series
+
+
+def test_per_crawl_queries_select_the_chosen_crawls(tmp_path: Path) -> None:
+    """Every per-crawl query, with $crawl_id one crawl and then All (.*), evaluated by
+    promtool on the crawl gauges of two crawls: it parses and returns series of exactly
+    the crawls chosen; the state table's query returns each crawl's one state."""
+    promtool = _promtool()
+    exprs = [target["expr"] for panel in _per_crawl_panels() for target in panel["targets"]]
+    tests = []
+    for chosen, crawls in (("shop", 1), (_variables()["crawl_id"]["allValue"], 2)):
+        for expr in exprs:
+            query = expr.replace("$crawl_id", chosen).replace("$__rate_interval", "5m")
+            tests.append(
+                {
+                    "expr": f"count(count by (crawl_id) ({query}))",
+                    "eval_time": "20m",
+                    "exp_samples": [{"labels": "{}", "value": crawls}],
+                }
+            )
+    (state_query,) = [expr for expr in exprs if "streamcrawl_crawl_state" in expr]
+    tests.append(
+        {
+            "expr": state_query.replace("$crawl_id", ".*"),
+            "eval_time": "20m",
+            "exp_samples": [
+                {"labels": '{crawl_id="blog", state="idle"}', "value": 1},
+                {"labels": '{crawl_id="shop", state="running"}', "value": 1},
+            ],
+        }
+    )
+    spec = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {"interval": "1m", "input_series": _two_crawls_series(), "promql_expr_test": tests}
+        ],
+    }
+    test_file = tmp_path / "per_crawl_test.yml"
+    test_file.write_text(yaml.safe_dump(spec))
+    result = _run(promtool, "test", "rules", str(test_file))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_promql_uses_only_existing_metrics_and_labels() -> None:
     exposed = _exposed_metrics()
     groups = set(GROUP_INPUTS)
