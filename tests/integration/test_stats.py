@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer
+from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient
 from streamcrawl.core.config import Settings
 from streamcrawl.core.kafka import OffsetProbe, create_topics, make_producer, stop_consumer
@@ -93,6 +94,19 @@ def skipped_records(settings: Settings) -> float:
     return float(match.group(1))
 
 
+def crawl_series(settings: Settings) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """The stats stage's crawl gauges as scraped: name -> sorted labels -> value."""
+    with urllib.request.urlopen(stats_url(settings) + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    series: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name.startswith("streamcrawl_crawl_"):
+            for sample in family.samples:
+                labels = tuple(sorted(sample.labels.items()))
+                series.setdefault(sample.name, {})[labels] = sample.value
+    return series
+
+
 def status_json(settings: Settings, *args: str) -> Any:
     result = subprocess.run(
         [sys.executable, "-m", "streamcrawl.cli", "status", "--json", *args],
@@ -147,6 +161,7 @@ async def test_two_crawls_at_once_each_counted_exactly_across_a_stats_sigkill(
         truth = await documents_by_crawl(settings)
         listing = {crawl["crawl_id"]: crawl for crawl in status_json(settings)["crawls"]}
         assert set(listing) == {site.crawl_id for site in sites}
+        gauges = crawl_series(settings)
         for site in sites:
             crawl = listing[site.crawl_id]
             assert finals[site.crawl_id] is not None
@@ -160,6 +175,25 @@ async def test_two_crawls_at_once_each_counted_exactly_across_a_stats_sigkill(
             assert crawl["discovered"] == crawl["admitted"] + crawl["filtered"].get("duplicate", 0)
             assert crawl["errors"] == 0 and crawl["failed"] == {}
             assert crawl["bytes"] > 0 and crawl["state"] in ("running", "idle")
+            # The same numbers as Prometheus gauges, labelled by crawl id (the dashboard's
+            # per-crawl row), and one activity state set.
+            crawl_id = site.crawl_id
+            for step in ("discovered", "admitted", "fetched", "parsed", "stored", "cancelled"):
+                key = (("crawl_id", crawl_id), ("step", step))
+                assert gauges["streamcrawl_crawl_urls"][key] == crawl[step], step
+            bytes_key = (("crawl_id", crawl_id),)
+            assert gauges["streamcrawl_crawl_bytes"][bytes_key] == crawl["bytes"]
+            states = {
+                dict(labels)["state"]: value
+                for labels, value in gauges["streamcrawl_crawl_state"].items()
+                if dict(labels)["crawl_id"] == crawl_id
+            }
+            assert sorted(states.values()) == [0.0, 0.0, 1.0], states
+            assert max(states, key=lambda name: states[name]) in ("running", "idle")
+            assert not any(
+                dict(labels)["crawl_id"] == crawl_id
+                for labels in gauges.get("streamcrawl_crawl_failed", {})
+            )
             # Every URL of the site, and each once: nginx's log is the other witness.
             expected = len(
                 site.manifest.pages | site.manifest.missing | set(site.manifest.redirects)
