@@ -30,7 +30,7 @@ from ..core.messages import Fetch, Tally, retry_from
 from ..core.runtime import Input, Output, Received, StreamStage, json_input
 from ..core.topics import DISCOVERED, EVENTS, FETCH, FETCHED, FETCHER_GROUP, RETRY
 from .downloader import Downloader, observe
-from .http import FetchFailed, FetchResult, check_literal_address
+from .http import FetchFailed, FetchResult, check_literal_address, conditional_headers
 from .politeness import HostDelays, HostScheduler
 from .retry import Deliver, GiveUp, RetryPolicy, Wait, decide, retry_or_give_up
 from .robots import RobotsCache, RobotsState, read_robots
@@ -215,7 +215,7 @@ class FetcherStage(StreamStage):
         self.scheduler.started(job.host, time.monotonic())
         try:
             outcome: FetchResult | FetchFailed = await self.downloader.page(
-                job.request.url, job.host
+                job.request.url, job.host, conditional_headers(job.request.revisit) or None
             )
         except FetchFailed as exc:
             outcome = exc

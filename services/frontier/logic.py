@@ -6,7 +6,16 @@ import time
 
 from ..core.config import Settings
 from ..core.errors import ReasonedError
-from ..core.messages import Discovered, Kind, Page, Scope, Seed, SeedScope, decode_seed
+from ..core.messages import (
+    Discovered,
+    Kind,
+    Page,
+    Scope,
+    Seed,
+    SeedScope,
+    decode_seed,
+    round_key,
+)
 from ..core.scope import Drop, Origin, candidate_for, canonical_url
 from ..core.urls import InvalidURL, canonical_domain, host_of, hostname_of, in_scope
 
@@ -53,6 +62,7 @@ def seed_candidate(seed: Seed, settings: Settings, now: float | None = None) -> 
         scope=scope,
         discovered_at=time.time() if now is None else now,
         meta=seed.meta,
+        revisit=seed.revisit,
     )
 
 
@@ -81,6 +91,8 @@ def candidates_from_page(
     before any further work, and dropped as ``recently_sent``.
     """
     stamp = time.time() if now is None else now
+    if page.unchanged:
+        return [], []  # a revisit found it unchanged: its links were followed before
     sitemap = page.kind == "sitemap"
     priority = max(0, page.priority - 1)
     # (targets, their depth, their kind)
@@ -95,7 +107,10 @@ def candidates_from_page(
         chain, groups = (), [(page.links, page.depth + 1, "page")]
         if sitemap:
             groups.append((page.sitemaps, page.depth, "sitemap"))
-    origin = Origin(page.crawl_id, page.scope, priority, page.url, chain)
+    revisit_round = None if page.revisit is None else page.revisit.round
+    origin = Origin(page.crawl_id, page.scope, priority, page.url, chain, revisit_round)
+    # In a revisit round the links are new to that round (dedup admits them once per round).
+    recent_key = round_key(page.crawl_id, page.revisit)
     kept: list[Discovered] = []
     drops: list[Drop] = []
     for targets, depth, kind in groups:
@@ -108,7 +123,7 @@ def candidates_from_page(
             except InvalidURL as exc:
                 drops.append(Drop(exc.reason))
                 continue
-            if recent is not None and not recent.first_time(page.crawl_id, url):
+            if recent is not None and not recent.first_time(recent_key, url):
                 drops.append(RECENTLY_SENT)
                 continue
             outcome = candidate_for(url, origin, depth, settings, stamp, kind)
