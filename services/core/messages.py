@@ -76,8 +76,8 @@ class Attempt(Message, kw_only=True):
 class Revisit(Message, kw_only=True):
     """A revisit of a stored page (``streamcrawl recrawl``): the round it belongs to and
     what was stored of the page, for a conditional request and the unchanged decision.
-    Dedup lets each URL through once per round; a link found on a changed page carries
-    the round alone."""
+    Dedup admits a revisit once per round; the links of a changed page are plain
+    candidates of the crawl (only URLs it never had get through)."""
 
     round: Annotated[
         int, Meta(ge=1, description="The revisit round: dedup admits a URL once per round.")

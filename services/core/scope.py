@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from .config import Settings
-from .messages import Discovered, Kind, Revisit, Scope
+from .messages import Discovered, Kind, Scope
 from .urls import InvalidURL, canonicalize, host_of, in_scope, repeated_segments
 
 MAX_REDIRECT_HOPS = 10
@@ -44,8 +44,6 @@ class Origin:
     priority: int
     source: str
     redirect_chain: tuple[str, ...] = ()
-    # The revisit round of the page that led here (a link of a changed page in a recrawl).
-    revisit_round: int | None = None
 
 
 def scoped_candidate(
@@ -92,5 +90,4 @@ def candidate_for(
         redirect_chain=list(origin.redirect_chain),
         discovered_at=now,
         kind=kind,
-        revisit=None if origin.revisit_round is None else Revisit(round=origin.revisit_round),
     )

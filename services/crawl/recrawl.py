@@ -10,10 +10,11 @@ canonical and in scope), so dedup admits each once in this round, and the fetche
 moves the document's ``checked_at``; a changed page is parsed, its links followed (in the
 same round) and its document rewritten.
 
-The revisit records of a host are all on crawl.discovered before the first of them can
-come back as a link (fetch, parse and the frontier come after), so a stored page is
-requested with its validators, not as a plain link of a changed page; a link to it that
-wins that race anyway is fetched without them, which costs a download, not a wrong page.
+Dedup keys a revisit by crawl id and round, so each stored URL passes once per round; the
+links of a changed page are plain candidates of the crawl, keyed by crawl id alone, so only
+URLs the crawl never had get through (they are fetched unconditionally and stored). A link
+to a stored URL is dropped whether it reaches dedup before or after that URL's revisit,
+so no page is requested twice in a round, and none without its validators.
 """
 
 from __future__ import annotations

@@ -6,16 +6,7 @@ import time
 
 from ..core.config import Settings
 from ..core.errors import ReasonedError
-from ..core.messages import (
-    Discovered,
-    Kind,
-    Page,
-    Scope,
-    Seed,
-    SeedScope,
-    decode_seed,
-    round_key,
-)
+from ..core.messages import Discovered, Kind, Page, Scope, Seed, SeedScope, decode_seed
 from ..core.scope import Drop, Origin, candidate_for, canonical_url
 from ..core.urls import InvalidURL, canonical_domain, host_of, hostname_of, in_scope
 
@@ -107,10 +98,11 @@ def candidates_from_page(
         chain, groups = (), [(page.links, page.depth + 1, "page")]
         if sitemap:
             groups.append((page.sitemaps, page.depth, "sitemap"))
-    revisit_round = None if page.revisit is None else page.revisit.round
-    origin = Origin(page.crawl_id, page.scope, priority, page.url, chain, revisit_round)
-    # In a revisit round the links are new to that round (dedup admits them once per round).
-    recent_key = round_key(page.crawl_id, page.revisit)
+    # The links of a page changed in a revisit round are plain candidates of its crawl:
+    # dedup drops those the crawl already had (the round revisits every stored URL on
+    # its own, with its validators) and admits only the new ones, whatever the order in
+    # which links and revisits reach it.
+    origin = Origin(page.crawl_id, page.scope, priority, page.url, chain)
     kept: list[Discovered] = []
     drops: list[Drop] = []
     for targets, depth, kind in groups:
@@ -123,7 +115,7 @@ def candidates_from_page(
             except InvalidURL as exc:
                 drops.append(Drop(exc.reason))
                 continue
-            if recent is not None and not recent.first_time(recent_key, url):
+            if recent is not None and not recent.first_time(page.crawl_id, url):
                 drops.append(RECENTLY_SENT)
                 continue
             outcome = candidate_for(url, origin, depth, settings, stamp, kind)

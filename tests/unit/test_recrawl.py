@@ -177,29 +177,11 @@ def test_an_unchanged_page_leads_nowhere() -> None:
     assert candidates_from_page(unchanged, SETTINGS, now=1.0) == ([], [])
 
 
-def test_links_of_a_changed_page_carry_its_round_without_validators() -> None:
+def test_links_of_a_changed_page_are_plain_candidates_of_its_crawl() -> None:
     changed = page(links=["http://a.example/x.html"], revisit=revisit())
     (candidate,), drops = candidates_from_page(changed, SETTINGS, now=1.0)
     assert drops == []
-    assert candidate.revisit == Revisit(round=7)
-
-
-async def test_frontier_memory_does_not_hide_a_link_in_the_next_round() -> None:
-    from streamcrawl.frontier.service import FrontierStage
-
-    stage = FrontierStage(SETTINGS)
-    links = ["http://a.example/x.html"]
-    first = page(links=links)
-    second = page(links=links, revisit=Revisit(round=2))
-    again = page(links=links, revisit=Revisit(round=2))
-    outputs = await run_batch(stage, [record("crawl.pages", encode(first), offset=0)])
-    outputs += await run_batch(stage, [record("crawl.pages", encode(second), offset=1)])
-    outputs += await run_batch(stage, [record("crawl.pages", encode(again), offset=2)])
-    sent = [out.value for out in pipeline(outputs) if out.topic == "crawl.discovered"]
-    assert [(c.url, c.revisit) for c in sent] == [
-        ("http://a.example/x.html", None),
-        ("http://a.example/x.html", Revisit(round=2)),
-    ]
+    assert candidate.revisit is None and candidate.crawl_id == "c1"
 
 
 # -- dedup: once per URL and round ------------------------------------------------------
@@ -218,14 +200,16 @@ async def test_dedup_admits_a_url_once_per_round() -> None:
         discovered(url),
         discovered(url),  # the same round: a duplicate
         discovered(url, revisit=revisit(round=2)),  # a revisit round: again
-        discovered(url, revisit=Revisit(round=2)),  # a link of round 2: a duplicate
+        discovered(url),  # a link found in round 2: the crawl has it, a duplicate
+        discovered(url, revisit=revisit(round=2)),  # round 2 again: a duplicate
         discovered(url, revisit=revisit(round=3)),
+        discovered("http://a.example/new"),  # a link to a URL the crawl never had
     ]
     records = [discovered_record(c, 0, n) for n, c in enumerate(candidates)]
     everything = await run_batch(stage, records)
-    assert counted(everything) == {"c1": {"admitted": 3, "filtered:duplicate": 2}}
+    assert counted(everything) == {"c1": {"admitted": 4, "filtered:duplicate": 3}}
     admitted = [out.value for out in pipeline(everything) if out.topic == "crawl.fetch"]
-    assert [c.revisit.round if c.revisit else 0 for c in admitted] == [0, 2, 3]
+    assert [c.revisit.round if c.revisit else 0 for c in admitted] == [0, 2, 3, 0]
     assert admitted[1].revisit == revisit(round=2)  # the validators travel on
 
 
