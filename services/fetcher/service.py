@@ -223,6 +223,9 @@ class FetcherStage(StreamStage):
             self.requests_in_flight -= 1
             metrics.FETCH_IN_FLIGHT.dec()
             self.scheduler.done(job.host, time.monotonic())
+            # The slot is free now: the next request of the host need not wait until this
+            # one's outputs are acknowledged (a round trip to the broker) to start.
+            self.wakeup.set()
         observe(outcome)
         outputs = self._sitemaps(job)
         outputs.append(self._decided(job, decide(job.request, outcome, self.policy, time.time())))

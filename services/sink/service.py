@@ -100,10 +100,14 @@ class SinkStage(BatchStage):
         if unchanged:
             # A revisit found these current: their documents get checked_at, no rewrite.
             checks = [(checked_id(pages[i], self.settings), pages[i]) for i in unchanged]
+            began = time.monotonic()
             await self._retry(
                 f"checking {len(checks)} pages", lambda: self._check(checks, stored_at)
             )
             metrics.PAGES_UNCHANGED.inc(len(unchanged))
+            log.debug(
+                "sink: %d unchanged pages checked in %.2fs", len(checks), time.monotonic() - began
+            )
         if not latest:
             return self._tallies(batch, [], stored_at, unchanged) if unchanged else []
         chosen = list(latest.values())

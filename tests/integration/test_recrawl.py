@@ -54,6 +54,21 @@ def file_of(www: Path, path: str) -> Path:
     return www / ("index.html" if path == "/" else path.lstrip("/"))
 
 
+def cpu_seconds(stages: Any) -> dict[str, float]:
+    """CPU time (user + system) each stage process has used so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for name, process in stages.processes.items():
+        with open(f"/proc/{process.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        used[name] = (int(fields[11]) + int(fields[12])) / ticks
+    return used
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float]) -> str:
+    return " ".join(f"{name} {after[name] - before[name]:.1f}" for name in sorted(after))
+
+
 def page_requests(entries: list[AccessEntry]) -> list[AccessEntry]:
     return [e for e in entries if e.path != "/robots.txt"]
 
@@ -84,11 +99,13 @@ async def test_recrawl_downloads_only_what_changed(stack: StackConfig, tmp_path:
             warmed = len(nginx.access_log_entries())
 
             # -- round one ------------------------------------------------------------
+            cpu_one = cpu_seconds(stages)
             started = time.monotonic()
             seeds = seed_payloads([manifest.entry_url], SeedOptions(crawl_id=CRAWL))
             await produce_seeds(settings, seeds)
             await watch_until_drained(watch, stages, io.StringIO(), timeout=DRAIN_TIMEOUT)
             round_one = time.monotonic() - started
+            cpu_one = {n: t - cpu_one[n] for n, t in cpu_seconds(stages).items()}
             first = await documents(settings)
             first_log = page_requests(nginx.access_log_entries()[warmed:])
             assert {u for u, d in first.items() if d["status"] == 200} == manifest.pages
@@ -124,12 +141,14 @@ async def test_recrawl_downloads_only_what_changed(stack: StackConfig, tmp_path:
 
             # -- round two ------------------------------------------------------------
             before = len(nginx.access_log_entries())
+            cpu_two = cpu_seconds(stages)
             checked_from = time.time()
             started = time.monotonic()
             queued = await queue_revisits(settings, CRAWL)
             queuing = time.monotonic() - started
             await watch_until_drained(watch, stages, io.StringIO(), timeout=DRAIN_TIMEOUT)
             round_two = time.monotonic() - started
+            cpu_two = {n: t - cpu_two[n] for n, t in cpu_seconds(stages).items()}
             second = await documents(settings)
             second_log = page_requests(nginx.access_log_entries()[before:])
 
@@ -140,6 +159,12 @@ async def test_recrawl_downloads_only_what_changed(stack: StackConfig, tmp_path:
             f"round two {round_two:.1f}s (queued in {queuing:.1f}s), ratio {ratio:.2f}"
         )
         print(report)
+        print(
+            "CPU seconds, round one:", " ".join(f"{n} {t:.1f}" for n, t in sorted(cpu_one.items()))
+        )
+        print(
+            "CPU seconds, round two:", " ".join(f"{n} {t:.1f}" for n, t in sorted(cpu_two.items()))
+        )
         (tmp_path / "recrawl-ratio.txt").write_text(report + "\n", encoding="utf-8")
 
     # Every stored URL queued once, with validators for every page.
