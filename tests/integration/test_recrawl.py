@@ -224,3 +224,38 @@ async def test_recrawl_downloads_only_what_changed(stack: StackConfig, tmp_path:
         assert all({"if-none-match", "if-modified-since"} <= names for names in asked.values())
 
     assert ratio < 0.75, report
+
+
+def test_recrawl_command_runs_a_round_and_reports_it(
+    stack: StackConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """``streamcrawl recrawl ID --run`` on an unchanged site: every page answers 304, only
+    the redirects and missing pages (which have no validators) are written again."""
+    import asyncio
+
+    from streamcrawl.cli import main
+
+    settings = crawl_settings(stack)
+    for name, value in settings.as_env().items():
+        monkeypatch.setenv(name, value)
+    with served_site(tmp_path / "site", 60) as site:
+        manifest = site.manifest
+
+        async def first_round() -> None:
+            async with running_pipeline(settings, tmp_path / "logs") as (stages, watch):
+                seeds = seed_payloads([manifest.entry_url], SeedOptions(crawl_id="cli"))
+                await produce_seeds(settings, seeds)
+                await watch_until_drained(watch, stages, io.StringIO(), timeout=DRAIN_TIMEOUT)
+
+        asyncio.run(first_round())
+        before = len(site.nginx.access_log_entries())
+        assert main(["recrawl", "cli", "--run", "--timeout", str(DRAIN_TIMEOUT)]) == 0
+        second_log = page_requests(site.nginx.access_log_entries()[before:])
+    out = capsys.readouterr().out
+    stored = len(manifest.pages) + len(manifest.missing) + len(manifest.redirects)
+    assert f"queued {stored} stored pages ({len(manifest.pages)} with validators)" in out, out
+    assert f"unchanged  {len(manifest.pages)} documents" in out, out
+    assert f"rewritten  {stored - len(manifest.pages)} documents" in out, out
+    assert sorted(e.status for e in second_log if e.status in (200, 304)) == [304] * len(
+        manifest.pages
+    )
