@@ -319,3 +319,18 @@ def test_a_document_no_stage_wrote_is_skipped() -> None:
 def test_new_round_is_the_unix_second() -> None:
     assert new_round(1_800_000_000.7) == 1_800_000_000
     assert new_round(0.0) == 1
+
+
+def test_a_snapshot_keeps_the_rounds_apart() -> None:
+    from streamcrawl.dedup.logic import PartitionFilter
+    from streamcrawl.dedup.snapshot import decode_snapshot, encode_snapshot
+
+    bloom = PartitionFilter(1000, 0.001)
+    url = "http://a.example/1"
+    bloom.remember("c1", url)
+    bloom.remember(round_key("c1", Revisit(round=2)), url)
+    restored = decode_snapshot(encode_snapshot(bloom, 7)).filter
+    assert restored.seen("c1", url)
+    assert restored.seen(round_key("c1", Revisit(round=2)), url)
+    assert not restored.seen(round_key("c1", Revisit(round=3)), url)
+    assert restored.admitted == {"c1": 1, round_key("c1", Revisit(round=2)): 1}
