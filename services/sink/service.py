@@ -16,7 +16,10 @@ between the delete and the insert loses nothing: the offsets are not committed, 
 batch is written again. Documents whose insert still fails as duplicates (their URL is
 stored under another ``_id``) are replaced one by one. Offsets are committed only after
 the database acknowledged the batch; while it is down the sink retries and the pipeline
-backs up behind it in Kafka, where nothing is lost. A page the database refuses is
+backs up behind it in Kafka, where nothing is lost. A page a revisit found
+unchanged (``unchanged``: a 304, or the stored digest) is not rewritten: its stored document
+gets ``checked_at`` (and the validators of a 200), see "Keeping a crawl fresh" in the README.
+A page the database refuses is
 dead-lettered: by its write error, or before writing when it is known to be refused (a `$`
 field name) or the driver cannot encode it; a failure of anything else is left to the
 runtime's poison-record isolation.
