@@ -25,7 +25,7 @@ import msgspec
 import pytest
 from pymongo import AsyncMongoClient
 from streamcrawl.core.messages import Fetched
-from streamcrawl.crawl.local import running_pipeline
+from streamcrawl.crawl.local import free_port, running_pipeline
 from streamcrawl.crawl.recrawl import queue_revisits
 from streamcrawl.crawl.seeds import SeedOptions, produce_seeds, seed_payloads
 from streamcrawl.crawl.watch import watch_until_drained
@@ -100,7 +100,7 @@ async def documents(settings: Any) -> dict[str, dict[str, Any]]:
 
 
 async def test_recrawl_downloads_only_what_changed(stack: StackConfig, tmp_path: Path) -> None:
-    settings = crawl_settings(stack)
+    settings = crawl_settings(stack, stats_port=str(free_port()))
     with served_site(tmp_path / "site", SITE_PAGES) as site:
         manifest, nginx = site.manifest, site.nginx
         www = tmp_path / "site" / "www"
@@ -260,7 +260,7 @@ def test_recrawl_command_runs_a_round_and_reports_it(
 
     from streamcrawl.cli import main
 
-    settings = crawl_settings(stack)
+    settings = crawl_settings(stack, stats_port=str(free_port()))
     for name, value in settings.as_env().items():
         monkeypatch.setenv(name, value)
     with served_site(tmp_path / "site", 60) as site:
