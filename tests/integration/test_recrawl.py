@@ -171,13 +171,16 @@ async def test_recrawl_downloads_only_what_changed(stack: StackConfig, tmp_path:
         # The requests themselves: first to last, from nginx's log.
         span_one = first_log[-1].ts - first_log[0].ts
         span_two = second_log[-1].ts - second_log[0].ts
+        bytes_one = sum(e.bytes for e in first_log)
+        bytes_two = sum(e.bytes for e in second_log)
         report = (
             f"recrawl of {len(first)} stored documents ({len(manifest.pages)} pages"
             f"{f' of about {PAD_KIB} KiB more text' if PAD_KIB else ''}, "
             f"{CHANGED} changed, {TOUCHED} touched): round one {round_one:.1f}s, "
             f"round two {round_two:.1f}s (queued in {queuing:.1f}s), ratio {ratio:.2f}; "
             f"requests from first to last: {span_one:.1f}s and {span_two:.1f}s, "
-            f"ratio {span_two / span_one:.2f}"
+            f"ratio {span_two / span_one:.2f}; bytes served: {bytes_one} and {bytes_two}, "
+            f"ratio {bytes_two / bytes_one:.2f}"
         )
         print(report)
         print(
@@ -244,11 +247,13 @@ async def test_recrawl_downloads_only_what_changed(stack: StackConfig, tmp_path:
         assert set(asked) == manifest.pages
         assert all({"if-none-match", "if-modified-since"} <= names for names in asked.values())
 
-    # The fetching of round two (conditional requests, 304s) takes well under round one's.
-    # End to end, round two also waits for the sink's checked_at updates, which on the local
-    # FerretDB (SQLite) cost about what rewriting the document does: that ratio is reported,
-    # not asserted (on this loaded test machine it ranged from 0.67 to 1.2).
-    assert span_two / span_one < 0.6, report
+    # Round two downloads only what changed: a small part of round one's bytes.
+    assert bytes_two / bytes_one < 0.3, report
+    # Its requests (conditional, mostly 304s) take less time than round one's. End to end,
+    # round two also waits for the sink's checked_at updates, which on the local FerretDB
+    # (SQLite) cost about what rewriting the document does, and the times of both rounds
+    # move with the load of the machine: that ratio is reported, not asserted.
+    assert span_two < span_one, report
 
 
 def test_recrawl_command_runs_a_round_and_reports_it(
