@@ -166,6 +166,12 @@ def _crawl(args: argparse.Namespace) -> int:
     return crawl_command(args)
 
 
+def _recrawl(args: argparse.Namespace) -> int:
+    from .crawl.recrawl import recrawl_command
+
+    return recrawl_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamcrawl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -248,6 +254,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     crawl.set_defaults(handler=_crawl)
 
+    recrawl = commands.add_parser(
+        "recrawl",
+        help="revisit a crawl's stored pages with conditional requests (If-None-Match, "
+        "If-Modified-Since): unchanged pages only get checked_at, changed ones are rewritten",
+    )
+    recrawl.add_argument("crawl_id", metavar="CRAWL_ID")
+    recrawl.add_argument(
+        "--round",
+        type=_round_id,
+        help="the revisit round (dedup admits a URL once per round); default: the Unix second",
+    )
+    recrawl.add_argument(
+        "--run",
+        action="store_true",
+        help="run every stage locally until the round is drained, as crawl does, then print "
+        "a summary; without it the revisits are only queued for a running pipeline",
+    )
+    recrawl.add_argument("--timeout", type=float, default=None, help="give up after N seconds")
+    recrawl.set_defaults(handler=_recrawl)
+
     status = commands.add_parser(
         "status", help="crawls and their numbers, from the stats stage (STREAMCRAWL_STATS_URL)"
     )
@@ -286,6 +312,13 @@ def _broker_count(text: str) -> int:
     if not 1 <= count <= 9:
         raise argparse.ArgumentTypeError("between 1 and 9 brokers")
     return count
+
+
+def _round_id(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("a round is a positive integer")
+    return value
 
 
 def _add_scope_options(parser: argparse.ArgumentParser) -> None:

@@ -73,6 +73,26 @@ class Attempt(Message, kw_only=True):
     status: int | None = None
 
 
+class Revisit(Message, kw_only=True):
+    """A revisit of a stored page (``streamcrawl recrawl``): the round it belongs to and
+    what was stored of the page, for a conditional request and the unchanged decision.
+    Dedup admits a revisit once per round; the links of a changed page are plain
+    candidates of the crawl (only URLs it never had get through)."""
+
+    round: Annotated[
+        int, Meta(ge=1, description="The revisit round: dedup admits a URL once per round.")
+    ]
+    etag: Annotated[str, Meta(max_length=1024)] | None = None
+    last_modified: Annotated[str, Meta(max_length=256)] | None = None
+    digest: Annotated[str, Meta(max_length=128, description="The stored content_hash.")] | None = (
+        None
+    )
+    stored_id: (
+        Annotated[str, Meta(max_length=8192, description="The _id the page is stored under.")]
+        | None
+    ) = None
+
+
 History = Annotated[
     list[Attempt], Meta(max_length=MAX_HISTORY, description="Earlier attempts, oldest first.")
 ]
@@ -88,6 +108,7 @@ class Seed(Message, kw_only=True):
     depth: Annotated[int, Meta(ge=0, le=1000)] = 0
     meta: Meta64 | None = None
     scope: SeedScope | None = None
+    revisit: Revisit | None = None
 
 
 class Discovered(Message, kw_only=True):
@@ -105,6 +126,7 @@ class Discovered(Message, kw_only=True):
     redirect_chain: Chain = []
     meta: Meta64 | None = None
     kind: Kind = "page"
+    revisit: Revisit | None = None
 
 
 class Fetch(Discovered, kw_only=True):
@@ -182,6 +204,7 @@ class Fetched(Message, kw_only=True):
         list[HeaderLine],
         Meta(max_length=64, description="The request's headers as sent, in order."),
     ] = []
+    revisit: Revisit | None = None
 
 
 class Page(Message, kw_only=True, omit_defaults=False):
@@ -213,6 +236,16 @@ class Page(Message, kw_only=True, omit_defaults=False):
     meta: Meta64 | None = None
     kind: Kind = "page"
     sitemaps: Annotated[list[Url], Meta(description="Nested sitemaps a sitemap index lists.")] = []
+    etag: Annotated[str, Meta(max_length=1024)] | None = None
+    last_modified: Annotated[str, Meta(max_length=256)] | None = None
+    unchanged: Annotated[
+        bool,
+        Meta(
+            description="A revisit found the stored page unchanged (a 304, or the same "
+            "content_hash): the sink updates its checked_at only."
+        ),
+    ] = False
+    revisit: Revisit | None = None
 
 
 class DeadLetterRecord(Message, kw_only=True):
@@ -347,6 +380,12 @@ def with_attempt(request: Fetch, outcome: str, at: float, status: int | None, de
     attempt = Attempt(at=at, outcome=outcome[:64], detail=detail[:1024], status=status)
     history = [*request.history, attempt][-MAX_HISTORY:]
     return msgspec.structs.replace(request, attempt=request.attempt + 1, history=history)
+
+
+def round_key(crawl_id: str, revisit: Revisit | None) -> str:
+    """What dedup (and the frontier's memory of recent links) keys a URL's crawl by: the
+    crawl id, and in a revisit round the round too, so each URL passes once per round."""
+    return crawl_id if revisit is None else f"{crawl_id}\x00r{revisit.round}"
 
 
 def tallies(stage: StageName, counts: Mapping[tuple[str, str], int], at: float) -> list[Tally]:

@@ -73,6 +73,10 @@ HOST_QUEUE = Gauge(
 HOSTS_ACTIVE = Gauge("streamcrawl_fetch_hosts", "Hosts with politeness state in this fetcher.")
 DELAY_HELD = Gauge("streamcrawl_delay_held", "Retries the delay service holds until due.")
 PAGES_STORED = Counter("streamcrawl_pages_stored_total", "Pages upserted into MongoDB.")
+PAGES_UNCHANGED = Counter(
+    "streamcrawl_pages_unchanged_total",
+    "Revisited pages found unchanged (304 or same content): checked_at updated only.",
+)
 BLOOM_FILL = Gauge(
     "streamcrawl_bloom_fill_ratio",
     "Items in the dedup filter over its current capacity.",

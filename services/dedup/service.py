@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from ..core import metrics
 from ..core.config import Settings
 from ..core.kafka import make_reader, stop_consumer
-from ..core.messages import Discovered, fetch_from, tallies
+from ..core.messages import Discovered, Revisit, fetch_from, round_key, tallies
 from ..core.runtime import BatchStage, Input, Output, Received, json_input
 from ..core.topics import DEDUP_GROUP, DISCOVERED, EVENTS, FETCH
 from .logic import Admission, PartitionFilter
@@ -38,11 +38,16 @@ from .snapshot import SnapshotStore
 log = logging.getLogger(__name__)
 
 
+class _Round(msgspec.Struct):
+    round: int
+
+
 class _Admitted(msgspec.Struct):
     """What a replay needs of a crawl.fetch record (the rest is skipped, not decoded)."""
 
     url: str
     crawl_id: str
+    revisit: _Round | None = None
 
 
 _replay_decoder = msgspec.json.Decoder(_Admitted)
@@ -213,7 +218,12 @@ class DedupStage(BatchStage):
                         continue  # never produced by us; nothing to remember
                     try:
                         # remember() also rebuilds the per-host and calendar counts.
-                        bloom.remember(admitted.crawl_id, admitted.url)
+                        crawl_key = (
+                            admitted.crawl_id
+                            if admitted.revisit is None
+                            else round_key(admitted.crawl_id, Revisit(round=admitted.revisit.round))
+                        )
+                        bloom.remember(crawl_key, admitted.url)
                     except ValueError:
                         continue  # a URL no stage admits (an unbalanced IPv6 bracket)
                 if records:
@@ -279,7 +289,8 @@ class DedupStage(BatchStage):
                 continue
             verdict = admission.decide(
                 partition,
-                candidate.crawl_id,
+                # Each revisit round is a crawl of its own for dedup: a URL passes once per round.
+                round_key(candidate.crawl_id, candidate.revisit),
                 candidate.url,
                 candidate.scope.max_pages,
                 self.settings.max_pages_per_host,

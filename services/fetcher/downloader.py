@@ -69,8 +69,9 @@ class Downloader:
         if self._session is not None:
             await self._session.close()
 
-    async def page(self, url: str, host: str) -> FetchResult:
-        return await self._get(url, host, self.page_limits)
+    async def page(self, url: str, host: str, headers: dict[str, str] | None = None) -> FetchResult:
+        """A page; ``headers`` are added to the request (a revisit's conditional ones)."""
+        return await self._get(url, host, self.page_limits, headers)
 
     async def robots(self, url: str, host: str) -> FetchResult:
         """robots.txt, its body inflated (to at most ``ROBOTS_MAX_BYTES``)."""
@@ -82,11 +83,15 @@ class Downloader:
             raise FetchFailed("payload_error", f"{url}: {exc.detail}") from exc
         return replace(result, body=body, truncated=result.truncated or cut)
 
-    async def _get(self, url: str, host: str, limits: FetchLimits) -> FetchResult:
+    async def _get(
+        self, url: str, host: str, limits: FetchLimits, headers: dict[str, str] | None = None
+    ) -> FetchResult:
         assert self._session is not None, "Downloader.start() first"
         proxy = self.proxies.choose(host, time.monotonic())
         try:
-            result = await fetch(self._session, url, limits, proxy=proxy, resolver=self.resolver)
+            result = await fetch(
+                self._session, url, limits, proxy=proxy, resolver=self.resolver, headers=headers
+            )
         except FetchFailed as exc:
             if proxy is not None and exc.reason == "proxy_error":
                 log.warning("fetcher: proxy %s failed; left out for a while", proxy)

@@ -14,6 +14,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver
 
 from ..core.errors import ReasonedError
+from ..core.messages import Revisit
 from .safety import ForbiddenAddress, IPNetwork, is_allowed
 
 _MAX_HEADERS = 200
@@ -88,12 +89,28 @@ async def check_through_proxy(url: str, resolver: AbstractResolver) -> None:
         await resolver.resolve(host, parts.port or 0, socket.AF_INET)
 
 
+def conditional_headers(revisit: Revisit | None) -> dict[str, str]:
+    """The validators of a revisit as a conditional request's headers (RFC 9110 13.1):
+    ``If-None-Match`` from the stored ETag, ``If-Modified-Since`` from the stored
+    Last-Modified. A server that honours them answers 304 without a body when the page is
+    unchanged. None without a revisit or without stored validators."""
+    if revisit is None:
+        return {}
+    headers: dict[str, str] = {}
+    if revisit.etag:
+        headers["If-None-Match"] = revisit.etag
+    if revisit.last_modified:
+        headers["If-Modified-Since"] = revisit.last_modified
+    return headers
+
+
 async def fetch(
     session: aiohttp.ClientSession,
     url: str,
     limits: FetchLimits,
     proxy: str | None = None,
     resolver: AbstractResolver | None = None,
+    headers: dict[str, str] | None = None,
 ) -> FetchResult:
     check_literal_address(url, limits.allowed_networks)
     started = time.monotonic()
@@ -101,7 +118,7 @@ async def fetch(
         if proxy is not None and resolver is not None:
             await check_through_proxy(url, resolver)
         async with session.get(
-            url, allow_redirects=False, timeout=limits.timeout(), proxy=proxy
+            url, allow_redirects=False, timeout=limits.timeout(), proxy=proxy, headers=headers
         ) as response:
             ttfb = time.monotonic() - started
             body, truncated = await _read_capped(response, limits.max_body_bytes)

@@ -184,4 +184,5 @@ def fetched_from(request: Fetch, result: FetchResult, now: float) -> Fetched:
         reason=result.reason,
         raw_headers=list(result.raw_headers),
         request_headers=list(result.request_headers),
+        revisit=request.revisit,
     )

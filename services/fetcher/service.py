@@ -31,7 +31,7 @@ from ..core.messages import ControlState, Fetch, Tally, retry_from
 from ..core.runtime import Input, Output, Received, StreamStage, json_input
 from ..core.topics import DISCOVERED, EVENTS, FETCH, FETCHED, FETCHER_GROUP, RETRY
 from .downloader import Downloader, observe
-from .http import FetchFailed, FetchResult, check_literal_address
+from .http import FetchFailed, FetchResult, check_literal_address, conditional_headers
 from .politeness import HostDelays, HostScheduler
 from .retry import Deliver, GiveUp, RetryPolicy, Wait, decide, retry_or_give_up
 from .robots import RobotsCache, RobotsState, read_robots
@@ -257,7 +257,7 @@ class FetcherStage(StreamStage):
         self.scheduler.started(job.host, time.monotonic())
         try:
             outcome: FetchResult | FetchFailed = await self.downloader.page(
-                job.request.url, job.host
+                job.request.url, job.host, conditional_headers(job.request.revisit) or None
             )
         except FetchFailed as exc:
             outcome = exc
@@ -265,6 +265,9 @@ class FetcherStage(StreamStage):
             self.requests_in_flight -= 1
             metrics.FETCH_IN_FLIGHT.dec()
             self.scheduler.done(job.host, time.monotonic())
+            # The slot is free now: the next request of the host need not wait until this
+            # one's outputs are acknowledged (a round trip to the broker) to start.
+            self.wakeup.set()
         observe(outcome)
         outputs = self._sitemaps(job)
         outputs.append(self._decided(job, decide(job.request, outcome, self.policy, time.time())))

@@ -53,6 +53,7 @@ def seed_candidate(seed: Seed, settings: Settings, now: float | None = None) -> 
         scope=scope,
         discovered_at=time.time() if now is None else now,
         meta=seed.meta,
+        revisit=seed.revisit,
     )
 
 
@@ -81,6 +82,8 @@ def candidates_from_page(
     before any further work, and dropped as ``recently_sent``.
     """
     stamp = time.time() if now is None else now
+    if page.unchanged:
+        return [], []  # a revisit found it unchanged: its links were followed before
     sitemap = page.kind == "sitemap"
     priority = max(0, page.priority - 1)
     # (targets, their depth, their kind)
@@ -95,6 +98,10 @@ def candidates_from_page(
         chain, groups = (), [(page.links, page.depth + 1, "page")]
         if sitemap:
             groups.append((page.sitemaps, page.depth, "sitemap"))
+    # The links of a page changed in a revisit round are plain candidates of its crawl:
+    # dedup drops those the crawl already had (the round revisits every stored URL on
+    # its own, with its validators) and admits only the new ones, whatever the order in
+    # which links and revisits reach it.
     origin = Origin(page.crawl_id, page.scope, priority, page.url, chain)
     kept: list[Discovered] = []
     drops: list[Drop] = []

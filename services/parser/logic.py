@@ -74,8 +74,14 @@ def page_from_fetched(fetched: Fetched, body: bytes, cut: bool = False) -> Page:
         truncated=fetched.truncated or cut,
         meta=fetched.meta,
         kind=fetched.kind,  # before the redirect check: a sitemap's redirect leads to one
+        etag=_validator(fetched.headers.get("etag"), 1024),
+        last_modified=_validator(fetched.headers.get("last-modified"), 256),
+        revisit=fetched.revisit,
     )
     status, headers = fetched.status, fetched.headers
+    if status == 304 and fetched.revisit is not None:
+        page.unchanged = True  # not modified since the stored version: nothing to parse
+        return page
     location = headers.get("location")
     if status in REDIRECT_STATUSES and location:
         page.redirect_to = urljoin(fetched.final_url, location.strip())
@@ -101,4 +107,28 @@ def page_from_fetched(fetched: Fetched, body: bytes, cut: bool = False) -> Page:
         page.noindex = extracted.noindex
         page.nofollow = extracted.nofollow
         page.charset = extracted.charset
+    if unchanged_content(page):
+        # The same content as stored (a new ETag over the same text): not re-linked.
+        page.unchanged = True
+        page.links = []
     return page
+
+
+def unchanged_content(page: Page) -> bool:
+    """A revisit's 200 whose content digest equals the stored one."""
+    revisit = page.revisit
+    return (
+        revisit is not None
+        and revisit.digest is not None
+        and page.content_hash is not None
+        and page.content_hash == revisit.digest
+        and page.redirect_to is None
+    )
+
+
+def _validator(value: str | None, most: int) -> str | None:
+    """A response's ETag or Last-Modified as stored (None when absent or too long to be
+    sent back)."""
+    if not value or len(value) > most:
+        return None
+    return value

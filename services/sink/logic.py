@@ -42,8 +42,40 @@ def document_for(page: Page, stored_at: float, settings: Settings) -> dict[str, 
 
 
 def document_under(document_id: str, page: Page, stored_at: float) -> dict[str, Any]:
-    """The document of ``page`` under an ``_id`` already worked out by :func:`storage_id`."""
-    return {"_id": document_id, **to_dict(page), "stored_at": stored_at}
+    """The document of ``page`` under an ``_id`` already worked out by :func:`storage_id`:
+    the page (its validators ``etag``/``last_modified`` and digest ``content_hash``
+    included, for a later revisit) with ``stored_at`` and ``checked_at`` (when it was
+    last found current). What only travels (``revisit``, ``unchanged``) is left out."""
+    fields = to_dict(page)
+    fields.pop("revisit", None)
+    fields.pop("unchanged", None)
+    return {"_id": document_id, **fields, "stored_at": stored_at, "checked_at": stored_at}
+
+
+def checked_id(page: Page, settings: Settings) -> str:
+    """The ``_id`` of the stored document an unchanged page confirms: the one the revisit
+    was made for, else where the page would be stored."""
+    if page.revisit is not None and page.revisit.stored_id:
+        return page.revisit.stored_id
+    return storage_id(page, settings)
+
+
+def check_update(page: Page, checked_at: float) -> dict[str, Any]:
+    """The ``$set`` that records an unchanged page on its stored document: ``checked_at``,
+    and the validators the server sent now (a touched file has a new ETag over the same
+    content, which the next revisit should send). The content is left as it is."""
+    fields: dict[str, Any] = {"checked_at": checked_at}
+    if page.status != 304:
+        fields["etag"] = page.etag
+        fields["last_modified"] = page.last_modified
+    return fields
+
+
+def split_unchanged(pages: list[Page], latest: dict[str, int]) -> tuple[dict[str, int], list[int]]:
+    """The latest pages to write in full (by ``_id``) and the positions of the unchanged
+    ones, whose stored documents only get ``checked_at``."""
+    changed = {_id: index for _id, index in latest.items() if not pages[index].unchanged}
+    return changed, [index for index in latest.values() if pages[index].unchanged]
 
 
 def latest_documents(pages: list[Page], settings: Settings) -> dict[str, int]:
@@ -98,25 +130,33 @@ class _Read(Protocol):
     def message(self) -> Any: ...
 
 
-def stored_tallies(batch: Sequence[_Read], written: list[int], stored_at: float) -> list[Tally]:
+def stored_tallies(
+    batch: Sequence[_Read], written: list[int], stored_at: float, unchanged: Sequence[int] = ()
+) -> list[Tally]:
     """One crawl.events record per crawl id and crawl.pages partition of the batch: the
     offsets read (``read``) and the offsets whose page was written (``offsets``; a page
     superseded in its batch by a later version, or refused by the database, is read but
     not written)."""
     wrote = set(written)
+    same = set(unchanged)
     read: dict[tuple[str, int], list[int]] = {}
     stored: dict[tuple[str, int], list[int]] = {}
+    checked: dict[tuple[str, int], int] = {}
     for index, item in enumerate(batch):
         key = (item.message.crawl_id, item.record.partition)
         read.setdefault(key, []).append(item.record.offset)
         if index in wrote:
             stored.setdefault(key, []).append(item.record.offset)
+        if index in same:
+            checked[key] = checked.get(key, 0) + 1
     return [
         Tally(
             stage="sink",
             crawl_id=crawl_id,
             at=stored_at,
-            counts={},
+            counts={"unchanged": checked[crawl_id, partition]}
+            if (crawl_id, partition) in checked
+            else {},
             partition=partition,
             offsets=sorted(stored.get((crawl_id, partition), [])),
             read=sorted(offsets),

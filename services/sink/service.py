@@ -16,7 +16,10 @@ between the delete and the insert loses nothing: the offsets are not committed, 
 batch is written again. Documents whose insert still fails as duplicates (their URL is
 stored under another ``_id``) are replaced one by one. Offsets are committed only after
 the database acknowledged the batch; while it is down the sink retries and the pipeline
-backs up behind it in Kafka, where nothing is lost. A page the database refuses is
+backs up behind it in Kafka, where nothing is lost. A page a revisit found
+unchanged (``unchanged``: a 304, or the stored digest) is not rewritten: its stored document
+gets ``checked_at`` (and the validators of a 200), see "Keeping a crawl fresh" in the README.
+A page the database refuses is
 dead-lettered: by its write error, or before writing when it is known to be refused (a `$`
 field name) or the driver cannot encode it; a failure of anything else is left to the
 runtime's poison-record isolation.
@@ -30,7 +33,7 @@ from functools import partial
 from typing import Any
 
 from bson.errors import InvalidDocument
-from pymongo import AsyncMongoClient, ReplaceOne
+from pymongo import AsyncMongoClient, ReplaceOne, UpdateOne
 from pymongo.errors import BulkWriteError, OperationFailure
 
 from ..core import metrics
@@ -42,10 +45,13 @@ from ..core.runtime import BatchStage, Input, Output, Received, json_input
 from ..core.secrets import mongo_client_uri
 from ..core.topics import EVENTS, PAGES, SINK_GROUP
 from .logic import (
+    check_update,
+    checked_id,
     classify_failures,
     document_under,
     latest_documents,
     refusal_reason,
+    split_unchanged,
     stored_tallies,
     unencodable,
 )
@@ -93,9 +99,20 @@ class SinkStage(BatchStage):
     async def process(self, batch: list[Received[Any]]) -> list[Output]:
         stored_at = time.time()
         pages: list[Page] = [item.message for item in batch]
-        latest = latest_documents(pages, self.settings)
+        latest, unchanged = split_unchanged(pages, latest_documents(pages, self.settings))
+        if unchanged:
+            # A revisit found these current: their documents get checked_at, no rewrite.
+            checks = [(checked_id(pages[i], self.settings), pages[i]) for i in unchanged]
+            began = time.monotonic()
+            await self._retry(
+                f"checking {len(checks)} pages", lambda: self._check(checks, stored_at)
+            )
+            metrics.PAGES_UNCHANGED.inc(len(unchanged))
+            log.debug(
+                "sink: %d unchanged pages checked in %.2fs", len(checks), time.monotonic() - began
+            )
         if not latest:
-            return []
+            return self._tallies(batch, [], stored_at, unchanged) if unchanged else []
         chosen = list(latest.values())
         documents = [document_under(_id, pages[i], stored_at) for _id, i in latest.items()]
         rejected: dict[int, str] = await self._retry(
@@ -107,17 +124,38 @@ class SinkStage(BatchStage):
         ]
         metrics.PAGES_STORED.inc(len(documents) - len(rejected))
         written = [index for position, index in enumerate(chosen) if position not in rejected]
-        return [*dead, *self._tallies(batch, written, stored_at)]
+        return [*dead, *self._tallies(batch, written, stored_at, unchanged)]
+
+    async def _check(self, checks: list[tuple[str, Page]], checked_at: float) -> None:
+        """Record unchanged pages on their stored documents: ``checked_at`` for each (one
+        update for all the 304s), and the validators a 200 with the same content brought."""
+        not_modified = [_id for _id, page in checks if page.status == 304]
+        for start in range(0, len(not_modified), DELETE_CHUNK):
+            ids = not_modified[start : start + DELETE_CHUNK]
+            await self.collection.update_many(
+                {"_id": {"$in": ids}}, {"$set": {"checked_at": checked_at}}
+            )
+        updates = [
+            UpdateOne({"_id": _id}, {"$set": check_update(page, checked_at)})
+            for _id, page in checks
+            if page.status != 304
+        ]
+        for start in range(0, len(updates), UPDATE_CHUNK):
+            await self.collection.bulk_write(updates[start : start + UPDATE_CHUNK], ordered=False)
 
     def _tallies(
-        self, batch: list[Received[Any]], written: list[int], stored_at: float
+        self,
+        batch: list[Received[Any]],
+        written: list[int],
+        stored_at: float,
+        unchanged: list[int] | None = None,
     ) -> list[Output]:
         """For the stats stage: per crawl id and crawl.pages partition, the offsets this
         batch read and wrote (offsets, not counts: a batch written again after a crash
         is then counted once)."""
         return [
             Output(self.topic(EVENTS), tally, key=tally.crawl_id.encode())
-            for tally in stored_tallies(batch, written, stored_at)
+            for tally in stored_tallies(batch, written, stored_at, unchanged or ())
         ]
 
     async def _store(self, documents: list[dict[str, Any]]) -> dict[int, str]:

@@ -283,6 +283,7 @@ class CrawlTotals:
             "fetched": counts.get("fetched", 0),
             "parsed": counts.get("parsed", 0),
             "stored": counts.get("stored", 0),
+            "unchanged": counts.get("unchanged", 0),
             "bytes": counts.get("bytes", 0),
             "cancelled": counts.get("cancelled", 0),
             "errors": self.total("failed:"),
