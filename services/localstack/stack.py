@@ -55,6 +55,10 @@ rootLogger.appenderRef.file.ref = FILE
 """
 
 
+class SilentExit(RuntimeError):
+    """A server process that exited during start-up without writing a line anywhere."""
+
+
 class StackError(RuntimeError):
     """A one-line, user-facing reason the stack cannot start."""
 
@@ -247,20 +251,27 @@ class LocalStack:
         deadline = time.monotonic() + timeout
         nodes = self.config.kafka_nodes()
         for node in nodes:
-            self._wait(
-                "Kafka" if len(nodes) == 1 else f"Kafka node {node.node_id}",
-                state[node.name],
-                self._node_dir(node) / "server.log",
-                functools.partial(
-                    kafka_answers, brokers=len(nodes), security=self.config.security_env()
-                ),
-                node.bootstrap,
-                deadline,
+            name = "Kafka" if len(nodes) == 1 else f"Kafka node {node.node_id}"
+            logs = [self._node_dir(node) / "server.log", self._node_dir(node) / "stdout.log"]
+            probe = functools.partial(
+                kafka_answers, brokers=len(nodes), security=self.config.security_env()
             )
+            try:
+                self._wait(name, state[node.name], logs, probe, node.bootstrap, deadline)
+            except SilentExit as exc:
+                # Seen on a loaded machine: a JVM gone within its first second, not a line
+                # logged. Nothing says what to fix, so start it once more before giving up.
+                log.warning("%s; starting it once more", exc)
+                state[node.name] = self._start_kafka(kafka.classpath, node)
+                self._save_state(state)
+                try:
+                    self._wait(name, state[node.name], logs, probe, node.bootstrap, deadline)
+                except SilentExit as again:
+                    raise StackError(str(again)) from again
         self._wait(
             "FerretDB",
             state["mongo"],
-            self._mongo_dir / "ferretdb.log",
+            [self._mongo_dir / "ferretdb.log"],
             mongo_answers,
             self.config.mongo_uri,
             deadline,
@@ -486,18 +497,26 @@ class LocalStack:
         self,
         name: str,
         record: ProcessRecord,
-        log_file: Path,
+        log_files: list[Path],
         probe: Callable[[str, float], bool],
         target: str,
         deadline: float,
     ) -> None:
+        """Wait until the server answers; StackError (SilentExit where it wrote nothing
+        in any of ``log_files``) when it exits first or does not answer in time."""
         while time.monotonic() < deadline:
             if not self._alive(record):
-                raise StackError(f"{name} exited during start-up: {_tail(log_file)}")
+                tails = [_tail(path) for path in log_files]
+                said = [tail for tail in tails if tail not in ("(empty log)", "(no log)")]
+                what = f"{name} exited during start-up ({_exit_status(record.pid)})"
+                if not said:
+                    raise SilentExit(f"{what}: nothing in {', '.join(map(str, log_files))}")
+                raise StackError(f"{what}: {' | '.join(said)}")
             if probe(target, 3.0):
                 return
             time.sleep(0.5)
-        raise StackError(f"{name} did not answer on {target} in time: {_tail(log_file)}")
+        last_lines = " | ".join(_tail(path) for path in log_files)
+        raise StackError(f"{name} did not answer on {target} in time: {last_lines}")
 
     def _alive(self, record: ProcessRecord | None) -> bool:
         if record is None:
@@ -597,6 +616,11 @@ def make_certificates(tls: Path, password: str) -> None:
             raise StackError(f"keytool {step[0]} failed: {output[-1] if output else '?'}")
 
 
+# The servers this process started, by pid: kept so that an exit status can be read (a
+# dropped Popen is reaped by the subprocess module, and its status lost).
+_SPAWNED: dict[int, subprocess.Popen[bytes]] = {}
+
+
 def _spawn(cmd: list[str], log_file: Path) -> int:
     with open(log_file, "ab") as out:
         process = subprocess.Popen(
@@ -606,7 +630,19 @@ def _spawn(cmd: list[str], log_file: Path) -> int:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+    _SPAWNED[process.pid] = process
     return process.pid
+
+
+def _exit_status(pid: int) -> str:
+    """How a server started by this process ended: its exit code or the signal."""
+    process = _SPAWNED.get(pid)
+    code = process.poll() if process is not None else None
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
 
 
 def _terminate_all(pids: list[int], timeout: float) -> None:
