@@ -91,6 +91,24 @@ class Revisit(Message, kw_only=True):
         Annotated[str, Meta(max_length=8192, description="The _id the page is stored under.")]
         | None
     ) = None
+    interval: (
+        Annotated[
+            float,
+            Meta(
+                ge=0,
+                description="The page's revisit interval, s, before this visit (the adaptive "
+                "schedule shrinks or grows it from here).",
+            ),
+        ]
+        | None
+    ) = None
+    due: (
+        Annotated[
+            float,
+            Meta(description="The scheduler stage: the next_visit this revisit was queued for."),
+        ]
+        | None
+    ) = None
 
 
 History = Annotated[
