@@ -56,8 +56,16 @@ def document_under(
     fields.pop("unchanged", None)
     document = {"_id": document_id, **fields, "stored_at": stored_at, "checked_at": stored_at}
     if settings is not None:
-        document.update(schedule_fields(previous_interval(page), True, stored_at, settings))
+        changed = content_changed(page)
+        document.update(schedule_fields(previous_interval(page), changed, stored_at, settings))
     return document
+
+
+def content_changed(page: Page) -> bool:
+    """Whether a rewritten page counts as changed for the schedule: its digest differs from
+    the stored one. A redirect or an error page answered again as before (no digest either
+    time) is not a change, so it is not revisited ever more often."""
+    return page.revisit is None or page.content_hash != page.revisit.digest
 
 
 def previous_interval(page: Page) -> float | None:

@@ -191,3 +191,8 @@ def test_a_batch_takes_at_most_per_host_pages_of_one_host_in_due_order() -> None
     documents = [{"host": "a", "n": n} for n in range(5)] + [{"host": "b", "n": 9}]
     chosen = polite_batch(documents, 2)
     assert [(d["host"], d["n"]) for d in chosen] == [("a", 0), ("a", 1), ("b", 9)]
+
+
+def test_an_error_page_answered_again_as_before_is_not_a_change() -> None:
+    again = page(status=404, content_hash=None, revisit=revisit(digest=None, interval=DAY))
+    assert document_under("id", again, 0.0, S)["revisit_interval"] == 1.5 * DAY
