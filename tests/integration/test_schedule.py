@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 import pytest
 from pymongo import AsyncMongoClient
+from streamcrawl.core.kafka import create_topics
 from streamcrawl.core.messages import Discovered, Fetch
 from streamcrawl.crawl.local import free_port, running_pipeline
 from streamcrawl.crawl.seeds import SeedOptions, produce_seeds, seed_payloads
@@ -197,3 +198,68 @@ async def test_revisit_intervals_move_the_right_way(stack: StackConfig, tmp_path
     }
     admitted = Counter(url for url, _ in rounds)
     assert {request_path(url): n for url, n in admitted.items()} == dict(by_path), report
+
+
+class CrashAfterLease(Scheduler):
+    """A scheduler that stops between leasing a batch and sending it."""
+
+    def _candidate(self, document: Any, now: float) -> Any:
+        raise RuntimeError("stopped after the lease")
+
+
+async def test_a_restarted_scheduler_does_not_queue_a_due_time_twice(
+    stack: StackConfig,
+) -> None:
+    """On the database alone: a batch leased but not sent (the scheduler stopped between)
+    is not sent by the next scheduler for that due time; it comes due again when the lease
+    ends, for a new due time. A second pass over what was sent sends nothing; a batch takes
+    at most SCHEDULE_PER_HOST pages of one host."""
+    settings = crawl_settings(stack, schedule_lease="100", schedule_per_host="3")
+    scope = {"allow_domains": ["a.example", "b.example"], "max_depth": 5}
+
+    def document(host: str, n: int, due: float) -> dict[str, Any]:
+        url = f"http://{host}/{n}"
+        return {"_id": url, "url": url, "host": host, "crawl_id": CRAWL, "depth": 1,
+                "scope": scope, "revisit_interval": 10.0, "next_visit": due}  # fmt: skip
+
+    await create_topics(settings)
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
+    collection = client[settings.mongo_database][settings.mongo_collection]
+    try:
+        await collection.insert_many(
+            [document("a.example", n, 1000.0 + n) for n in range(5)]
+            + [document("b.example", n, 1000.5 + n) for n in range(2)]
+        )
+        crashed = CrashAfterLease(settings, CRAWL)
+        await crashed.start()
+        try:
+            with pytest.raises(RuntimeError):
+                await crashed.run_once(now=2000.0)
+        finally:
+            await crashed.stop()
+        leased = {d["_id"]: d["next_visit"] async for d in collection.find({})}
+        assert sorted(leased.values()).count(2100.0) == 5  # 3 of a.example, 2 of b.example
+
+        scheduler = Scheduler(settings, CRAWL)
+        await scheduler.start()
+        try:
+            restarted = await scheduler.run_once(now=2000.0)
+            assert (restarted.due, restarted.queued) == (2, 2)  # a.example's last two only
+            assert (await scheduler.run_once(now=2000.0)).queued == 0  # nothing due twice
+            after_lease = await scheduler.run_once(now=2100.0)
+            assert after_lease.queued == 5  # the stopped batch, due again: at the lease's end
+        finally:
+            await scheduler.stop()
+    finally:
+        await client.drop_database(settings.mongo_database)
+        await client.close()
+    if KCAT is None:
+        return
+    decoder = msgspec.json.Decoder(Discovered)
+    sent = [
+        (record.url, record.revisit.due)
+        for _, value in kcat_consume(settings.kafka_bootstrap, settings.topic_prefix + "discovered")
+        if (record := decoder.decode(value)).revisit is not None
+    ]
+    assert len(sent) == len(set(sent)) == 7
+    assert sorted(due for _, due in sent if due == 2100.0) == [2100.0] * 5
