@@ -400,10 +400,19 @@ def with_attempt(request: Fetch, outcome: str, at: float, status: int | None, de
     return msgspec.structs.replace(request, attempt=request.attempt + 1, history=history)
 
 
+SCHEDULED = "\x00d"
+
+
 def round_key(crawl_id: str, revisit: Revisit | None) -> str:
     """What dedup (and the frontier's memory of recent links) keys a URL's crawl by: the
-    crawl id, and in a revisit round the round too, so each URL passes once per round."""
-    return crawl_id if revisit is None else f"{crawl_id}\x00r{revisit.round}"
+    crawl id, and in a revisit round the round too, so each URL passes once per round. A
+    revisit the scheduler queued (``due`` set; its round is its due time) is marked apart,
+    so dedup counts those under one key per crawl (see ``counted_key`` in dedup)."""
+    if revisit is None:
+        return crawl_id
+    if revisit.due is not None:
+        return f"{crawl_id}{SCHEDULED}{revisit.round}"
+    return f"{crawl_id}\x00r{revisit.round}"
 
 
 def tallies(stage: StageName, counts: Mapping[tuple[str, str], int], at: float) -> list[Tally]:

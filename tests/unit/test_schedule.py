@@ -196,3 +196,23 @@ def test_a_batch_takes_at_most_per_host_pages_of_one_host_in_due_order() -> None
 def test_an_error_page_answered_again_as_before_is_not_a_change() -> None:
     again = page(status=404, content_hash=None, revisit=revisit(digest=None, interval=DAY))
     assert document_under("id", again, 0.0, S)["revisit_interval"] == 1.5 * DAY
+
+
+# -- dedup: a round per due time, counted under one key per crawl -----------------------------
+
+
+def test_dedup_admits_a_scheduled_revisit_once_per_due_time_and_keeps_one_count() -> None:
+    from streamcrawl.core.messages import round_key
+    from streamcrawl.dedup.logic import Admission, PartitionFilter, counted_key
+
+    admission = Admission()
+    admission.filters[0] = PartitionFilter(1000, 0.001)
+    url = "http://a.example/p"
+    keys = [round_key("c", Revisit(round=due_round(due), due=due)) for due in (10.0, 20.0)]
+    assert keys[0] != keys[1] and keys[0] != round_key("c", Revisit(round=due_round(10.0)))
+    assert admission.decide(0, keys[0], url, max_pages=1) is None
+    assert admission.decide(0, keys[0], url, max_pages=1) == "duplicate"  # same due time
+    assert admission.decide(0, keys[1], url, max_pages=1) is None  # next due time; no budget
+    assert dict(admission.filters[0].admitted) == {counted_key(keys[0]): 2}
+    assert counted_key(keys[0]) == counted_key(keys[1]) == "c\x00d"
+    assert counted_key("c\x00r7") == "c\x00r7" and counted_key("c") == "c"
