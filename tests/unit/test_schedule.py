@@ -216,3 +216,32 @@ def test_dedup_admits_a_scheduled_revisit_once_per_due_time_and_keeps_one_count(
     assert dict(admission.filters[0].admitted) == {counted_key(keys[0]): 2}
     assert counted_key(keys[0]) == counted_key(keys[1]) == "c\x00d"
     assert counted_key("c\x00r7") == "c\x00r7" and counted_key("c") == "c"
+
+
+async def test_dedup_stage_admits_a_scheduled_revisit_once_per_due_time() -> None:
+    from streamcrawl.dedup.service import _replay_decoder
+
+    from .test_stages import (
+        counted,
+        dedup_stage,
+        discovered,
+        discovered_record,
+        pipeline,
+        run_batch,
+    )
+
+    stage = dedup_stage()
+    url = "http://a.example/1"
+
+    def scheduled(due: float) -> Any:
+        return discovered(url, revisit=revisit(round=due_round(due), due=due))
+
+    candidates = [scheduled(10.0), scheduled(10.0), scheduled(20.0), discovered(url)]
+    records = [discovered_record(c, 0, n) for n, c in enumerate(candidates)]
+    everything = await run_batch(stage, records)
+    assert counted(everything) == {"c1": {"admitted": 3, "filtered:duplicate": 1}}
+    admitted = [out.value for out in pipeline(everything) if out.topic == "crawl.fetch"]
+    assert [c.revisit.due if c.revisit else None for c in admitted] == [10.0, 20.0, None]
+    # A rebuilt partition keys a replayed scheduled revisit as live admission did.
+    replayed = _replay_decoder.decode(encode(admitted[0]))
+    assert replayed.revisit is not None and replayed.revisit.due == 10.0
