@@ -263,3 +263,29 @@ async def test_a_restarted_scheduler_does_not_queue_a_due_time_twice(
     ]
     assert len(sent) == len(set(sent)) == 7
     assert sorted(due for _, due in sent if due == 2100.0) == [2100.0] * 5
+
+
+def test_the_schedule_command_runs_until_sigterm(stack: StackConfig, tmp_path: Path) -> None:
+    """``streamcrawl schedule``: starts, queues what is due, and stops cleanly on SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+
+    settings = crawl_settings(stack)
+    asyncio.run(create_topics(settings))
+    env = {**os.environ, **settings.as_env()}
+    command = [sys.executable, "-c", "from streamcrawl.cli import main; raise SystemExit(main())"]
+    with (tmp_path / "schedule.log").open("w+") as log:
+        process = subprocess.Popen(
+            [*command, "schedule", "--crawl-id", CRAWL], env=env, stdout=log, stderr=log
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while "scheduler: running" not in (tmp_path / "schedule.log").read_text():
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
