@@ -37,6 +37,7 @@ from pymongo import AsyncMongoClient
 from ..core.config import Settings
 from ..core.kafka import make_producer
 from ..core.messages import encode
+from ..core.poison import outlasting_outages
 from ..core.secrets import mongo_client_uri
 from ..core.topics import DISCOVERED
 from ..crawl.recrawl import PROJECTION, revisit_candidate
@@ -131,7 +132,9 @@ class Scheduler:
         """Pass after pass until ``stop``: at once while full batches are due, else after
         ``SCHEDULE_POLL`` seconds."""
         while not stop.is_set():
-            done = await self.run_once()
+            # An outage of the database or of Kafka is waited out. Pages leased before a
+            # send failed are not sent on the retry: they come due again at the lease's end.
+            done = await outlasting_outages("scheduler: queuing due pages", self.run_once)
             if done.queued:
                 log.info("scheduler: queued %d due pages (%d read)", done.queued, done.due)
             if done.due < self.settings.schedule_batch:
