@@ -314,6 +314,14 @@ class Settings:
             "multiplies its interval by this."
         },
     )
+    schedule_enabled: int = field(
+        default=0,
+        metadata={
+            "doc": "1: the scheduler stage queues each stored page's revisit when its "
+            "next_visit comes (continuous crawling); 0: it runs idle. "
+            "`streamcrawl schedule` queues them either way."
+        },
+    )
     schedule_batch: int = field(
         default=1000,
         metadata={"doc": "Due pages the scheduler stage reads and queues at a time."},

@@ -34,7 +34,9 @@ Kind = Annotated[
     Literal["page", "sitemap"],
     Meta(description="page (default) or sitemap: a sitemap's <loc> URLs become links."),
 ]
-StageName = Literal["frontier", "dedup", "fetcher", "delay", "parser", "sink", "warc", "stats"]
+StageName = Literal[
+    "frontier", "dedup", "fetcher", "delay", "parser", "sink", "warc", "stats", "scheduler"
+]
 HeaderLine = tuple[Annotated[str, Meta(max_length=1024)], Annotated[str, Meta(max_length=8192)]]
 
 DEFAULT_CRAWL_ID = "default"

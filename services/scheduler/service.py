@@ -34,7 +34,7 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 
-from ..core.config import Settings
+from ..core.config import PREFIX, Settings
 from ..core.kafka import make_producer
 from ..core.messages import encode
 from ..core.poison import outlasting_outages
@@ -142,7 +142,25 @@ class Scheduler:
                     await asyncio.wait_for(stop.wait(), self.settings.schedule_poll)
 
 
-async def serve(settings: Settings, crawl_id: str | None = None) -> None:
+class SchedulerStage:
+    """The registered ``scheduler`` stage (``streamcrawl run scheduler``): no consumer
+    group, so it runs itself, like the stats stage. It serves /metrics, /healthz and
+    /readyz (MongoDB answers) on ``METRICS_PORT`` and queues due pages while
+    ``SCHEDULE_ENABLED`` is 1; at 0 (the default) it runs idle, so a pipeline keeps its
+    behaviour until continuous crawling is switched on."""
+
+    name = "scheduler"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def run(self) -> None:
+        import uvloop
+
+        uvloop.run(serve(self.settings, enabled=bool(self.settings.schedule_enabled)))
+
+
+async def serve(settings: Settings, crawl_id: str | None = None, enabled: bool = True) -> None:
     """``streamcrawl schedule``: the scheduler until SIGTERM / SIGINT."""
     from ..core.kafka import check_kafka_access
     from ..core.runtime import install_stop_signals
@@ -150,11 +168,26 @@ async def serve(settings: Settings, crawl_id: str | None = None) -> None:
     stop = asyncio.Event()
     install_stop_signals(stop)
     await check_kafka_access(settings)
+    from ..core.metrics import HealthServer
+
     scheduler = Scheduler(settings, crawl_id)
-    await scheduler.start()
-    log.info("scheduler: running")
-    print("scheduler: running", flush=True)
+    await outlasting_outages("scheduler: starting", scheduler.start)
+
+    async def ready() -> bool:
+        await scheduler.client.admin.command("ping")
+        return True
+
+    health = HealthServer(settings.metrics_port, ready)
+    await health.start()
+    state = "running" if enabled else f"running idle ({PREFIX}SCHEDULE_ENABLED=0)"
+    log.info("scheduler: %s", state)
+    print(f"scheduler: {state}", flush=True)
     try:
-        await scheduler.run(stop)
+        if enabled:
+            await scheduler.run(stop)
+        else:
+            await stop.wait()
     finally:
+        await health.stop()
         await scheduler.stop()
+        log.info("scheduler: stopped")
