@@ -181,7 +181,6 @@ async def serve(settings: Settings, crawl_id: str | None = None, enabled: bool =
     await health.start()
     state = "running" if enabled else f"running idle ({PREFIX}SCHEDULE_ENABLED=0)"
     log.info("scheduler: %s", state)
-    print(f"scheduler: {state}", flush=True)
     try:
         if enabled:
             await scheduler.run(stop)
