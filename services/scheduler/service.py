@@ -150,6 +150,7 @@ class SchedulerStage:
     behaviour until continuous crawling is switched on."""
 
     name = "scheduler"
+    group: str | None = None  # no consumer group: it reads MongoDB
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

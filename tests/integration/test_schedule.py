@@ -289,3 +289,76 @@ def test_the_schedule_command_runs_until_sigterm(stack: StackConfig, tmp_path: P
         finally:
             if process.poll() is None:
                 process.kill()
+
+
+def test_the_registered_stage_queues_due_pages_when_enabled(
+    stack: StackConfig, tmp_path: Path
+) -> None:
+    """``streamcrawl run scheduler`` with SCHEDULE_ENABLED=1: ready on /readyz, leases and
+    queues a due page, stops cleanly on SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = free_port()
+    settings = crawl_settings(stack, schedule_enabled="1", metrics_port=str(port))
+    asyncio.run(create_topics(settings))
+    url = "http://a.example/due"
+    scope = {"allow_domains": ["a.example"], "max_depth": 5}
+
+    async def store_due() -> None:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
+        try:
+            await client[settings.mongo_database][settings.mongo_collection].insert_one(
+                {
+                    "_id": url,
+                    "url": url,
+                    "host": "a.example",
+                    "crawl_id": CRAWL,
+                    "depth": 0,
+                    "scope": scope,
+                    "revisit_interval": 5.0,
+                    "next_visit": 1.0,
+                }
+            )
+        finally:
+            await client.close()
+
+    async def next_visit() -> float:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
+        try:
+            collection = client[settings.mongo_database][settings.mongo_collection]
+            document = await collection.find_one({"_id": url})
+            assert document is not None
+            return float(document["next_visit"])
+        finally:
+            await client.close()
+
+    asyncio.run(store_due())
+    env = {**os.environ, **settings.as_env()}
+    command = [sys.executable, "-m", "streamcrawl.cli", "run", "scheduler"]
+    with (tmp_path / "scheduler.log").open("w+") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 60
+            while asyncio.run(next_visit()) == 1.0:  # leased: moved to now + SCHEDULE_LEASE
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.3)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as reply:
+                assert reply.status == 200
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert asyncio.run(next_visit()) > time.time() + settings.schedule_lease - 120
+    if KCAT is not None:
+        decoder = msgspec.json.Decoder(Discovered)
+        sent = [
+            decoder.decode(value)
+            for _, value in kcat_consume(
+                settings.kafka_bootstrap, settings.topic_prefix + "discovered"
+            )
+        ]
+        assert [(d.url, d.revisit.due if d.revisit else None) for d in sent] == [(url, 1.0)]
