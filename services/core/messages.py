@@ -76,8 +76,9 @@ class Attempt(Message, kw_only=True):
 
 
 class Revisit(Message, kw_only=True):
-    """A revisit of a stored page (``streamcrawl recrawl``): the round it belongs to and
-    what was stored of the page, for a conditional request and the unchanged decision.
+    """A revisit of a stored page (``streamcrawl recrawl``, or the scheduler stage when the
+    page's ``next_visit`` came): the round it belongs to and what was stored of the page,
+    for a conditional request, the unchanged decision and the next interval.
     Dedup admits a revisit once per round; the links of a changed page are plain
     candidates of the crawl (only URLs it never had get through)."""
 
