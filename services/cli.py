@@ -172,6 +172,16 @@ def _recrawl(args: argparse.Namespace) -> int:
     return recrawl_command(args)
 
 
+def _schedule(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from .scheduler.service import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    uvloop.run(serve(Settings.from_env(), args.crawl_id))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamcrawl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -273,6 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     recrawl.add_argument("--timeout", type=float, default=None, help="give up after N seconds")
     recrawl.set_defaults(handler=_recrawl)
+
+    schedule = commands.add_parser(
+        "schedule",
+        help="the scheduler: queue a revisit of each stored page when its next_visit (the "
+        "adaptive revisit schedule) comes, until stopped",
+    )
+    schedule.add_argument("--crawl-id", default=None, help="only this crawl's pages")
+    schedule.set_defaults(handler=_schedule)
 
     status = commands.add_parser(
         "status", help="crawls and their numbers, from the stats stage (STREAMCRAWL_STATS_URL)"

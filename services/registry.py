@@ -35,6 +35,8 @@ STAGES: dict[str, str] = {
     "warc": "streamcrawl.warc.service:WarcStage",
     # A faust worker, not a runtime Stage: its class has run() (see runner.run_stage).
     "stats": "streamcrawl.stats.service:StatsWorker",
+    # No consumer group either: it reads MongoDB and runs itself (idle unless enabled).
+    "scheduler": "streamcrawl.scheduler.service:SchedulerStage",
 }
 
 STAGE_NAMES: tuple[str, ...] = tuple(STAGES)

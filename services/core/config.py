@@ -288,6 +288,62 @@ class Settings:
             "seen before (0: always the full response)."
         },
     )
+    revisit_initial: float = field(
+        default=86400.0,
+        metadata={
+            "doc": "Seconds from a page's first visit to its first scheduled revisit "
+            "(`next_visit`; kept within REVISIT_MIN and REVISIT_MAX)."
+        },
+    )
+    revisit_min: float = field(
+        default=3600.0,
+        metadata={"doc": "Shortest revisit interval, s: a page that keeps changing stays here."},
+    )
+    revisit_max: float = field(
+        default=30 * 86400.0,
+        metadata={"doc": "Longest revisit interval, s: a page that never changes ends here."},
+    )
+    revisit_shrink: float = field(
+        default=0.5,
+        metadata={"doc": "A revisit that found the page changed multiplies its interval by this."},
+    )
+    revisit_grow: float = field(
+        default=1.5,
+        metadata={
+            "doc": "A revisit that found the page unchanged (a 304, or the stored digest) "
+            "multiplies its interval by this."
+        },
+    )
+    schedule_enabled: int = field(
+        default=0,
+        metadata={
+            "doc": "1: the scheduler stage queues each stored page's revisit when its "
+            "next_visit comes (continuous crawling); 0: it runs idle. "
+            "`streamcrawl schedule` queues them either way."
+        },
+    )
+    schedule_batch: int = field(
+        default=1000,
+        metadata={"doc": "Due pages the scheduler stage reads and queues at a time."},
+    )
+    schedule_per_host: int = field(
+        default=100,
+        metadata={
+            "doc": "Due pages of one host the scheduler queues per batch (the rest wait "
+            "for the next batch; per-host politeness applies in the fetcher as always)."
+        },
+    )
+    schedule_lease: float = field(
+        default=3600.0,
+        metadata={
+            "doc": "Seconds a page the scheduler queued waits for its visit: one not visited "
+            "by then (its revisit lost) is due again, for a new due time."
+        },
+    )
+    schedule_poll: float = field(
+        default=5.0,
+        metadata={"doc": "Seconds the scheduler stage waits when no page is due."},
+    )
     stats_port: int = field(
         default=6066,
         metadata={
@@ -344,6 +400,15 @@ class Settings:
             raise ValueError(f"{PREFIX}PAUSE_RECHECK must be > 0")
         if self.shutdown_grace <= 0:
             raise ValueError(f"{PREFIX}SHUTDOWN_GRACE must be > 0")
+        if not 0 < self.revisit_min <= self.revisit_max:
+            raise ValueError(f"{PREFIX}REVISIT_MIN must be > 0 and <= {PREFIX}REVISIT_MAX")
+        if not 0 < self.revisit_shrink <= 1 <= self.revisit_grow:
+            raise ValueError(f"{PREFIX}REVISIT_SHRINK must be in (0, 1], REVISIT_GROW >= 1")
+        if (
+            min(self.schedule_batch, self.schedule_per_host) < 1
+            or min(self.schedule_poll, self.schedule_lease) <= 0
+        ):
+            raise ValueError(f"{PREFIX}SCHEDULE_BATCH, _PER_HOST, _POLL and _LEASE must be > 0")
         self.host_delay_map()
         self._check_kafka_security()
 

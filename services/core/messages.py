@@ -34,7 +34,9 @@ Kind = Annotated[
     Literal["page", "sitemap"],
     Meta(description="page (default) or sitemap: a sitemap's <loc> URLs become links."),
 ]
-StageName = Literal["frontier", "dedup", "fetcher", "delay", "parser", "sink", "warc", "stats"]
+StageName = Literal[
+    "frontier", "dedup", "fetcher", "delay", "parser", "sink", "warc", "stats", "scheduler"
+]
 HeaderLine = tuple[Annotated[str, Meta(max_length=1024)], Annotated[str, Meta(max_length=8192)]]
 
 DEFAULT_CRAWL_ID = "default"
@@ -74,8 +76,9 @@ class Attempt(Message, kw_only=True):
 
 
 class Revisit(Message, kw_only=True):
-    """A revisit of a stored page (``streamcrawl recrawl``): the round it belongs to and
-    what was stored of the page, for a conditional request and the unchanged decision.
+    """A revisit of a stored page (``streamcrawl recrawl``, or the scheduler stage when the
+    page's ``next_visit`` came): the round it belongs to and what was stored of the page,
+    for a conditional request, the unchanged decision and the next interval.
     Dedup admits a revisit once per round; the links of a changed page are plain
     candidates of the crawl (only URLs it never had get through)."""
 
@@ -89,6 +92,24 @@ class Revisit(Message, kw_only=True):
     )
     stored_id: (
         Annotated[str, Meta(max_length=8192, description="The _id the page is stored under.")]
+        | None
+    ) = None
+    interval: (
+        Annotated[
+            float,
+            Meta(
+                ge=0,
+                description="The page's revisit interval, s, before this visit (the adaptive "
+                "schedule shrinks or grows it from here).",
+            ),
+        ]
+        | None
+    ) = None
+    due: (
+        Annotated[
+            float,
+            Meta(description="The scheduler stage: the next_visit this revisit was queued for."),
+        ]
         | None
     ) = None
 
@@ -382,10 +403,19 @@ def with_attempt(request: Fetch, outcome: str, at: float, status: int | None, de
     return msgspec.structs.replace(request, attempt=request.attempt + 1, history=history)
 
 
+SCHEDULED = "\x00d"
+
+
 def round_key(crawl_id: str, revisit: Revisit | None) -> str:
     """What dedup (and the frontier's memory of recent links) keys a URL's crawl by: the
-    crawl id, and in a revisit round the round too, so each URL passes once per round."""
-    return crawl_id if revisit is None else f"{crawl_id}\x00r{revisit.round}"
+    crawl id, and in a revisit round the round too, so each URL passes once per round. A
+    revisit the scheduler queued (``due`` set; its round is its due time) is marked apart,
+    so dedup counts those under one key per crawl (see ``counted_key`` in dedup)."""
+    if revisit is None:
+        return crawl_id
+    if revisit.due is not None:
+        return f"{crawl_id}{SCHEDULED}{revisit.round}"
+    return f"{crawl_id}\x00r{revisit.round}"
 
 
 def tallies(stage: StageName, counts: Mapping[tuple[str, str], int], at: float) -> list[Tally]:

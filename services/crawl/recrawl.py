@@ -51,6 +51,7 @@ PROJECTION = {
     "etag": 1,
     "last_modified": 1,
     "content_hash": 1,
+    "revisit_interval": 1,
 }
 BATCH = 1000
 
@@ -62,10 +63,15 @@ def new_round(now: float | None = None) -> int:
 
 
 def revisit_candidate(
-    document: Mapping[str, Any], crawl_id: str, round_id: int, now: float
+    document: Mapping[str, Any],
+    crawl_id: str,
+    round_id: int,
+    now: float,
+    due: float | None = None,
 ) -> Discovered | None:
     """The crawl.discovered record that revisits one stored document, or None for a
-    document no stage could have written (it is skipped)."""
+    document no stage could have written (it is skipped). It carries the document's
+    ``revisit_interval`` (for the adaptive schedule) and, from the scheduler, ``due``."""
     fields: dict[str, Any] = {
         "url": document.get("url"),
         "host": document.get("host"),
@@ -81,6 +87,8 @@ def revisit_candidate(
             "last_modified": document.get("last_modified"),
             "digest": document.get("content_hash"),
             "stored_id": document.get("_id"),
+            "interval": document.get("revisit_interval"),
+            "due": due,
         },
     }
     if document.get("meta") is not None:

@@ -19,11 +19,20 @@ from hashlib import blake2b
 
 from pybloom_live import ScalableBloomFilter
 
+from ..core.messages import SCHEDULED
 from ..core.urls import calendar_pattern, host_of
 
 
 def dedup_key(crawl_id: str, url: str) -> str:
     return f"{crawl_id}\x00{url}"
+
+
+def counted_key(crawl_key: str) -> str:
+    """The key a partition counts an admission under: the crawl key, but one key per crawl
+    for all the scheduler's revisits (each has a round of its own, its due time, so
+    counting per round would keep a key per revisit, for ever)."""
+    crawl_id, scheduled, _ = crawl_key.partition(SCHEDULED)
+    return crawl_id + scheduled if scheduled else crawl_key
 
 
 _COUNTER_MAX = 0xFFFFFFFF
@@ -128,7 +137,7 @@ class PartitionFilter:
         come through here, so a rebuilt partition has the same counts."""
         # ScalableBloomFilter.add returns True when the key was (probably) present.
         if not self.bloom.add(dedup_key(crawl_id, url)):
-            self.admitted[crawl_id] += 1
+            self.admitted[counted_key(crawl_id)] += 1
             self.counts.add(host_key(crawl_id, url))
             pattern = calendar_pattern(url)
             if pattern is not None:
@@ -228,8 +237,10 @@ class BatchAdmission:
         pattern = calendar_pattern(url)
         if (partition, key) in self._keys or bloom.seen(crawl_id, url):
             return "duplicate"
-        admitted = self._admission.admitted_in_crawl(crawl_id) + self._per_crawl[crawl_id]
-        if max_pages and admitted >= max_pages:
+        budget_key = counted_key(crawl_id)
+        admitted = self._admission.admitted_in_crawl(budget_key) + self._per_crawl[budget_key]
+        # A scheduled revisit is of a page the crawl stored: the page budget is not for it.
+        if max_pages and admitted >= max_pages and SCHEDULED not in crawl_id:
             return "max_pages"
         if max_pages_per_host and (
             bloom.host_pages(crawl_id, url) + self._counts[(partition, host)] >= max_pages_per_host
@@ -243,7 +254,7 @@ class BatchAdmission:
                 return "calendar_trap"
         self._admitted.append((partition, crawl_id, url))
         self._keys.add((partition, key))
-        self._per_crawl[crawl_id] += 1
+        self._per_crawl[budget_key] += 1
         self._counts[(partition, host)] += 1
         if pattern is not None:
             self._counts[(partition, pattern_key(crawl_id, pattern))] += 1

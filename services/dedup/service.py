@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 class _Round(msgspec.Struct):
     round: int
+    due: float | None = None
 
 
 class _Admitted(msgspec.Struct):
@@ -221,7 +222,10 @@ class DedupStage(BatchStage):
                         crawl_key = (
                             admitted.crawl_id
                             if admitted.revisit is None
-                            else round_key(admitted.crawl_id, Revisit(round=admitted.revisit.round))
+                            else round_key(
+                                admitted.crawl_id,
+                                Revisit(round=admitted.revisit.round, due=admitted.revisit.due),
+                            )
                         )
                         bloom.remember(crawl_key, admitted.url)
                     except ValueError:

@@ -12,6 +12,7 @@ from pymongo.errors import BulkWriteError
 
 from ..core.config import Settings
 from ..core.messages import Page, Tally, to_dict
+from ..core.schedule import schedule_fields
 from ..core.scope import canonical_url
 from ..core.urls import InvalidURL, host_of
 
@@ -41,15 +42,35 @@ def document_for(page: Page, stored_at: float, settings: Settings) -> dict[str, 
     return document_under(storage_id(page, settings), page, stored_at)
 
 
-def document_under(document_id: str, page: Page, stored_at: float) -> dict[str, Any]:
+def document_under(
+    document_id: str, page: Page, stored_at: float, settings: Settings | None = None
+) -> dict[str, Any]:
     """The document of ``page`` under an ``_id`` already worked out by :func:`storage_id`:
     the page (its validators ``etag``/``last_modified`` and digest ``content_hash``
     included, for a later revisit) with ``stored_at`` and ``checked_at`` (when it was
-    last found current). What only travels (``revisit``, ``unchanged``) is left out."""
+    last found current). What only travels (``revisit``, ``unchanged``) is left out.
+    With ``settings``, the adaptive schedule too: ``revisit_interval`` and ``next_visit``
+    (a new page gets the initial interval, a changed one a shorter interval)."""
     fields = to_dict(page)
     fields.pop("revisit", None)
     fields.pop("unchanged", None)
-    return {"_id": document_id, **fields, "stored_at": stored_at, "checked_at": stored_at}
+    document = {"_id": document_id, **fields, "stored_at": stored_at, "checked_at": stored_at}
+    if settings is not None:
+        changed = content_changed(page)
+        document.update(schedule_fields(previous_interval(page), changed, stored_at, settings))
+    return document
+
+
+def content_changed(page: Page) -> bool:
+    """Whether a rewritten page counts as changed for the schedule: its digest differs from
+    the stored one. A redirect or an error page answered again as before (no digest either
+    time) is not a change, so it is not revisited ever more often."""
+    return page.revisit is None or page.content_hash != page.revisit.digest
+
+
+def previous_interval(page: Page) -> float | None:
+    """The revisit interval the page had before this visit (None: a first visit)."""
+    return page.revisit.interval if page.revisit is not None else None
 
 
 def checked_id(page: Page, settings: Settings) -> str:
@@ -60,14 +81,18 @@ def checked_id(page: Page, settings: Settings) -> str:
     return storage_id(page, settings)
 
 
-def check_update(page: Page, checked_at: float) -> dict[str, Any]:
+def check_update(page: Page, checked_at: float, settings: Settings | None = None) -> dict[str, Any]:
     """The ``$set`` that records an unchanged page on its stored document: ``checked_at``,
     and the validators the server sent now (a touched file has a new ETag over the same
-    content, which the next revisit should send). The content is left as it is."""
+    content, which the next revisit should send). The content is left as it is. With
+    ``settings``, the adaptive schedule too: the interval grows (a 304 and a 200 with the
+    stored digest are both unchanged; a missing Last-Modified plays no part)."""
     fields: dict[str, Any] = {"checked_at": checked_at}
     if page.status != 304:
         fields["etag"] = page.etag
         fields["last_modified"] = page.last_modified
+    if settings is not None:
+        fields.update(schedule_fields(previous_interval(page), False, checked_at, settings))
     return fields
 
 

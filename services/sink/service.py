@@ -42,6 +42,7 @@ from ..core.errors import StageCannotRun
 from ..core.messages import Page
 from ..core.poison import outlasting_outages
 from ..core.runtime import BatchStage, Input, Output, Received, json_input
+from ..core.schedule import schedule_fields
 from ..core.secrets import mongo_client_uri
 from ..core.topics import EVENTS, PAGES, SINK_GROUP
 from .logic import (
@@ -50,6 +51,7 @@ from .logic import (
     classify_failures,
     document_under,
     latest_documents,
+    previous_interval,
     refusal_reason,
     split_unchanged,
     stored_tallies,
@@ -88,6 +90,8 @@ class SinkStage(BatchStage):
     async def _create_indexes(self) -> None:
         await self.collection.create_index("url", unique=True, name="url_unique")
         await self.collection.create_index("crawl_id", name="crawl_id")
+        # The scheduler stage reads the due pages in next_visit order.
+        await self.collection.create_index("next_visit", name="next_visit")
 
     async def stop(self) -> None:
         await self.client.close()
@@ -114,7 +118,9 @@ class SinkStage(BatchStage):
         if not latest:
             return self._tallies(batch, [], stored_at, unchanged) if unchanged else []
         chosen = list(latest.values())
-        documents = [document_under(_id, pages[i], stored_at) for _id, i in latest.items()]
+        documents = [
+            document_under(_id, pages[i], stored_at, self.settings) for _id, i in latest.items()
+        ]
         rejected: dict[int, str] = await self._retry(
             f"writing {len(documents)} pages", lambda: self._store(documents)
         )
@@ -129,14 +135,22 @@ class SinkStage(BatchStage):
     async def _check(self, checks: list[tuple[str, Page]], checked_at: float) -> None:
         """Record unchanged pages on their stored documents: ``checked_at`` for each (one
         update for all the 304s), and the validators a 200 with the same content brought."""
-        not_modified = [_id for _id, page in checks if page.status == 304]
-        for start in range(0, len(not_modified), DELETE_CHUNK):
-            ids = not_modified[start : start + DELETE_CHUNK]
-            await self.collection.update_many(
-                {"_id": {"$in": ids}}, {"$set": {"checked_at": checked_at}}
-            )
+        # The 304s share their $set but for the previous interval: one update per interval
+        # (a round's pages mostly share one).
+        not_modified: dict[float | None, list[str]] = {}
+        for _id, page in checks:
+            if page.status == 304:
+                not_modified.setdefault(previous_interval(page), []).append(_id)
+        for previous, ids_of in not_modified.items():
+            fields = {
+                "checked_at": checked_at,
+                **schedule_fields(previous, False, checked_at, self.settings),
+            }
+            for start in range(0, len(ids_of), DELETE_CHUNK):
+                ids = ids_of[start : start + DELETE_CHUNK]
+                await self.collection.update_many({"_id": {"$in": ids}}, {"$set": fields})
         updates = [
-            UpdateOne({"_id": _id}, {"$set": check_update(page, checked_at)})
+            UpdateOne({"_id": _id}, {"$set": check_update(page, checked_at, self.settings)})
             for _id, page in checks
             if page.status != 304
         ]

@@ -34,9 +34,9 @@ RESTART_AFTER = 1.0  # seconds between a SIGKILL and the new process
 GRACE = 30.0  # terminationGracePeriodSeconds of every stage in deploy/
 # Their Deployments use strategy Recreate (one writer per WARC volume; one stats worker per
 # pipeline holds every table partition): the old pod stops before the new one starts.
-RECREATED = frozenset({"warc", "stats"})
+RECREATED = frozenset({"warc", "stats", "scheduler"})
 # What a new process logs once it does useful work.
-READY_LINE = {"stats": "Recovery complete"}
+READY_LINE = {"stats": "Recovery complete", "scheduler": "scheduler: running"}
 ROLLOUT_CRAWL_DELAY = "0.05"
 
 

@@ -223,9 +223,11 @@ async def test_recrawl_downloads_only_what_changed(stack: StackConfig, tmp_path:
         assert now["etag"] != then["etag"]  # the next round sends the new validator
     for url in manifest.pages - changed - touched:
         now, then = second[url], first[url]
-        assert {k: v for k, v in now.items() if k != "checked_at"} == {
-            k: v for k, v in then.items() if k != "checked_at"
+        moved = {"checked_at", "revisit_interval", "next_visit"}  # the schedule moves too
+        assert {k: v for k, v in now.items() if k not in moved} == {
+            k: v for k, v in then.items() if k not in moved
         }, url
+        assert now["revisit_interval"] > then["revisit_interval"], url  # unchanged: grows
         assert now["checked_at"] >= checked_from
     assert second[fresh_url]["status"] == 200 and second[fresh_url]["title"] == "Fresh"
     assert second[fresh_url]["stored_at"] >= checked_from

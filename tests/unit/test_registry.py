@@ -14,8 +14,9 @@ from streamcrawl.registry import STAGE_NAMES, STAGES, stage_class
 PACKAGE = Path(__file__).resolve().parents[2] / "services"
 
 
-# Registry entries that run themselves (a faust worker), not through the stage runtime.
-SELF_RUNNING = {"stats"}
+# Registry entries that run themselves (a faust worker, the scheduler), not through the
+# stage runtime.
+SELF_RUNNING = {"stats", "scheduler"}
 
 
 def test_every_registered_stage_is_a_stage_class_named_as_registered() -> None:

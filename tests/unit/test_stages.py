@@ -55,6 +55,7 @@ from streamcrawl.fetcher.service import FetcherStage
 from streamcrawl.frontier.service import FrontierStage
 from streamcrawl.parser.service import ParserStage
 from streamcrawl.registry import STAGES, stage_class
+from streamcrawl.scheduler.service import SchedulerStage
 from streamcrawl.sink.logic import (
     classify_failures,
     document_for,
@@ -244,6 +245,7 @@ def test_every_registered_stage_is_covered_here() -> None:
         "sink": SinkStage,
         "warc": WarcStage,
         "stats": StatsWorker,
+        "scheduler": SchedulerStage,
     }
     for name in ("frontier", "dedup", "parser", "sink", "warc"):
         assert issubclass(kinds[name], BatchStage)
