@@ -37,7 +37,10 @@ CONFIGURED_DELAY = 0.5  # STREAMCRAWL_CRAWL_DELAY
 CRAWL_DELAY_A = 1.0  # robots.txt of host A: larger than ours, so it wins there
 CRAWL_DELAY_B = 0.2  # robots.txt of host B: smaller, so ours wins there
 RETRY_AFTER = 2
-CLOCK_TOLERANCE = 0.05  # both clocks are this machine's; allow scheduling jitter only
+# Both clocks are this machine's, but the site stamps a request when its event loop gets to
+# it: on a loaded 2-core machine that lags the arrival by up to ~0.12 s (seen in CI: 0.877 s
+# between two requests sent 1.0 s apart). A politeness bug shows as gaps near 0.
+CLOCK_TOLERANCE = 0.15
 FORBIDDEN_HOSTS = ("169.254.169.254", "10.1.2.3")
 FETCHER_RSS_LIMIT = 400 * 1024 * 1024
 ROBOTS_READ = re.compile(r"robots.txt of (\S+) read")
