@@ -101,7 +101,12 @@ async def test_crawl_completes_with_one_broker_killed_for_good(
     port = free_port()
     manifest = generate_site(tmp_path / "site", pages=SITE_PAGES, port=port)
     settings = isolated_settings(
-        cluster.config, max_depth="1000", crawl_delay="0", fetch_per_host_concurrency="16"
+        cluster.config,
+        max_depth="1000",
+        # A crawl of some seconds, so the kill lands in its first half however fast the
+        # machine (CI: with no delay the site was 2/3 stored before the progress poll saw 1/4).
+        crawl_delay="0.03",
+        fetch_per_host_concurrency="16",
     )
     victim = cluster.kafka_nodes()[0].pid  # the first bootstrap server, too
     assert victim is not None
