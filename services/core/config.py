@@ -81,7 +81,13 @@ class Settings:
         },
     )
     mongo_database: str = field(default="streamcrawl", metadata={"doc": "MongoDB database."})
-    mongo_collection: str = field(default="pages", metadata={"doc": "MongoDB collection."})
+    mongo_collection: str = field(
+        default="pages",
+        metadata={
+            "doc": "MongoDB collection of the pages. Beside it, <collection>_status holds "
+            "a small document per page: what a revisit needs (validators, digest, schedule)."
+        },
+    )
     user_agent: str = field(
         default="streamcrawl/0.1 (+https://github.com/streamcrawl/streamcrawl)",
         metadata={"doc": "User-Agent sent with every request; keep a contact URL in it."},
@@ -362,6 +368,11 @@ class Settings:
         default=1,
         metadata={"doc": "Replication factor of the stats stage's changelog topics."},
     )
+
+    @property
+    def mongo_status_collection(self) -> str:
+        """The collection of status documents beside the pages' (see the sink)."""
+        return f"{self.mongo_collection}_status"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

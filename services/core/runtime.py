@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import codecs
+import contextlib
 import logging
 import signal
 import time
@@ -516,12 +517,16 @@ class _BatchLoop(_Loop):
 class _StreamLoop(_Loop, StreamContext):
     stage: StreamStage
     COMMIT_INTERVAL = 1.0
+    # When the last task in flight ends, the finished offsets are committed at once (the
+    # end of a crawl is seen sooner), but not more often than this.
+    IDLE_COMMIT_GAP = 0.1
     REVOKE_DRAIN = 20.0
 
     def __init__(self, stage: StreamStage, consumer: AIOKafkaConsumer, publisher: Publisher):
         super().__init__(stage, consumer, publisher)
         self.tracker = OffsetTracker()
         self.tasks: dict[asyncio.Task[None], frozenset[TopicPartition]] = {}
+        self._idle = asyncio.Event()
         stage.ctx = self
 
     # -- StreamContext ---------------------------------------------------------------
@@ -584,6 +589,8 @@ class _StreamLoop(_Loop, StreamContext):
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self.tasks.pop(task, None)
         self.stage.wakeup.set()
+        if not self.tasks:
+            self._idle.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: unexpected error: %r", self.stage.name, task.exception())
 
@@ -626,8 +633,11 @@ class _StreamLoop(_Loop, StreamContext):
 
     async def _commit_every(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await asyncio.sleep(self.COMMIT_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout=self.COMMIT_INTERVAL)
+            self._idle.clear()
             await self._commit()
+            await asyncio.sleep(self.IDLE_COMMIT_GAP)
 
     async def _commit(self) -> None:
         await commit_finished(self.consumer, self.tracker, self.stage.group, self.stage.name)

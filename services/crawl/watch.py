@@ -92,18 +92,26 @@ class PipelineWatch:
 
         lag_total = 0
         queued = queued_partitions = 0
-        for group, inputs in GROUP_INPUTS.items():
-            rows = await self.probe.lag(group, [self.t(s) for s in inputs])
+        # Every group at once: a poll costs one round of requests, not one per group.
+        groups = list(GROUP_INPUTS.items())
+        lags, sink_committed = await asyncio.gather(
+            asyncio.gather(
+                *(self.probe.lag(g, [self.t(s) for s in inputs]) for g, inputs in groups)
+            ),
+            self._sink_committed(),
+        )
+        for (group, _), rows in zip(groups, lags, strict=True):
             group_lag = sum(row.lag for row in rows)
             lag_total += group_lag
             if group == FETCHER_GROUP:
                 queued = group_lag
                 queued_partitions = sum(1 for row in rows if row.lag > 0)
+        # Read after every lag above (the drain check below depends on that order).
         pipeline_ends = await self.probe.end_offsets(self.t(s) for s in _PIPELINE_TOPICS)
         progress = Progress(
             fetched=delta(FETCHED),
             parsed=delta(PAGES),
-            stored=await self._sink_committed() - self._sink_baseline,
+            stored=sink_committed - self._sink_baseline,
             queued=queued,
             queued_partitions=queued_partitions,
             errors=delta(DLQ),
@@ -154,7 +162,7 @@ async def watch_until_drained(
     stages: StageProcesses,
     out: TextIO,
     quiet_polls: int = 1,
-    interval: float = 0.5,
+    interval: float = 0.25,
     timeout: float | None = None,
     autoscaler: Autoscaler | None = None,
 ) -> Progress:

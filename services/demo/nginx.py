@@ -80,9 +80,12 @@ class NginxSite:
     """nginx serving ``root/www`` on 127.0.0.1:``port``; config, logs and temp files
     all live under ``root``. Use as a context manager or call start()/stop()."""
 
-    def __init__(self, root: Path, port: int) -> None:
+    def __init__(self, root: Path, port: int, limit_rate: str | None = None) -> None:
+        """``limit_rate``: nginx's per-connection send rate (``"1m"``: 1 MB/s), to serve
+        as a site across a real network would, where a body costs transfer time."""
         self.root = root.resolve()
         self.port = port
+        self.limit_rate = limit_rate
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -100,6 +103,7 @@ class NginxSite:
         include = f"include {redirects};\n" if redirects.exists() else ""
         # Debian's build points temp paths at /var/lib/nginx; keep everything under root.
         temps = "".join(f"{kind}_temp_path {self.root / 'tmp' / kind};\n" for kind in _TEMP_KINDS)
+        rate = f"limit_rate {self.limit_rate};\n" if self.limit_rate else ""
         return (
             f"{user}daemon off;\nmaster_process on;\nworker_processes 1;\n"
             f"pid {self.root / 'nginx.pid'};\nerror_log {self.error_log} warn;\n"
@@ -109,7 +113,7 @@ class NginxSite:
             "types { text/html html; text/plain txt; application/xml xml; }\n"
             "default_type application/octet-stream;\nkeepalive_requests 100000;\n"
             f"server {{\nlisten 127.0.0.1:{self.port};\nroot {self.root / 'www'};\n"
-            f"absolute_redirect off;\nindex index.html;\n{include}}}\n}}\n"
+            f"absolute_redirect off;\nindex index.html;\n{rate}{include}}}\n}}\n"
         )
 
     def start(self) -> NginxSite:

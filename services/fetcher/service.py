@@ -131,17 +131,18 @@ class FetcherStage(StreamStage):
             return False
         metrics.URLS_FILTERED.labels(self.name, "robots_disallowed").inc()
         log.info("fetcher: %s disallowed by robots.txt", job.request.url)
-        request = job.request
-        tally = Tally(
-            stage="fetcher",
-            crawl_id=request.crawl_id,
-            at=time.time(),
-            counts={"filtered:robots_disallowed": 1},
-            host=job.host,
-        )
-        event = Output(self.topic(EVENTS), tally, key=request.crawl_id.encode())
-        self.ctx.complete_later(job.item, [event])
+        self._done_counted(job, "filtered:robots_disallowed", host=job.host)
         return True
+
+    def _done_counted(self, job: Job, count: str, host: str | None = None) -> None:
+        """``job`` ends without a request: its record is finished with one count of
+        ``count`` for its crawl (crawl.events, for the stats stage)."""
+        crawl_id = job.request.crawl_id
+        tally = Tally(
+            stage="fetcher", crawl_id=crawl_id, at=time.time(), counts={count: 1}, host=host
+        )
+        event = Output(self.topic(EVENTS), tally, key=crawl_id.encode())
+        self.ctx.complete_later(job.item, [event])
 
     # -- dispatch ----------------------------------------------------------------------
 
@@ -206,15 +207,7 @@ class FetcherStage(StreamStage):
             self._wait_elsewhere(job, self.settings.pause_recheck, "paused")
             return
         metrics.URLS_CANCELLED.labels(self.name).inc()
-        request = job.request
-        tally = Tally(
-            stage="fetcher",
-            crawl_id=request.crawl_id,
-            at=time.time(),
-            counts={"cancelled": 1},
-        )
-        event = Output(self.topic(EVENTS), tally, key=request.crawl_id.encode())
-        self.ctx.complete_later(job.item, [event])
+        self._done_counted(job, "cancelled")
 
     # -- robots.txt --------------------------------------------------------------------
 

@@ -521,6 +521,11 @@ class LocalStack:
     def _alive(self, record: ProcessRecord | None) -> bool:
         if record is None:
             return False
+        spawned = _SPAWNED.get(record.pid)
+        if spawned is not None:
+            # Our own child: its exit status says it. (Its cmdline is ours until it execs,
+            # so the check below would call a server that is still starting dead.)
+            return spawned.poll() is None
         try:
             cmdline = Path(f"/proc/{record.pid}/cmdline").read_bytes()
             stat = Path(f"/proc/{record.pid}/stat").read_text()

@@ -96,6 +96,35 @@ def check_update(page: Page, checked_at: float, settings: Settings | None = None
     return fields
 
 
+# What a revisit needs of a stored page (``recrawl`` reads these, not the page with its
+# text and links): the crawl.discovered fields, the validators and digest, and the schedule.
+STATUS_FIELDS = (
+    "url",
+    "host",
+    "crawl_id",
+    "depth",
+    "priority",
+    "scope",
+    "kind",
+    "meta",
+    "etag",
+    "last_modified",
+    "content_hash",
+    "stored_at",
+    "checked_at",
+    "revisit_interval",
+    "next_visit",
+)
+
+
+def status_document(document: dict[str, Any]) -> dict[str, Any]:
+    """The status document of a stored page document: same ``_id``, the fields of
+    :data:`STATUS_FIELDS` it has."""
+    status = {"_id": document["_id"]}
+    status.update({name: document[name] for name in STATUS_FIELDS if name in document})
+    return status
+
+
 def split_unchanged(pages: list[Page], latest: dict[str, int]) -> tuple[dict[str, int], list[int]]:
     """The latest pages to write in full (by ``_id``) and the positions of the unchanged
     ones, whose stored documents only get ``checked_at``."""

@@ -46,6 +46,7 @@ from ..core.schedule import schedule_fields
 from ..core.secrets import mongo_client_uri
 from ..core.topics import EVENTS, PAGES, SINK_GROUP
 from .logic import (
+    STATUS_FIELDS,
     check_update,
     checked_id,
     classify_failures,
@@ -54,6 +55,7 @@ from .logic import (
     previous_interval,
     refusal_reason,
     split_unchanged,
+    status_document,
     stored_tallies,
     unencodable,
 )
@@ -84,7 +86,9 @@ class SinkStage(BatchStage):
         self.client = AsyncMongoClient(
             mongo_client_uri(self.settings), serverSelectionTimeoutMS=10000
         )
-        self.collection = self.client[self.settings.mongo_database][self.settings.mongo_collection]
+        database = self.client[self.settings.mongo_database]
+        self.collection = database[self.settings.mongo_collection]
+        self.status = database[self.settings.mongo_status_collection]
         await self._retry("creating indexes", self._create_indexes)
 
     async def _create_indexes(self) -> None:
@@ -92,6 +96,8 @@ class SinkStage(BatchStage):
         await self.collection.create_index("crawl_id", name="crawl_id")
         # The scheduler stage reads the due pages in next_visit order.
         await self.collection.create_index("next_visit", name="next_visit")
+        # recrawl reads a crawl's status documents.
+        await self.status.create_index("crawl_id", name="crawl_id")
 
     async def stop(self) -> None:
         await self.client.close()
@@ -129,12 +135,18 @@ class SinkStage(BatchStage):
             for index, reason in rejected.items()
         ]
         metrics.PAGES_STORED.inc(len(documents) - len(rejected))
+        statuses = [status_document(doc) for i, doc in enumerate(documents) if i not in rejected]
+        if statuses:
+            await self._retry(
+                f"writing {len(statuses)} status documents", lambda: self._write_status(statuses)
+            )
         written = [index for position, index in enumerate(chosen) if position not in rejected]
         return [*dead, *self._tallies(batch, written, stored_at, unchanged)]
 
     async def _check(self, checks: list[tuple[str, Page]], checked_at: float) -> None:
-        """Record unchanged pages on their stored documents: ``checked_at`` for each (one
-        update for all the 304s), and the validators a 200 with the same content brought."""
+        """Record unchanged pages on their stored documents and status documents:
+        ``checked_at`` for each (one update for all the 304s), and the validators a 200
+        with the same content brought."""
         # The 304s share their $set but for the previous interval: one update per interval
         # (a round's pages mostly share one).
         not_modified: dict[float | None, list[str]] = {}
@@ -149,13 +161,52 @@ class SinkStage(BatchStage):
             for start in range(0, len(ids_of), DELETE_CHUNK):
                 ids = ids_of[start : start + DELETE_CHUNK]
                 await self.collection.update_many({"_id": {"$in": ids}}, {"$set": fields})
-        updates = [
-            UpdateOne({"_id": _id}, {"$set": check_update(page, checked_at, self.settings)})
-            for _id, page in checks
-            if page.status != 304
-        ]
-        for start in range(0, len(updates), UPDATE_CHUNK):
-            await self.collection.bulk_write(updates[start : start + UPDATE_CHUNK], ordered=False)
+                found = await self.status.update_many({"_id": {"$in": ids}}, {"$set": fields})
+                if found.matched_count < len(ids):
+                    await self._add_missing_status(ids)
+        touched = [(_id, page) for _id, page in checks if page.status != 304]
+        for start in range(0, len(touched), UPDATE_CHUNK):
+            chunk = touched[start : start + UPDATE_CHUNK]
+            updates = [
+                UpdateOne({"_id": _id}, {"$set": check_update(page, checked_at, self.settings)})
+                for _id, page in chunk
+            ]
+            await self.collection.bulk_write(updates, ordered=False)
+            written = await self.status.bulk_write(updates, ordered=False)
+            if written.matched_count < len(updates):
+                await self._add_missing_status([_id for _id, _ in chunk])
+
+    async def _add_missing_status(self, ids: list[str]) -> None:
+        """Status documents for those of these stored pages that have none (pages stored
+        before status documents were written), from the pages as they now are."""
+        having = {doc["_id"] async for doc in self.status.find({"_id": {"$in": ids}}, {"_id": 1})}
+        missing = [_id for _id in ids if _id not in having]
+        projection = dict.fromkeys(STATUS_FIELDS, 1)
+        pages = self.collection.find({"_id": {"$in": missing}}, projection)
+        statuses = [status_document(page) async for page in pages]
+        if statuses:
+            await self._write_status(statuses)
+
+    async def _write_status(self, statuses: list[dict[str, Any]]) -> None:
+        """Write the status documents of pages just stored (delete by ``_id``, insert, as
+        for the pages: FerretDB writes a batch insert in one transaction, a replacement
+        in one each). The page is the record: a status lost to a crash between the two is
+        written again when the batch is (its offsets are committed after this)."""
+        ids = [status["_id"] for status in statuses]
+        for start in range(0, len(ids), DELETE_CHUNK):
+            await self.status.delete_many({"_id": {"$in": ids[start : start + DELETE_CHUNK]}})
+        try:
+            await self.status.insert_many(statuses, ordered=False)
+        except BulkWriteError as error:
+            # Another sink wrote one of these _ids in between (pages sharing a canonical
+            # _id across partitions): replace those; anything else is raised.
+            duplicates, rejected = classify_failures(error)
+            if rejected:
+                raise
+            by_position = [statuses[i] for i in sorted(duplicates)]
+            requests = [ReplaceOne({"_id": doc["_id"]}, doc) for doc in by_position]
+            for start in range(0, len(requests), UPDATE_CHUNK):
+                await self.status.bulk_write(requests[start : start + UPDATE_CHUNK], ordered=False)
 
     def _tallies(
         self,

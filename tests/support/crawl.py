@@ -124,11 +124,14 @@ def add_broken_pages(root: Path, manifest: SiteManifest, count: int) -> frozense
 
 
 @contextmanager
-def served_site(root: Path, pages: int, broken: int = 0) -> Iterator[Site]:
+def served_site(
+    root: Path, pages: int, broken: int = 0, limit_rate: str | None = None
+) -> Iterator[Site]:
     """The generated site of ``pages`` pages (plus ``broken`` failing URLs) under ``root``,
-    served by nginx on a free port while the block runs."""
+    served by nginx on a free port while the block runs (at ``limit_rate`` per
+    connection, when given)."""
     port = free_port()
     manifest = generate_site(root, pages=pages, port=port)
     failing = add_broken_pages(root, manifest, broken)
-    with NginxSite(root, port) as nginx:
+    with NginxSite(root, port, limit_rate=limit_rate) as nginx:
         yield Site(manifest, nginx, port, failing)
