@@ -289,8 +289,8 @@ class Settings:
     warc_revisit_cache: int = field(
         default=100_000,
         metadata={
-            "doc": "Payload digests the warc stage remembers (most recent first, rebuilt from "
-            "its newest files at a start) to write a `revisit` record instead of a payload "
+            "doc": "Payload digests the warc stage remembers (most recent first, read back "
+            "from its newest files after a start) to write a `revisit` record instead of a payload "
             "seen before (0: always the full response)."
         },
     )

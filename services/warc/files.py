@@ -21,7 +21,9 @@ import contextlib
 import fcntl
 import logging
 import os
+import queue
 import socket
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,8 +50,8 @@ from .logic import (
 
 log = logging.getLogger(__name__)
 
-# At a start the revisit index is refilled from this many of the newest files at most,
-# so a start never reads more than a few gigabytes back.
+# After a start the revisit index is refilled from this many of the newest completed files
+# at most, in the background, so a start never waits for gigabytes read back.
 REBUILD_FILES = 2
 
 
@@ -151,6 +153,9 @@ class Archive:
         self.instance = f"{socket.gethostname()}-{os.getpid()}"
         self.current: _OpenFile | None = None
         self._serial = 0
+        # Digests read back after a start (by read_back, in its own thread), taken in by
+        # the writer at its next batch.
+        self._read_back: queue.SimpleQueue[RevisitIndex] = queue.SimpleQueue()
 
     # -- start ----------------------------------------------------------------------------
 
@@ -190,7 +195,6 @@ class Archive:
             self.current = newest
             completed = [taken.complete() for taken, _ in older]
         self._remove_orphan_states()
-        self._rebuild_revisits()
         return completed
 
     def _read_state(self, open_path: Path) -> FileState | None:
@@ -205,44 +209,36 @@ class Archive:
             if not state.with_name(state.name.removesuffix(STATE_SUFFIX)).exists():
                 state.unlink(missing_ok=True)
 
-    def _rebuild_revisits(self) -> None:
-        """Refill the revisit index from the newest files (the current one first)."""
-        if self.revisits.capacity <= 0:
-            return
+    def read_back(self, stop: threading.Event | None = None) -> RevisitIndex:
+        """The payload digests of the newest completed files, as an index of their own.
+        Runs in a thread beside the writer (which goes on archiving meanwhile; until
+        :meth:`adopt` hands it over, a payload seen only before the start is archived in
+        full, which a revisit record would only have abbreviated); ``stop`` ends it early.
+        The file a crash left open is not read: its payloads are archived in full again."""
+        index = RevisitIndex(self.revisits.capacity)
+        if index.capacity <= 0:
+            return index
         files = sorted(
             self.directory.glob(f"*{WARC_SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True
         )
-        paths = ([self.current.path] if self.current else []) + files[:REBUILD_FILES]
-        for path in paths:
-            if self.revisits.full:
+        for path in files[:REBUILD_FILES]:
+            if index.full or (stop is not None and stop.is_set()):
                 break
-            self._read_originals(path)
-        if len(self.revisits):
-            log.info("warc: %d payload digests read back for revisits", len(self.revisits))
+            _read_originals(path, index, stop)
+        return index
 
-    def _read_originals(self, path: Path) -> None:
-        try:
-            with open(path, "rb") as stream:
-                for record in ArchiveIterator(stream):
-                    if record.rec_type != "response":
-                        continue
-                    headers = record.rec_headers
-                    digest = headers.get_header("WARC-Payload-Digest")
-                    if digest and not headers.get_header("WARC-Truncated"):
-                        original = Original(
-                            headers.get_header("WARC-Target-URI"), headers.get_header("WARC-Date")
-                        )
-                        self.revisits.remember_older(digest, original)
-                    if self.revisits.full:
-                        return
-        except (ArchiveLoadFailed, OSError, ValueError) as exc:
-            log.warning("warc: could not read %s back for revisits: %s", path.name, exc)
+    def adopt(self, older: RevisitIndex) -> None:
+        """Hand the digests :meth:`read_back` found to the writer (from any thread)."""
+        self._read_back.put(older)
 
     # -- batches --------------------------------------------------------------------------
 
     def write(self, batch: Sequence[Pending]) -> BatchReport:
         """Archive a batch and make it durable; return what was written."""
         self.written.batch_committed()  # the runtime commits a batch before the next
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.revisits.merge_older(self._read_back.get_nowait())
         report = BatchReport()
         chunks: list[bytes] = []
         for item in batch:
@@ -316,3 +312,25 @@ class Archive:
             metrics.WARC_FILES.inc()
             return final
         return None
+
+
+def _read_originals(path: Path, index: RevisitIndex, stop: threading.Event | None) -> None:
+    """Remember the payload digest of every complete response record in ``path``."""
+    try:
+        with open(path, "rb") as stream:
+            for record in ArchiveIterator(stream):
+                if stop is not None and stop.is_set():
+                    return
+                if record.rec_type != "response":
+                    continue
+                headers = record.rec_headers
+                digest = headers.get_header("WARC-Payload-Digest")
+                if digest and not headers.get_header("WARC-Truncated"):
+                    original = Original(
+                        headers.get_header("WARC-Target-URI"), headers.get_header("WARC-Date")
+                    )
+                    index.remember_older(digest, original)
+                if index.full:
+                    return
+    except (ArchiveLoadFailed, OSError, ValueError) as exc:
+        log.warning("warc: could not read %s back for revisits: %s", path.name, exc)

@@ -278,6 +278,12 @@ class RevisitIndex:
         self._seen[digest] = original
         self._seen.move_to_end(digest, last=False)
 
+    def merge_older(self, older: RevisitIndex) -> None:
+        """Take in an index read back from older files: its entries rank below every
+        entry here (what was archived since the start is newer), in their own order."""
+        for digest, original in reversed(older._seen.items()):
+            self.remember_older(digest, original)
+
 
 # -- files and their state ----------------------------------------------------------------
 

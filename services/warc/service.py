@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +73,30 @@ class WarcStage(BatchStage):
         completed = await asyncio.to_thread(self.archive.recover)
         metrics.WARC_FILES.inc(len(completed))
         log.info("warc: writing under %s", self.archive.directory.resolve())
+        # Read back in the background: a start archives at once, however large the files.
+        self._stop_reading = threading.Event()
+        self._reading = asyncio.create_task(self._read_back())
+
+    async def _read_back(self) -> None:
+        began = time.monotonic()
+        try:
+            older = await asyncio.to_thread(self.archive.read_back, self._stop_reading)
+        except Exception as exc:  # the index only abbreviates: archiving goes on without it
+            log.warning("warc: reading digests back for revisits failed: %r", exc)
+            return
+        self.archive.adopt(older)
+        if len(older):
+            log.info(
+                "warc: %d payload digests read back for revisits in %.1fs",
+                len(older),
+                time.monotonic() - began,
+            )
 
     async def stop(self) -> None:
+        reading = getattr(self, "_reading", None)
+        if reading is not None:
+            self._stop_reading.set()
+            await reading
         final = await asyncio.to_thread(self.archive.close)
         if final is not None:
             log.info("warc: %s complete", final.name)

@@ -9,6 +9,7 @@ import io
 import shutil
 import subprocess
 import sys
+import threading
 import zlib
 from pathlib import Path
 from typing import Any
@@ -301,9 +302,44 @@ def test_files_rotate_by_size_and_revisits_survive_a_restart(tmp_path: Path) -> 
 
     again = Archive(tmp_path, 2_000, {}, RevisitIndex(100))
     again.recover()
-    report = again.write([pending(6, body=same)])
+    # Until the digests read back are handed over, the payload is archived in full.
+    before = again.write([pending(6, body=same)])
+    assert (before.revisits, before.responses) == (0, 1)
+    older = again.read_back()
+    assert len(older) == 6
+    again.adopt(older)
+    report = again.write([pending(7, body=same)])
     again.close()
     assert (report.revisits, report.responses) == (1, 0)
+
+
+def test_reading_back_stops_when_asked(tmp_path: Path) -> None:
+    archive = Archive(tmp_path, 10**9, {}, RevisitIndex(100))
+    archive.recover()
+    archive.write([pending(n) for n in range(5)])
+    archive.close()
+    stop = threading.Event()
+    assert len(Archive(tmp_path, 10**9, {}, RevisitIndex(100)).read_back(stop)) == 5
+    stop.set()
+    assert len(Archive(tmp_path, 10**9, {}, RevisitIndex(100)).read_back(stop)) == 0
+
+
+def test_digests_read_back_rank_below_those_archived_since() -> None:
+    index = RevisitIndex(3)
+    index.remember("new", Original("http://a.example/new", "2026-01-02"))
+    older = RevisitIndex(3)
+    for n in range(3):
+        older.remember_older(f"old{n}", Original(f"http://a.example/{n}", "2026-01-01"))
+    index.merge_older(older)  # room for two of the three: the newest read back (old0, old1)
+    assert len(index) == 3
+    index.remember("newer", Original("http://a.example/newer", "2026-01-03"))
+    # Full: the least recent goes first, and that is one read back (old1), not "new".
+    assert len(index) == 3
+    assert [d for d in ("new", "newer", "old0", "old1", "old2") if index.original(d)] == [
+        "new",
+        "newer",
+        "old0",
+    ]
 
 
 def test_a_live_writers_file_is_left_alone(tmp_path: Path) -> None:
