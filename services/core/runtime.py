@@ -541,6 +541,8 @@ class _StreamLoop(_Loop, StreamContext):
         await self.publisher.publish(outputs)
         for record in records:
             self.tracker.finished(TopicPartition(record.topic, record.partition), record.offset)
+        if not self.tasks:  # finished outside any task (the delay stage's releases)
+            self._idle.set()
 
     def _complete_record_later(self, record: Record, outputs: Sequence[Output]) -> None:
         tp = TopicPartition(record.topic, record.partition)

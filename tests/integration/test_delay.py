@@ -12,8 +12,9 @@ import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer
 from streamcrawl.core.config import Settings
-from streamcrawl.core.kafka import create_topics, make_producer, stop_consumer
+from streamcrawl.core.kafka import OffsetProbe, create_topics, make_producer, stop_consumer
 from streamcrawl.core.messages import Attempt, Fetch, Retry, Scope, encode, fetch_from_retry
+from streamcrawl.core.topics import DELAY_GROUP, RETRY
 from streamcrawl.crawl.processes import StageProcesses, child_env
 from streamcrawl.localstack.stack import StackConfig
 
@@ -94,6 +95,22 @@ async def collect_fetch(
     return seen
 
 
+async def wait_committed(settings: Settings, partition: int, offset: int, timeout: float) -> None:
+    """Until the delay group has committed ``offset`` on crawl.retry's ``partition``."""
+    probe = OffsetProbe(settings)
+    await probe.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = await probe.lag(DELAY_GROUP, [settings.topic_prefix + RETRY])
+            if any(r.partition == partition and (r.committed or 0) >= offset for r in rows):
+                return
+            assert time.monotonic() < deadline, f"not committed in {timeout}s: {rows}"
+            await asyncio.sleep(0.1)
+    finally:
+        await probe.stop()
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks
@@ -123,6 +140,9 @@ async def test_due_order_no_busy_loop_and_survives_sigkill(
         await asyncio.sleep(3.0)
         # Waiting costs (almost) nothing: no busy loop while records are held.
         assert cpu_seconds(pid) - idle_cpu < 0.5
+        # "other-partition" was released (due after 3 s) and its offset committed (the
+        # stage commits once nothing is in flight) before the kill, so it is not again.
+        await wait_committed(settings, partition=5, offset=1, timeout=4.0)
         stages.kill("delay")  # SIGKILL while "late" is still held, uncommitted
         stages.start_one("delay")
         arrivals = await collect_fetch(settings, expected=3, timeout=40)
