@@ -192,9 +192,7 @@ class SinkStage(BatchStage):
         for the pages: FerretDB writes a batch insert in one transaction, a replacement
         in one each). The page is the record: a status lost to a crash between the two is
         written again when the batch is (its offsets are committed after this)."""
-        ids = [status["_id"] for status in statuses]
-        for start in range(0, len(ids), DELETE_CHUNK):
-            await self.status.delete_many({"_id": {"$in": ids[start : start + DELETE_CHUNK]}})
+        await _delete_ids(self.status, [status["_id"] for status in statuses])
         try:
             await self.status.insert_many(statuses, ordered=False)
         except BulkWriteError as error:
@@ -236,10 +234,7 @@ class SinkStage(BatchStage):
     async def _write(self, documents: list[dict[str, Any]]) -> dict[int, str]:
         """Delete what is stored under the documents' ``_id``s, then insert them; return
         the positions the database refused, with why."""
-        ids = [doc["_id"] for doc in documents]
-        # Chunked: FerretDB pushes an _id $in of at most 1,000 values down to its index.
-        for start in range(0, len(ids), DELETE_CHUNK):
-            await self.collection.delete_many({"_id": {"$in": ids[start : start + DELETE_CHUNK]}})
+        await _delete_ids(self.collection, [doc["_id"] for doc in documents])
         try:
             await self.collection.insert_many(documents, ordered=False)
             return {}
@@ -291,7 +286,9 @@ class SinkStage(BatchStage):
         # but FerretDB runs it about six times slower.)
         urls = [doc["url"] for doc in documents]
         ids = [doc["_id"] for doc in documents]
-        await self.collection.delete_many({"url": {"$in": urls}, "_id": {"$nin": ids}})
+        stale = {"url": {"$in": urls}, "_id": {"$nin": ids}}
+        await self.collection.delete_many(stale)
+        await self.status.delete_many(stale)  # their status documents go with them
         await self.collection.bulk_write(requests, ordered=False)
         try:
             await self.collection.insert_many(documents, ordered=False)
@@ -306,6 +303,13 @@ class SinkStage(BatchStage):
         dead-letters it, instead of this partition retrying it forever. Refused
         credentials stop the sink with one line: no page is to blame, and no wait helps."""
         return await outlasting_outages(f"sink: {what}", partial(_credentials_checked, action))
+
+
+async def _delete_ids(collection: Any, ids: list[Any]) -> None:
+    """Delete the documents of these ``_id``s; chunked, because FerretDB pushes an ``_id``
+    ``$in`` of at most 1,000 values down to its index."""
+    for start in range(0, len(ids), DELETE_CHUNK):
+        await collection.delete_many({"_id": {"$in": ids[start : start + DELETE_CHUNK]}})
 
 
 async def _credentials_checked(action: Any) -> Any:

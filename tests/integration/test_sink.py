@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 from aiokafka import ConsumerRecord
 from pymongo import AsyncMongoClient
+from pymongo.errors import WriteError
 from streamcrawl.core.config import Settings
-from streamcrawl.core.messages import DeadLetterRecord, Page, Scope, Tally, encode
+from streamcrawl.core.messages import DeadLetterRecord, Page, Revisit, Scope, Tally, encode
 from streamcrawl.core.runtime import Received
-from streamcrawl.sink.logic import document_for
+from streamcrawl.sink.logic import document_for, status_document
 from streamcrawl.sink.service import SinkStage
 
 pytestmark = pytest.mark.integration
@@ -268,3 +269,59 @@ async def test_the_local_server_finds_stored_pages_by_id_through_its_index(
         assert sorted([doc["_id"] async for doc in found]) == [urls[1], urls[4]]
     finally:
         await sink.stop()
+
+
+async def test_status_documents_follow_their_pages(settings: Settings) -> None:
+    """Each page the stage stores gets a status document with the same fields; a 304 moves
+    both; a stale document dropped when its URL declares a canonical takes its status."""
+    sink = SinkStage(settings)
+    (spec,) = sink.inputs()
+    b = "http://a.example/b"
+
+    async def process(*pages: Page) -> None:
+        records = [page_record(sink.topic(spec.suffix), n, encode(p)) for n, p in enumerate(pages)]
+        await sink.process([Received(r, spec.decode(r.value)) for r in records])
+
+    await sink.start()
+    try:
+        await process(page("http://a.example/a", "a"), page(b + "?x=1", "own"))
+        await process(page(b, "b", canonical=b))
+        await process(page(b + "?x=1", "b?x=1", canonical=b))  # the stale /b?x=1 goes
+        revisit = Revisit(round=2, stored_id="http://a.example/a", interval=86400.0)
+        not_modified = page("http://a.example/a", "", status=304, unchanged=True, revisit=revisit)
+        await process(not_modified)
+    finally:
+        await sink.stop()
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
+    try:
+        database = client[settings.mongo_database]
+        pages = {doc["_id"]: doc async for doc in database[settings.mongo_collection].find({})}
+        statuses = {
+            doc["_id"]: doc async for doc in database[settings.mongo_status_collection].find({})
+        }
+    finally:
+        await client.close()
+    assert set(pages) == {"http://a.example/a", b}
+    assert statuses == {_id: status_document(doc) for _id, doc in pages.items()}
+    checked = pages["http://a.example/a"]
+    assert checked["checked_at"] > checked["stored_at"] and checked["title"] == "a"
+
+
+async def test_the_local_server_updates_many_documents_in_batches(settings: Settings) -> None:
+    """The project's FerretDB build writes an update_many 500 documents per transaction:
+    every match is written, and an error part-way keeps what was modified before it."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
+    try:
+        collection = client[settings.mongo_database]["update_many_batches"]
+        await collection.insert_many(
+            [{"_id": n, "v": n, "s": "text" if n == 1200 else 0} for n in range(1500)]
+        )
+        result = await collection.update_many({}, {"$set": {"t": 1}})
+        assert (result.matched_count, result.modified_count) == (1500, 1500)
+        assert await collection.count_documents({"t": 1}) == 1500
+        with pytest.raises(WriteError):
+            await collection.update_many({}, {"$inc": {"s": 1}})  # fails on _id 1200
+        assert await collection.count_documents({"s": 1}) == 1200
+        assert await collection.count_documents({"s": 0}) == 299
+    finally:
+        await client.close()
