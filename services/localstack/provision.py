@@ -95,10 +95,9 @@ _FERRETDB_EDITS = (
         "\t\t\t_, err := c.UpdateAll(ctx, &backends.UpdateAllParams{Docs: []*types.Document{doc}})"
         "\n\t\t\tif err != nil {",
         "\t\t\tpending = append(pending, doc)\n"
-        "\t\t\tif len(pending) < 500 {\n\t\t\t\tresult.Modified.Count++\n"
-        "\t\t\t\tif isFindAndModify {\n\t\t\t\t\tresult.Modified.Doc = doc\n\t\t\t\t}\n"
-        "\t\t\t\tcontinue\n\t\t\t}\n"
-        "\t\t\tif err := flush(); err != nil {",
+        "\t\t\tvar err error\n"
+        "\t\t\tif len(pending) >= 500 {\n\t\t\t\terr = flush()\n\t\t\t}\n"
+        "\t\t\tif err != nil {",
     ),
 )
 _FERRETDB_IDS_IN = """package sqlite
