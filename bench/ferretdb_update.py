@@ -11,14 +11,10 @@ on a plain collection and on one with the sink's indexes.
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-from pymongo import MongoClient
-from sink_writes import free_port, start_ferretdb
+from sink_writes import private_ferretdb
 
 BATCH = 500
 
@@ -48,13 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     n, kib = args.docs, args.kib
     batches = [range(start, min(n, start + BATCH)) for start in range(0, n, BATCH)]
-    root = Path(tempfile.mkdtemp(prefix="ferretdb-update-"))
-    port = free_port()
-    server = start_ferretdb(root, port)
-    try:
-        client: MongoClient[dict[str, Any]] = MongoClient(
-            f"mongodb://127.0.0.1:{port}/", serverSelectionTimeoutMS=20000
-        )
+    with private_ferretdb("ferretdb-update-") as client:
         print("| collection | insert ms/doc | update_many $set ms/doc | delete + insert ms/doc |")
         print("|---|---:|---:|---:|")
         for name, indexed in (("plain", False), ("indexed", True)):
@@ -87,10 +77,6 @@ def main() -> None:
             print(
                 f"| {name} ({n} x {kib} KiB) | {inserted:.2f} | {updated:.2f} | {rewritten:.2f} |"
             )
-    finally:
-        server.terminate()
-        server.wait()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,21 @@ def start_ferretdb(root: Path, port: int) -> subprocess.Popen[bytes]:
     )
 
 
+@contextmanager
+def private_ferretdb(prefix: str) -> Iterator[MongoClient[dict[str, Any]]]:
+    """A client of the project's FerretDB build started on a free port in a temporary
+    directory, both gone after the block."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    port = free_port()
+    server = start_ferretdb(root, port)
+    try:
+        yield MongoClient(f"mongodb://127.0.0.1:{port}/", serverSelectionTimeoutMS=20000)
+    finally:
+        server.terminate()
+        server.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def timed(label: str, count: int, action: Any) -> tuple[str, float]:
     started = time.perf_counter()
     action()
@@ -70,13 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--docs", type=int, default=2000)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="sink-bench-"))
-    port = free_port()
-    server = start_ferretdb(root, port)
-    try:
-        client: MongoClient[dict[str, Any]] = MongoClient(
-            f"mongodb://127.0.0.1:{port}/", serverSelectionTimeoutMS=20000
-        )
+    with private_ferretdb("sink-bench-") as client:
         db = client.bench
         n = args.docs
         rows = [
@@ -119,10 +130,6 @@ def main() -> None:
         print("| write | docs/s | vs upsert of new pages |\n|---|---:|---:|")
         for label, rate in rows:
             print(f"| {label} | {rate:,.0f} | {rate / base:.1f}x |")
-    finally:
-        server.terminate()
-        server.wait()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
