@@ -64,8 +64,6 @@ _fetched = msgspec.json.Decoder(logic.FetchedView)
 _retry = msgspec.json.Decoder(logic.RetryView)
 _dead = msgspec.json.Decoder(logic.DeadLetterView)
 
-PRODUCER_LINGER_S = 0.05
-
 Table = Any  # faust.Table[str, dict]: faust's generics do not type-check usefully
 
 
@@ -107,9 +105,6 @@ class StatsApp:
             topic_replication_factor=settings.stats_replication,
             consumer_auto_offset_reset="earliest",
             broker_commit_interval=1.0,
-            # Every table write is a changelog record: lingering lets the producer send them
-            # in batches instead of one request each (a commit flushes the producer first).
-            producer_linger=PRODUCER_LINGER_S,
             # A restarted worker waits for its crashed predecessor's session to expire
             # before it gets the partitions: keep that short.
             broker_session_timeout=10.0,
