@@ -281,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run every stage locally until the round is drained, as crawl does, then print "
         "a summary; without it the revisits are only queued for a running pipeline",
     )
+    recrawl.add_argument(
+        "--from-pages",
+        action="store_true",
+        help="read the crawl's pages instead of their status documents (slower): once, for "
+        "a crawl stored partly before status documents existed; the sink writes the "
+        "missing ones as it checks the pages",
+    )
     recrawl.add_argument("--timeout", type=float, default=None, help="give up after N seconds")
     recrawl.set_defaults(handler=_recrawl)
 

@@ -105,16 +105,22 @@ def revisit_candidate(
 
 
 async def stored_revisits(
-    settings: Settings, crawl_id: str, round_id: int, batch: int = READ_BATCH
+    settings: Settings,
+    crawl_id: str,
+    round_id: int,
+    batch: int = READ_BATCH,
+    from_pages: bool = False,
 ) -> AsyncIterator[Discovered]:
     """The revisit records of ``crawl_id``'s stored documents, read ``batch`` at a time
     from their status documents (small: no text, no links), or from the pages themselves
-    for a crawl stored before status documents were written."""
+    when ``from_pages`` is set or the crawl has no status document at all (stored before
+    the sink wrote them). A crawl stored partly before status documents needs
+    ``from_pages`` once: the sink writes the missing status documents as it checks them."""
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_client_uri(settings))
     try:
         database = client[settings.mongo_database]
         collection = database[settings.mongo_status_collection]
-        if await collection.find_one({"crawl_id": crawl_id}, {"_id": 1}) is None:
+        if from_pages or await collection.find_one({"crawl_id": crawl_id}, {"_id": 1}) is None:
             collection = database[settings.mongo_collection]
         cursor = collection.find({"crawl_id": crawl_id}, PROJECTION, batch_size=batch)
         now = time.time()
@@ -134,16 +140,24 @@ class Queued:
 
 
 async def queue_revisits(
-    settings: Settings, crawl_id: str, round_id: int | None = None, batch: int = BATCH
+    settings: Settings,
+    crawl_id: str,
+    round_id: int | None = None,
+    batch: int = BATCH,
+    from_pages: bool = False,
 ) -> Queued:
-    """Put a revisit of every stored page of ``crawl_id`` on crawl.discovered; how many."""
+    """Put a revisit of every stored page of ``crawl_id`` on crawl.discovered; how many
+    (read from the pages themselves with ``from_pages``, see :func:`stored_revisits`)."""
     result = Queued(new_round() if round_id is None else round_id)
     topic = settings.topic_prefix + DISCOVERED
     producer = make_producer(settings)
     await producer.start()
     try:
         pending = []
-        async for candidate in stored_revisits(settings, crawl_id, result.round):
+        revisits = stored_revisits(
+            settings, crawl_id, result.round, READ_BATCH, from_pages=from_pages
+        )
+        async for candidate in revisits:
             pending.append(
                 await producer.send(topic, encode(candidate), key=candidate.host.encode())
             )
@@ -185,7 +199,8 @@ def recrawl_command(args: argparse.Namespace) -> int:
     settings = Settings.from_env({**os.environ, **extra})
     asyncio.run(check_kafka_access(settings))
     if not args.run:
-        queued = asyncio.run(queue_revisits(settings, args.crawl_id, args.round))
+        queuing = queue_revisits(settings, args.crawl_id, args.round, from_pages=args.from_pages)
+        queued = asyncio.run(queuing)
         _print_queued(args.crawl_id, queued)
         return 0
     log_dir = Path(tempfile.mkdtemp(prefix="streamcrawl-logs-"))
@@ -218,7 +233,9 @@ async def _recrawl(
 
     async with running_pipeline(settings, log_dir) as (stages, watch):
         print(f"recrawl {args.crawl_id}: stage logs in {log_dir}", file=sys.stderr)
-        queued = await queue_revisits(settings, args.crawl_id, args.round)
+        queued = await queue_revisits(
+            settings, args.crawl_id, args.round, from_pages=args.from_pages
+        )
         _print_queued(args.crawl_id, queued)
         progress = await watch_until_drained(watch, stages, sys.stderr, timeout=args.timeout)
         return queued, progress.elapsed, progress.fetched

@@ -308,3 +308,65 @@ def test_recrawl_command_runs_a_round_and_reports_it(
     assert sorted(e.status for e in second_log if e.status in (200, 304)) == [304] * len(
         manifest.pages
     )
+
+
+def test_recrawl_from_pages_reaches_pages_stored_before_status_documents(
+    stack: StackConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crawl stored partly before the sink wrote status documents (simulated: half of them
+    deleted) is only partly read from its status documents; ``recrawl --from-pages`` reads
+    the pages, revisits every one conditionally, and leaves each with its status document."""
+    import asyncio
+
+    from streamcrawl.cli import main
+    from streamcrawl.crawl.recrawl import stored_revisits
+
+    crawl = "older"
+    settings = crawl_settings(stack, stats_port=str(free_port()))
+    for name, value in settings.as_env().items():
+        monkeypatch.setenv(name, value)
+
+    async def status_ids() -> list[str]:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
+        try:
+            status = client[settings.mongo_database][settings.mongo_status_collection]
+            return [doc["_id"] async for doc in status.find({"crawl_id": crawl}, {"_id": 1})]
+        finally:
+            await client.close()
+
+    async def forget_status(ids: list[str]) -> None:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
+        try:
+            status = client[settings.mongo_database][settings.mongo_status_collection]
+            await status.delete_many({"_id": {"$in": ids}})
+        finally:
+            await client.close()
+
+    async def revisits(from_pages: bool) -> int:
+        read = stored_revisits(settings, crawl, 1, from_pages=from_pages)
+        return len([candidate async for candidate in read])
+
+    with served_site(tmp_path / "site", 60) as site:
+        manifest = site.manifest
+
+        async def first_round() -> None:
+            async with running_pipeline(settings, tmp_path / "logs") as (stages, watch):
+                seeds = seed_payloads([manifest.entry_url], SeedOptions(crawl_id=crawl))
+                await produce_seeds(settings, seeds)
+                await watch_until_drained(watch, stages, io.StringIO(), timeout=DRAIN_TIMEOUT)
+
+        asyncio.run(first_round())
+        stored = len(manifest.pages) + len(manifest.missing) + len(manifest.redirects)
+        ids = asyncio.run(status_ids())
+        assert len(ids) == stored
+        asyncio.run(forget_status(ids[::2]))
+        assert asyncio.run(revisits(from_pages=False)) == stored - len(ids[::2])
+        assert asyncio.run(revisits(from_pages=True)) == stored
+        before = len(site.nginx.access_log_entries())
+        command = ["recrawl", crawl, "--run", "--from-pages", "--timeout", str(DRAIN_TIMEOUT)]
+        assert main(command) == 0
+        second_log = page_requests(site.nginx.access_log_entries()[before:])
+    assert sorted(e.status for e in second_log if e.status in (200, 304)) == [304] * len(
+        manifest.pages
+    )
+    assert sorted(asyncio.run(status_ids())) == sorted(ids)
