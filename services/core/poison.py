@@ -16,11 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiokafka.errors import KafkaConnectionError, KafkaError
-from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from .errors import StageCannotRun
 
@@ -50,14 +50,26 @@ def is_outage(exc: BaseException) -> bool:
     pymongo's ConnectionFailure covers AutoReconnect, NotPrimaryError, NetworkTimeout and
     ServerSelectionTimeoutError; a write that pymongo labels retryable is one too.
     """
-    if isinstance(exc, KafkaConnectionError | ConnectionFailure | OSError):
+    if isinstance(exc, KafkaConnectionError | OSError):
         return True
     if isinstance(exc, KafkaError):
         return bool(exc.retriable)
-    if isinstance(exc, OperationFailure) and exc.code in SERVER_NOT_SERVING:
+    return _is_mongo_outage(exc)
+
+
+def _is_mongo_outage(exc: BaseException) -> bool:
+    # pymongo is looked up, not imported: only the stages that talk to MongoDB load it
+    # (its import is a tenth of a stage's start-up CPU), and no other stage can meet
+    # one of its errors.
+    errors = sys.modules.get("pymongo.errors")
+    if errors is None:
+        return False
+    if isinstance(exc, errors.ConnectionFailure):
         return True
-    if isinstance(exc, PyMongoError):
-        return exc.has_error_label("RetryableWriteError")
+    if isinstance(exc, errors.OperationFailure) and exc.code in SERVER_NOT_SERVING:
+        return True
+    if isinstance(exc, errors.PyMongoError):
+        return bool(exc.has_error_label("RetryableWriteError"))
     return False
 
 
