@@ -104,6 +104,7 @@ class Stack:
     def __init__(
         self, data_dir: Path, ports: tuple[int, int, int], kafka_heap: str = "512m"
     ) -> None:
+        self.warmed = False  # set once an unmeasured crawl has run on it (bench/compare)
         self.config = StackConfig(
             data_dir=data_dir,
             kafka_port=ports[0],
@@ -327,6 +328,9 @@ class Bench:
             "STREAMCRAWL_FETCH_PER_HOST_CONCURRENCY": str(self.concurrency),
             "STREAMCRAWL_TOPIC_PREFIX": prefix,
             "STREAMCRAWL_MONGO_COLLECTION": collection,
+            # Fresh, like the topics: the warc stage would otherwise archive into the
+            # working directory and, at every start, read back the files earlier runs left.
+            "STREAMCRAWL_WARC_DIR": str(self.work / f"warc-{collection}"),
         }
 
     def fetcher(self, loop: Loop) -> RunResult:

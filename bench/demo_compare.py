@@ -107,8 +107,10 @@ def main() -> None:
                         file=sys.stderr,
                     )
     base = statistics.median(results[installs[0][0]])
-    print(f"| install | pages/s per run ({args.pages}-page demo site) | median | vs "
-          f"{installs[0][0]} | duplicate requests |")
+    print(
+        f"| install | pages/s per run ({args.pages}-page demo site) | median | vs "
+        f"{installs[0][0]} | duplicate requests |"
+    )
     print("|---|---|---:|---:|---:|")
     for name, rates in results.items():
         median = statistics.median(rates)
