@@ -66,6 +66,7 @@ _BLOCKS = (
     "caption, center, hgroup, option"
 )
 _SKIPPED_HREFS = ("javascript:", "mailto:", "tel:", "data:", "about:", "#")
+_LONGEST_SKIPPED = max(map(len, _SKIPPED_HREFS))
 _TAG_TOKEN = re.compile(r"<(/?[A-Za-z][A-Za-z0-9-]*)")
 # Tag tokens seen so far and their nesting step; bounded, hostile pages invent names.
 _NESTING_STEPS: dict[str, int] = {}
@@ -388,6 +389,14 @@ def _absolute(base: str, href: str) -> str | None:
 _PLAIN_REFERENCE = re.compile(r"[A-Za-z0-9._~!$&'()*+,=@%/?-]+")
 
 
+# Resolved hrefs by (base directory, href), across pages: the pages of a site repeat their
+# navigation links, and resolving was most of the link extraction's time. Bounded (cleared
+# when full): hostile pages invent hrefs.
+_RESOLVED: dict[tuple[str, str], str | None] = {}
+_RESOLVED_MAX = 50_000
+_MISSING = object()
+
+
 class LinkResolver:
     """Resolves a page's hrefs against its base URL exactly as ``_absolute`` does.
 
@@ -418,18 +427,32 @@ class LinkResolver:
             self._directory = parts.path.split("/")
             if self._directory[-1] != "":
                 del self._directory[-1]
+        # What a plain reference resolves to depends only on the base's directory.
+        self._cache_key = f"{self._prefix}{'/'.join(self._directory)}/" if plain else None
 
     def resolve(self, href: str) -> str | None:
         reference = href.partition("#")[0]
+        if self._cache_key is None or len(href) > MAX_LINK_CHARS:
+            return _absolute(self.base, href)
+        key = (self._cache_key, reference)
+        found = _RESOLVED.get(key, _MISSING)
+        if found is not _MISSING:
+            return found  # type: ignore[return-value]
         if (
-            self._prefix is None
-            or not reference
+            not reference
             or reference[0] == "?"
             or reference.startswith("//")
-            or len(href) > MAX_LINK_CHARS
             or _PLAIN_REFERENCE.fullmatch(reference) is None
         ):
-            return _absolute(self.base, href)
+            return _absolute(self.base, href)  # depends on the whole base: not cached
+        found = self._resolve_plain(reference)
+        if len(_RESOLVED) >= _RESOLVED_MAX:
+            _RESOLVED.clear()
+        _RESOLVED[key] = found
+        return found
+
+    def _resolve_plain(self, reference: str) -> str | None:
+        assert self._prefix is not None
         path, _, query = reference.partition("?")
         if path[:1] == "/":
             segments = path.split("/")
@@ -466,10 +489,12 @@ def _links(
     resolver = LinkResolver(base)
     room = MAX_LINKS_TOTAL_CHARS
     for node in tree.css("a[href], area[href]"):
-        href = _attr(node, "href")
-        if not href or href.lower().startswith(_SKIPPED_HREFS):
+        # One attribute dict per link, not a lookup object per attribute read.
+        attributes = node.attributes
+        href = (attributes.get("href") or "").strip()
+        if not href or href[:_LONGEST_SKIPPED].lower().startswith(_SKIPPED_HREFS):
             continue
-        if page_nofollow or _has_nofollow(node):
+        if page_nofollow or "nofollow" in (attributes.get("rel") or "").lower().split():
             withheld += 1
         elif len(seen) < max_links and href not in resolved:
             resolved.add(href)
@@ -478,10 +503,6 @@ def _links(
                 seen[absolute] = None
                 room -= len(absolute)
     return list(seen), withheld
-
-
-def _has_nofollow(node: LexborNode) -> bool:
-    return "nofollow" in _attr(node, "rel").lower().split()
 
 
 def _canonical(tree: LexborHTMLParser, base: str) -> str | None:

@@ -85,3 +85,21 @@ def test_plain_references_resolve_as_rfc3986_says() -> None:
     assert resolver.resolve("../d.html#x") == "http://h.example/a/d.html"
     assert resolver.resolve("e/f?g=1") == "http://h.example/a/b/e/f?g=1"
     assert resolver.resolve("/root") == "http://h.example/root"
+
+
+def test_resolutions_remembered_across_pages_never_leak_between_bases() -> None:
+    """The resolved hrefs kept across pages (by base directory) give every base exactly
+    what urljoin gives it, with pages of bases sharing a directory interleaved."""
+    bases = [
+        *BASES,
+        "https://example.com/a/b/d.html",
+        "https://example.com/a/b/c.html?x=1",
+        "https://example.com/a/b/",
+        "https://example.org/a/b/c.html",
+    ]
+    rng = random.Random(7)
+    resolvers = {base: LinkResolver(base) for base in bases}
+    for _ in range(20000):
+        base = rng.choice(bases)
+        href = _random_href(rng)
+        assert resolvers[base].resolve(href) == _absolute(base, href), (base, href)
