@@ -298,6 +298,13 @@ def test_whitespace_is_collapsed_and_blocks_separate_words() -> None:
     assert result.text == "Head line Hello world one two a b c d"
 
 
+def test_blocks_are_found_by_their_element_whatever_the_markup_says() -> None:
+    """Upper-case tags are the same elements; a stray <td> outside a table makes none (so
+    it separates nothing); blocks nested in a block or inside inline elements still do."""
+    result = page("<body>a<DIV>b</DIV>c<span>d</span>e<Li>f<td>g<b><p>h</p></b>i</body>")
+    assert result.text == "a b cde fg h i"
+
+
 def test_text_cap() -> None:
     result = extract_page(("<p>word</p>" * 1000).encode(), URL, None, max_text_chars=22)
     assert result.text == "word word word word wo"
