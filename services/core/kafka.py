@@ -20,7 +20,7 @@ from aiokafka.errors import (
 )
 from aiokafka.protocol.metadata import MetadataRequest
 
-from . import metrics
+from . import kafka_transport, metrics
 from .config import PREFIX, Settings
 from .secrets import read_secret
 from .topics import (
@@ -33,6 +33,8 @@ from .topics import (
 )
 
 log = logging.getLogger(__name__)
+
+kafka_transport.install()  # every Kafka client of ours is made through this module
 
 
 def client_options(settings: Settings) -> dict[str, Any]:
