@@ -1,7 +1,10 @@
 """The scheduler: continuous crawling on the adaptive revisit schedule.
 
 Every stored page carries ``next_visit`` (the sink writes it with ``revisit_interval`` at
-each visit, see :mod:`streamcrawl.core.schedule`). The scheduler reads the pages due
+each visit, see :mod:`streamcrawl.core.schedule`), and so does its status document (the
+small copy in ``<collection>_status`` the sink keeps beside it). The scheduler reads and
+leases the status documents, not the pages: the local FerretDB decodes every document a
+query reads, and a page carries its text and links. It reads those due
 (``next_visit <= now``, oldest first, ``SCHEDULE_BATCH`` at a time, at most
 ``SCHEDULE_PER_HOST`` of one host per batch) and puts a revisit of each on
 crawl.discovered, like ``streamcrawl recrawl`` does for a whole crawl: dedup, the
@@ -9,13 +12,15 @@ fetcher's per-host politeness and its conditional requests apply as to any revis
 sink then sets the page's next ``next_visit``.
 
 Never twice for one due time, across restarts: a batch is first *leased* in MongoDB (its
-``next_visit`` moved to now + ``SCHEDULE_LEASE``, ``queued_for`` set to the due time),
+status documents' ``next_visit`` moved to now + ``SCHEDULE_LEASE``, ``queued_at`` set),
 and only then sent. A scheduler stopped between the two steps leaves the batch leased, not
 due, so a restart does not send it again (those pages come due again when the lease ends,
 for that new due time). Each revisit's round is its due time (in milliseconds), so dedup,
 which admits a revisit once per crawl id, round and URL, also drops a second send for one
 due time. The visit's sink write replaces the lease with the page's next due time; a
 revisit lost on the way (a failed fetch dead-lettered) is thus retried after the lease.
+A page stored before status documents existed has none, so it is not scheduled until
+``streamcrawl recrawl CRAWL_ID --from-pages`` has visited it once.
 
 Run one scheduler per collection (``streamcrawl schedule``): two would lease separate
 batches, but could read the same due page between one's read and its lease (dedup then
@@ -67,7 +72,8 @@ class Scheduler:
         self.client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
             mongo_client_uri(settings), serverSelectionTimeoutMS=10000
         )
-        self.collection = self.client[settings.mongo_database][settings.mongo_collection]
+        database = self.client[settings.mongo_database]
+        self.collection = database[settings.mongo_status_collection]
         self.producer = make_producer(settings)
         self.topic = settings.topic_prefix + DISCOVERED
         self.queued_total = 0

@@ -94,10 +94,10 @@ class SinkStage(BatchStage):
     async def _create_indexes(self) -> None:
         await self.collection.create_index("url", unique=True, name="url_unique")
         await self.collection.create_index("crawl_id", name="crawl_id")
-        # The scheduler stage reads the due pages in next_visit order.
-        await self.collection.create_index("next_visit", name="next_visit")
-        # recrawl reads a crawl's status documents.
+        # recrawl reads a crawl's status documents; the scheduler stage reads them in
+        # next_visit order.
         await self.status.create_index("crawl_id", name="crawl_id")
+        await self.status.create_index("next_visit", name="next_visit")
 
     async def stop(self) -> None:
         await self.client.close()

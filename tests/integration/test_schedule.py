@@ -48,11 +48,13 @@ RESTART_AT_S = RUN_S / 2
 DRAIN_TIMEOUT = 600.0
 
 
-async def intervals(settings: Any) -> dict[str, tuple[float, float, float]]:
-    """(revisit_interval, next_visit, checked_at) by URL."""
+async def intervals(settings: Any, status: bool = False) -> dict[str, tuple[float, float, float]]:
+    """(revisit_interval, next_visit, checked_at) by URL, of the pages (or of their status
+    documents, which the scheduler reads and leases)."""
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
     try:
-        collection = client[settings.mongo_database][settings.mongo_collection]
+        name = settings.mongo_status_collection if status else settings.mongo_collection
+        collection = client[settings.mongo_database][name]
         projection = {"url": 1, "revisit_interval": 1, "next_visit": 1, "checked_at": 1}
         return {
             doc["url"]: (doc["revisit_interval"], doc["next_visit"], doc["checked_at"])
@@ -148,6 +150,7 @@ async def test_revisit_intervals_move_the_right_way(stack: StackConfig, tmp_path
             await changer
             await watch_until_drained(watch, stages, io.StringIO(), timeout=DRAIN_TIMEOUT)
             last = await intervals(settings)
+            last_status = await intervals(settings, status=True)
             log = page_requests(nginx.access_log_entries()[before:])
 
     steady = manifest.pages - changing
@@ -174,6 +177,8 @@ async def test_revisit_intervals_move_the_right_way(stack: StackConfig, tmp_path
         assert samples[url][0] == INITIAL and monotone(samples[url], up=True), samples[url]
         assert last[url][0] >= INITIAL * 4, (url, samples[url])  # two revisits at least
     assert all(due == checked + interval for interval, due, checked in last.values())
+    # Drained, no lease is left: each status document holds its page's schedule.
+    assert last_status == last
 
     by_path = Counter(e.path for e in log)
     if KCAT is None:
@@ -224,7 +229,8 @@ async def test_a_restarted_scheduler_does_not_queue_a_due_time_twice(
 
     await create_topics(settings)
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
-    collection = client[settings.mongo_database][settings.mongo_collection]
+    # The scheduler reads and leases the pages' status documents.
+    collection = client[settings.mongo_database][settings.mongo_status_collection]
     try:
         await collection.insert_many(
             [document("a.example", n, 1000.0 + n) for n in range(5)]
@@ -310,7 +316,7 @@ def test_the_registered_stage_queues_due_pages_when_enabled(
     async def store_due() -> None:
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
         try:
-            await client[settings.mongo_database][settings.mongo_collection].insert_one(
+            await client[settings.mongo_database][settings.mongo_status_collection].insert_one(
                 {
                     "_id": url,
                     "url": url,
@@ -328,7 +334,7 @@ def test_the_registered_stage_queues_due_pages_when_enabled(
     async def next_visit() -> float:
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
         try:
-            collection = client[settings.mongo_database][settings.mongo_collection]
+            collection = client[settings.mongo_database][settings.mongo_status_collection]
             document = await collection.find_one({"_id": url})
             assert document is not None
             return float(document["next_visit"])
