@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -296,13 +297,24 @@ class PartitionLag:
 
 
 class OffsetProbe:
-    """Reads log-end and committed offsets, reusing its connections across polls."""
+    """Reads log-end and committed offsets, reusing its connections across polls.
+
+    A poll is meant to be cheap for the broker (the crawl's progress watch polls every
+    group four times a second): end offsets of all topics in one request, and each
+    group's coordinator remembered for a while instead of looked up before every read.
+    """
+
+    # How long a group's coordinator is trusted. A moved coordinator answers with no
+    # offsets (aiokafka does not raise on that), which can only overstate lag, and is
+    # found again after this long.
+    COORDINATOR_TTL_S = 10.0
 
     def __init__(self, settings: Settings) -> None:
         self._admin = make_admin(settings)
         self._topic_prefix = settings.topic_prefix
         self._consumer = make_reader(settings)
         self._partitions: dict[str, list[int]] = {}
+        self._coordinators: dict[str, tuple[int, float]] = {}
 
     async def start(self) -> None:
         await self._admin.start()
@@ -331,8 +343,19 @@ class OffsetProbe:
         partitions = await self.partitions(list(topics))
         return dict(await self._consumer.end_offsets(partitions)) if partitions else {}
 
-    async def lag(self, group: str, topics: Iterable[str]) -> list[PartitionLag]:
-        ends = await self.end_offsets(topics)
+    async def lag(
+        self,
+        group: str,
+        topics: Iterable[str],
+        ends: dict[TopicPartition, int] | None = None,
+    ) -> list[PartitionLag]:
+        """Lag of ``group`` on ``topics``; against ``ends`` when given (end offsets read
+        before, shared by several groups' reads), else against end offsets read now."""
+        wanted = set(topics)
+        if ends is None:
+            ends = await self.end_offsets(wanted)
+        else:
+            ends = {tp: end for tp, end in ends.items() if tp.topic in wanted}
         if not ends:
             return []
         committed = await self._committed(group, list(ends))
@@ -348,17 +371,29 @@ class OffsetProbe:
     ) -> dict[TopicPartition, Any]:
         # A new broker creates __consumer_offsets lazily: the coordinator may be
         # unavailable for a few seconds, which is retriable.
+        name = group_id(self._topic_prefix, group)
         for attempt in range(attempts):
             try:
+                coordinator = await self._coordinator(name)
                 result: dict[TopicPartition, Any] = await self._admin.list_consumer_group_offsets(
-                    group_id(self._topic_prefix, group), partitions=partitions
+                    name, coordinator, partitions=partitions
                 )
                 return result
             except KafkaError as exc:
+                self._coordinators.pop(name, None)
                 if not exc.retriable or attempt == attempts - 1:
                     raise
                 await asyncio.sleep(0.5)
         raise AssertionError("unreachable")
+
+    async def _coordinator(self, name: str) -> int:
+        known = self._coordinators.get(name)
+        now = time.monotonic()
+        if known is not None and now - known[1] < self.COORDINATOR_TTL_S:
+            return known[0]
+        coordinator: int = await self._admin.find_coordinator(name)
+        self._coordinators[name] = (coordinator, now)
+        return coordinator
 
 
 async def group_lag(settings: Settings, group: str, topics: Iterable[str]) -> list[PartitionLag]:

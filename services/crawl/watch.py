@@ -81,7 +81,9 @@ class PipelineWatch:
         return sum(row.committed or 0 for row in await self.probe.lag(SINK_GROUP, [self.t(PAGES)]))
 
     async def progress(self) -> Progress:
-        ends = await self.probe.end_offsets(self.t(s) for s in (FETCHED, PAGES, DLQ))
+        # One read of every pipeline topic's end offsets serves the counts and every
+        # group's lag: a poll costs the broker two ListOffsets and one OffsetFetch a group.
+        ends = await self.probe.end_offsets(self.t(s) for s in _PIPELINE_TOPICS)
 
         def delta(suffix: str) -> int:
             return sum(
@@ -91,22 +93,20 @@ class PipelineWatch:
             )
 
         lag_total = 0
-        queued = queued_partitions = 0
-        # Every group at once: a poll costs one round of requests, not one per group.
+        queued = queued_partitions = sink_committed = 0
         groups = list(GROUP_INPUTS.items())
-        lags, sink_committed = await asyncio.gather(
-            asyncio.gather(
-                *(self.probe.lag(g, [self.t(s) for s in inputs]) for g, inputs in groups)
-            ),
-            self._sink_committed(),
+        lags = await asyncio.gather(
+            *(self.probe.lag(g, [self.t(s) for s in inputs], ends) for g, inputs in groups)
         )
         for (group, _), rows in zip(groups, lags, strict=True):
-            group_lag = sum(row.lag for row in rows)
+            group_lag = sum(max(row.lag, 0) for row in rows)
             lag_total += group_lag
             if group == FETCHER_GROUP:
                 queued = group_lag
                 queued_partitions = sum(1 for row in rows if row.lag > 0)
-        # Read after every lag above (the drain check below depends on that order).
+            if group == SINK_GROUP:
+                sink_committed = sum(row.committed or 0 for row in rows)
+        # Read after every group's committed offsets (the drain check depends on that).
         pipeline_ends = await self.probe.end_offsets(self.t(s) for s in _PIPELINE_TOPICS)
         progress = Progress(
             fetched=delta(FETCHED),
@@ -170,10 +170,12 @@ async def watch_until_drained(
     no record added to any pipeline topic between them (``quiet_polls`` such pairs).
 
     Why two polls suffice: every stage publishes a record's outputs, and waits for the
-    broker's acknowledgement, before it commits the record. So once every group has
-    committed every record below the end offsets of the earlier poll, and those end
-    offsets have not moved by the later poll (read after its lag), all those records'
-    outputs are below them too: nothing is held in flight anywhere.
+    broker's acknowledgement, before it commits the record. A poll reads the end offsets
+    (E1), then every group's committed offsets (lag is measured against E1), then the end
+    offsets again (E2). When two polls in a row see no lag and the same E2, the later
+    poll's E1 lies between the two and equals E2: every group had committed every record
+    below E2, and those records' outputs, acknowledged before their commits, lie below E2
+    as well. Nothing is held in flight anywhere.
     """
     calm = 0
     next_scale = time.monotonic()

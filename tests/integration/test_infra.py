@@ -84,6 +84,20 @@ async def test_group_commits_and_lag_is_end_minus_committed(settings: Settings) 
         2: (3, None, 3),
     }
 
+    # The progress watch's way: end offsets read once for several topics, shared by every
+    # group's read, and the group's coordinator remembered across polls.
+    probe = OffsetProbe(settings)
+    await probe.start()
+    try:
+        other = await _new_topic(settings)
+        ends = await probe.end_offsets([topic, other])
+        assert {tp.topic for tp in ends} == {topic, other}
+        for _ in range(2):
+            shared = {row.partition: row for row in await probe.lag(group, [topic], ends)}
+            assert shared == rows
+    finally:
+        await probe.stop()
+
 
 @pytest.mark.skipif(KCAT is None, reason="Debian's kcat is not installed")
 async def test_kcat_and_aiokafka_interoperate(settings: Settings) -> None:
