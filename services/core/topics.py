@@ -88,6 +88,9 @@ GROUP_INPUTS: dict[str, tuple[str, ...]] = {
     WARC_GROUP: (FETCHED,),
 }
 
+# The stats stage (a faust app, outside the drain check) counts from these.
+STATS_INPUTS: tuple[str, ...] = (EVENTS, FETCHED, RETRY, DLQ)
+
 
 def topic_name(prefix: str, suffix: str) -> str:
     return f"{prefix}{suffix}"

@@ -15,12 +15,11 @@ from aiokafka.errors import KafkaError
 from ..core.config import Settings
 from ..core.control import read_states
 from ..core.kafka import OffsetProbe
-from ..core.topics import DLQ, EVENTS, FETCHED, RETRY, STATS_GROUP
+from ..core.topics import STATS_GROUP, STATS_INPUTS
 
 log = logging.getLogger(__name__)
 
 # What the stats stage reads: when its group has committed all of it, its numbers are final.
-STATS_INPUTS = (EVENTS, FETCHED, RETRY, DLQ)
 
 
 class StatsUnavailable(Exception):

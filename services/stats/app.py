@@ -30,13 +30,15 @@ from typing import Any
 import faust
 import mode
 import msgspec
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..core.config import Settings
-from ..core.kafka import client_options
+from ..core.kafka import client_options, make_admin
 from ..core.messages import DeadLetterRecord, Tally, encode
 from ..core.metrics import HealthServer
 from ..core.topics import (
@@ -52,6 +54,17 @@ from ..core.topics import (
 from . import gauges, logic
 
 log = logging.getLogger(__name__)
+
+# Kafka's log cleaner compacts only closed segments, and a changelog's one segment stays
+# open until it reaches Kafka's defaults (1 GiB or 7 days): every table write is kept, and
+# each start of the worker reads them all back (10 s on a stack after a few crawls, and
+# growing). Rolled every minute and cleaned once a tenth of it is dirty, a changelog holds
+# about one record per key plus the last minutes of writes.
+CHANGELOG_CONFIG = {
+    "cleanup.policy": "compact",
+    "segment.ms": "60000",
+    "min.cleanable.dirty.ratio": "0.1",
+}
 
 RECORDS_SKIPPED = Counter(
     "streamcrawl_stats_records_skipped_total",
@@ -123,6 +136,7 @@ class StatsApp:
         self.crawls: Table = self._table("crawls")
         self.hosts: Table = self._table("hosts")
         self._agents()
+        self.app.task(self.compact_changelogs)
         self._pages()
         self._metrics_port()
         REGISTRY.register(CrawlGauges(self))
@@ -135,8 +149,33 @@ class StatsApp:
             default=None,
             key_type=str,
             partitions=HOST_PARTITIONS,
+            extra_topic_configs=CHANGELOG_CONFIG,
         )
         return self.app.tables.add(table)
+
+    def changelog_topics(self) -> list[str]:
+        return [table.changelog_topic.get_topic_name() for table in (self.crawls, self.hosts)]
+
+    async def compact_changelogs(self) -> None:
+        """Give changelog topics created before CHANGELOG_CONFIG (or by hand) its settings;
+        faust sets them only on the topics it creates. Not fatal: without them the tables
+        are as right, only slower to recover."""
+        admin = make_admin(self.settings)
+        topics = self.changelog_topics()
+        try:
+            await admin.start()
+            resources = [
+                ConfigResource(ConfigResourceType.TOPIC, name, dict(CHANGELOG_CONFIG))
+                for name in topics
+            ]
+            for response in await admin.alter_configs(resources):
+                for code, message, _, name in response.resources:
+                    if code:
+                        log.warning("stats: changelog %s keeps its settings: %s", name, message)
+        except KafkaError as exc:
+            log.warning("stats: changelog settings of %s not applied: %r", topics, exc)
+        finally:
+            await admin.close()
 
     def topic(self, suffix: str) -> Any:
         return self.app.topic(

@@ -405,3 +405,32 @@ def top_hosts(rows: list[dict[str, Any]], sort: str, top: int) -> list[dict[str,
             key=lambda row: (-(row[sort] if row[sort] is not None else -1.0), row["host"]),
         )
     return ordered[: max(0, top)]
+
+
+# -- the worker's own health ----------------------------------------------------------------
+
+
+@dataclass
+class CommitWatch:
+    """Whether the worker has stopped committing while records wait for it: its committed
+    offsets unchanged for ``after_s`` seconds with lag left, out of changelog recovery.
+
+    faust can stop a worker without stopping its process (seen after a burst that filled
+    its producer buffer: no record committed, no log line); counted from the broker's
+    side, that covers a stopped stream and a stopped commit alike."""
+
+    after_s: float
+    _committed: tuple[tuple[str, int, int | None], ...] | None = None
+    _since: float = 0.0
+
+    def stalled(
+        self,
+        committed: tuple[tuple[str, int, int | None], ...],
+        lag: int,
+        now: float,
+        recovering: bool,
+    ) -> bool:
+        if recovering or lag <= 0 or committed != self._committed:
+            self._committed, self._since = committed, now
+            return False
+        return now - self._since >= self.after_s

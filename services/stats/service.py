@@ -12,6 +12,7 @@ when the first stops, recovering the tables from their changelogs.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import logging
@@ -21,15 +22,22 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from aiokafka.errors import KafkaError
 
 from ..core.config import Settings
-from ..core.topics import STATS_GROUP
-from .app import app_id
+from ..core.kafka import OffsetProbe
+from ..core.topics import STATS_GROUP, STATS_INPUTS, topic_name
+from . import logic
+from .app import StatsApp, app_id
 
 log = logging.getLogger(__name__)
+
+# A worker whose committed offsets have not moved for this long while records wait is
+# stopped inside faust (logic.CommitWatch): the process starts again, its tables recovered.
+STALL_AFTER_S = 45.0
+STALL_CHECK_S = 5.0
 
 # faust gives up on the first Kafka error of its start-up (a broker restarting, a
 # coordinator moving) and stops the worker: the process starts it again after this long.
@@ -71,11 +79,10 @@ class StatsWorker:
     def run(self) -> None:
         import faust
 
-        from .app import StatsApp
-
         lock = wait_for_lock(self.settings)
         try:
             stats = StatsApp(self.settings)
+            watch_commits(stats, self.settings)
             log.info("stats: app %s, HTTP API on :%d", stats.app.conf.id, self.settings.stats_port)
             worker = faust.Worker(
                 stats.app,
@@ -102,6 +109,57 @@ class StatsWorker:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a stop while waiting: stop at once
         time.sleep(RESTART_DELAY_S)
         restart_this_process()
+
+
+def watch_commits(stats: StatsApp, settings: Settings) -> None:
+    """A faust timer that restarts this process when the worker stopped committing."""
+    watch = logic.CommitWatch(STALL_AFTER_S)
+    inputs = [topic_name(settings.topic_prefix, suffix) for suffix in STATS_INPUTS]
+    probes: list[OffsetProbe] = []  # made in faust's loop (aiokafka clients bind to one)
+
+    async def check_commits() -> None:
+        if not probes:
+            probe = OffsetProbe(settings)
+            await probe.start()
+            probes.append(probe)
+        probe = probes[0]
+        try:
+            rows = await probe.lag(STATS_GROUP, inputs)
+        except KafkaError as exc:
+            log.info("stats: commit watch could not read offsets (%r)", exc)
+            return
+        committed = tuple(sorted((row.topic, row.partition, row.committed) for row in rows))
+        lag = sum(max(row.lag, 0) for row in rows)
+        if watch.stalled(committed, lag, time.monotonic(), stats.recovering()):
+            log.error(
+                "stats: no offset committed for %.0f s with %d records waiting; the faust "
+                "worker is stuck: starting this process again (tables recovered from their "
+                "changelogs, records read again from the last commit). Its tasks:\n%s",
+                STALL_AFTER_S,
+                lag,
+                task_stacks(),
+            )
+            restart_this_process()
+
+    stats.app.timer(STALL_CHECK_S)(check_commits)
+
+
+def task_stacks() -> str:
+    """Where each asyncio task of this loop waits, down its chain of awaits: what a stuck
+    worker needs to show (a task's own stack stops at its outermost coroutine)."""
+    lines = []
+    for task in asyncio.all_tasks():
+        chain: list[str] = []
+        awaited: Any = task.get_coro()
+        while awaited is not None and len(chain) < 30:
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+            if frame is None:
+                chain.append(repr(awaited)[:120])
+                break
+            chain.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+        lines.append(f"task {task.get_name()}:\n    " + "\n    ".join(chain))
+    return "\n".join(lines)
 
 
 def kafka_failure(stopped: SystemExit) -> BaseException | None:

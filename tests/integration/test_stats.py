@@ -317,3 +317,48 @@ async def test_the_api_answers_and_a_bad_event_is_dead_lettered(
         assert dead.payload == '{"stage": "sink", "crawl_id": 5}'
     finally:
         stages.stop()
+
+
+async def test_a_worker_that_stopped_committing_is_started_again(
+    stack: StackConfig, tmp_path: Path
+) -> None:
+    """The commit watch: records wait, the worker commits nothing (its crawl.fetched agent
+    is stuck for good), so after the grace the process logs why, with its tasks, and runs
+    itself again (same pid)."""
+    settings = isolated_settings(
+        stack, stats_port=str(free_port()), state_dir=str(tmp_path / "state")
+    )
+    await create_topics(settings)
+    log_path = tmp_path / "stats.log"
+    script = Path(__file__).parents[1] / "support" / "stuck_stats.py"
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, str(script)],
+            env=child_env(settings),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        producer = make_producer(settings)
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                settings.topic_prefix + FETCHED, b'{"crawl_id": "c", "host": "h"}', key=b"h"
+            )
+        finally:
+            await producer.stop()
+        deadline = time.monotonic() + 120
+        text = ""
+        while text.count("stats: app ") < 2:
+            assert process.poll() is None, "the stats process exited instead of restarting"
+            assert time.monotonic() < deadline, text[-3000:]
+            await asyncio.sleep(1.0)
+            text = log_path.read_text(errors="replace")
+        stuck = text.index("the faust worker is stuck")
+        assert "records waiting" in text[stuck - 200 : stuck]
+        # Where its tasks waited, down their awaits (the agents' among them).
+        assert "faust/agents/agent.py" in text[stuck:] and "_execute_actor" in text[stuck:]
+        assert text.index("stats: app ", stuck) > stuck  # started again after saying why
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -246,3 +246,28 @@ def test_a_dead_letter_names_its_crawl_and_host_or_the_default_crawl() -> None:
     assert (found.crawl_id, found.host) == ("c1", "h")
     assert logic.origin(dead(b"http://plain.example/")).crawl_id == "default"
     assert logic.origin(dead(b"\xff\xfe", "base64")).crawl_id == "default"
+
+
+# -- the commit watch ---------------------------------------------------------------------
+
+AT_5 = (("crawl.fetched", 0, 5),)
+AT_9 = (("crawl.fetched", 0, 9),)
+
+
+def test_commits_frozen_with_records_waiting_is_a_stall_only_after_the_grace() -> None:
+    watch = logic.CommitWatch(after_s=45.0)
+    assert not watch.stalled(AT_5, lag=10, now=100.0, recovering=False)
+    assert not watch.stalled(AT_5, lag=10, now=144.0, recovering=False)
+    assert watch.stalled(AT_5, lag=10, now=145.0, recovering=False)
+
+
+def test_a_moving_commit_an_empty_backlog_or_a_recovery_restart_the_grace() -> None:
+    watch = logic.CommitWatch(after_s=45.0)
+    watch.stalled(AT_5, lag=10, now=100.0, recovering=False)
+    assert not watch.stalled(AT_9, lag=10, now=140.0, recovering=False)  # committed moved
+    assert not watch.stalled(AT_9, lag=10, now=180.0, recovering=False)  # 40 s since
+    assert not watch.stalled(AT_9, lag=0, now=190.0, recovering=False)  # nothing waits
+    assert not watch.stalled(AT_9, lag=3, now=230.0, recovering=False)  # 40 s since
+    assert not watch.stalled(AT_9, lag=3, now=280.0, recovering=True)  # recovering
+    assert not watch.stalled(AT_9, lag=3, now=320.0, recovering=False)
+    assert watch.stalled(AT_9, lag=3, now=325.0, recovering=False)
