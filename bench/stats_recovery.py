@@ -1,6 +1,6 @@
 """How long the stats stage takes to start after a history of writes: its changelogs with
 Kafka's default segments (what faust creates: nothing is compacted while the one segment
-stays open) against the stage's CHANGELOG_CONFIG (segments rolled each minute, cleaned at
+stays open) against the stage's CHANGELOG_CONFIG (segments rolled after 10 s, cleaned at
 10 % dirty), side by side on one broker.
 
     python bench/stats_recovery.py [--records 20000] [--hosts 20]
@@ -8,7 +8,7 @@ stays open) against the stage's CHANGELOG_CONFIG (segments rolled each minute, c
 Uses $STREAMCRAWL_KAFKA_BOOTSTRAP, or starts the local stack. For each variant, on fresh
 topics of its own: a stats worker starts (the "default segments" one gets its changelogs
 set back to cleanup.policy=compact alone), counts N crawl.fetched records of one crawl
-over H hosts (every record rewrites a crawl entry and a host entry), waits 65 s, counts H
+over H hosts (every record rewrites a crawl entry and a host entry), waits 15 s, counts H
 more (so each written changelog partition rolls its segment), waits 25 s for the log
 cleaner, stops; then a new worker starts and the time to ready (its /readyz) is measured,
 with the records its changelogs hold.
@@ -154,7 +154,7 @@ async def history(variant: Variant, records: int, hosts: int) -> None:
     if not variant.compacted:
         await variant.uncompact()
     await variant.feed(records, hosts)
-    await asyncio.sleep(65)
+    await asyncio.sleep(15)
     await variant.feed(hosts, hosts)
     await asyncio.sleep(25)
     variant.stop()

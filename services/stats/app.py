@@ -58,11 +58,12 @@ log = logging.getLogger(__name__)
 # Kafka's log cleaner compacts only closed segments, and a changelog's one segment stays
 # open until it reaches Kafka's defaults (1 GiB or 7 days): every table write is kept, and
 # each start of the worker reads them all back (10 s on a stack after a few crawls, and
-# growing). Rolled every minute and cleaned once a tenth of it is dirty, a changelog holds
-# about one record per key plus the last minutes of writes.
+# growing). A segment is rolled on the first write 10 s after it began and cleaned once a
+# tenth of the log is dirty: a changelog holds about one record per key plus the writes
+# of its last 10 s or so (a roll happens on a write, so the last segment stays as it is).
 CHANGELOG_CONFIG = {
     "cleanup.policy": "compact",
-    "segment.ms": "60000",
+    "segment.ms": "10000",
     "min.cleanable.dirty.ratio": "0.1",
 }
 
