@@ -27,11 +27,10 @@ from streamcrawl.crawl.local import running_pipeline
 from streamcrawl.crawl.processes import child_env
 from streamcrawl.crawl.seeds import SeedOptions, produce_seeds, seed_payloads
 from streamcrawl.crawl.watch import watch_until_drained
-from streamcrawl.demo.nginx import NginxSite
-from streamcrawl.demo.site import SiteManifest, generate_site
 from streamcrawl.localstack.stack import StackConfig
 
 from ..conftest import free_port, isolated_settings
+from ..support.crawl import Site, served_sites
 
 pytestmark = pytest.mark.integration
 
@@ -43,41 +42,10 @@ SETTLE = 3.0
 PAUSE_RECHECK = 2.0  # paused URLs go round crawl.retry several times during the pause
 
 
-class Site:
-    def __init__(self, root: Path, crawl_id: str) -> None:
-        self.port = free_port()
-        self.crawl_id = crawl_id
-        self.manifest: SiteManifest = generate_site(root, pages=SITE_PAGES, port=self.port)
-        self.nginx = NginxSite(root, self.port)
-
-    def requests(self) -> list[tuple[float, str]]:
-        """(time nginx logged it, path) of every page request (robots.txt aside)."""
-        return [
-            (entry.ts, entry.path)
-            for entry in self.nginx.access_log_entries()
-            if entry.path != "/robots.txt"
-        ]
-
-    def requested_after(self, moment: float) -> list[str]:
-        return [path for ts, path in self.requests() if ts > moment]
-
-    @property
-    def expected(self) -> int:
-        """Every URL of the site: pages, missing pages, redirects."""
-        manifest = self.manifest
-        return len(manifest.pages | manifest.missing | set(manifest.redirects))
-
-
 @pytest.fixture()
 def sites(tmp_path: Path) -> Iterator[list[Site]]:
-    made = [Site(tmp_path / f"site{n}", f"crawl-{name}") for n, name in enumerate("abc")]
-    for site in made:
-        site.nginx.start()
-    try:
+    with served_sites(tmp_path, "abc", SITE_PAGES) as made:
         yield made
-    finally:
-        for site in made:
-            site.nginx.stop()
 
 
 def command(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:

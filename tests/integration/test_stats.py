@@ -32,42 +32,21 @@ from streamcrawl.crawl.processes import StageProcesses, child_env
 from streamcrawl.crawl.seeds import SeedOptions, produce_seeds, seed_payloads
 from streamcrawl.crawl.status import StatsClient, StatsUnavailable, final_numbers, stats_url
 from streamcrawl.crawl.watch import watch_until_drained
-from streamcrawl.demo.nginx import NginxSite
-from streamcrawl.demo.site import SiteManifest, generate_site
 from streamcrawl.localstack.stack import StackConfig
 from streamcrawl.stats.app import app_id
 
 from ..conftest import free_port, isolated_settings
+from ..support.crawl import Site, served_sites
 
 pytestmark = pytest.mark.integration
 
 SITE_PAGES = 300
 
 
-class Site:
-    def __init__(self, root: Path, crawl_id: str) -> None:
-        self.port = free_port()
-        self.crawl_id = crawl_id
-        self.manifest: SiteManifest = generate_site(root, pages=SITE_PAGES, port=self.port)
-        self.nginx = NginxSite(root, self.port)
-
-    def served(self) -> Counter[int]:
-        """Status of every page request nginx answered (robots.txt aside)."""
-        return Counter(
-            entry.status for entry in self.nginx.access_log_entries() if entry.path != "/robots.txt"
-        )
-
-
 @pytest.fixture()
 def sites(tmp_path: Path) -> Iterator[list[Site]]:
-    made = [Site(tmp_path / f"site{n}", f"crawl-{name}") for n, name in enumerate("ab")]
-    for site in made:
-        site.nginx.start()
-    try:
+    with served_sites(tmp_path, "ab", SITE_PAGES) as made:
         yield made
-    finally:
-        for site in made:
-            site.nginx.stop()
 
 
 async def documents_by_crawl(settings: Settings) -> Counter[str]:
@@ -205,10 +184,7 @@ async def test_two_crawls_at_once_each_counted_exactly_across_a_stats_sigkill(
                 for labels in gauges.get("streamcrawl_crawl_failed", {})
             )
             # Every URL of the site, and each once: nginx's log is the other witness.
-            expected = len(
-                site.manifest.pages | site.manifest.missing | set(site.manifest.redirects)
-            )
-            assert crawl["stored"] == expected
+            assert crawl["stored"] == site.expected
             # One crawl's view with its hosts: one host here, with its own numbers.
             detail = status_json(settings, site.crawl_id, "--top", "5", "--sort", "fetched")
             (host,) = detail["hosts"]

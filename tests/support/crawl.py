@@ -7,8 +7,9 @@ import shutil
 import subprocess
 import tempfile
 import uuid
+from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,32 @@ class Site:
     port: int
     # URLs that always answer 500: the site's real failures, which end in crawl.dlq.
     broken: frozenset[str] = field(default_factory=frozenset)
+    crawl_id: str = ""  # the crawl it is seeded under, where tests run several at once
 
     def expected_urls(self) -> set[str]:
         """Every URL a complete crawl from the entry page stores, once."""
         return self.manifest.pages | self.manifest.missing | set(self.manifest.redirects)
+
+    @property
+    def expected(self) -> int:
+        return len(self.expected_urls())
+
+    def requests(self) -> list[tuple[float, str]]:
+        """(time nginx logged it, path) of every page request (robots.txt aside)."""
+        return [
+            (entry.ts, entry.path)
+            for entry in self.nginx.access_log_entries()
+            if entry.path != "/robots.txt"
+        ]
+
+    def requested_after(self, moment: float) -> list[str]:
+        return [path for ts, path in self.requests() if ts > moment]
+
+    def served(self) -> Counter[int]:
+        """Status of every page request nginx answered (robots.txt aside)."""
+        return Counter(
+            entry.status for entry in self.nginx.access_log_entries() if entry.path != "/robots.txt"
+        )
 
 
 def isolated_settings(stack: StackConfig, **extra: str) -> Settings:
@@ -125,7 +148,11 @@ def add_broken_pages(root: Path, manifest: SiteManifest, count: int) -> frozense
 
 @contextmanager
 def served_site(
-    root: Path, pages: int, broken: int = 0, limit_rate: str | None = None
+    root: Path,
+    pages: int,
+    broken: int = 0,
+    limit_rate: str | None = None,
+    crawl_id: str = "",
 ) -> Iterator[Site]:
     """The generated site of ``pages`` pages (plus ``broken`` failing URLs) under ``root``,
     served by nginx on a free port while the block runs (at ``limit_rate`` per
@@ -134,4 +161,15 @@ def served_site(
     manifest = generate_site(root, pages=pages, port=port)
     failing = add_broken_pages(root, manifest, broken)
     with NginxSite(root, port, limit_rate=limit_rate) as nginx:
-        yield Site(manifest, nginx, port, failing)
+        yield Site(manifest, nginx, port, failing, crawl_id)
+
+
+@contextmanager
+def served_sites(root: Path, names: str, pages: int) -> Iterator[list[Site]]:
+    """One site per letter of ``names``, seeded as crawl ``crawl-<letter>``, each served by
+    its own nginx: several crawls on one pipeline at once."""
+    with ExitStack() as stack:
+        yield [
+            stack.enter_context(served_site(root / f"site{n}", pages, crawl_id=f"crawl-{name}"))
+            for n, name in enumerate(names)
+        ]
