@@ -368,6 +368,13 @@ class Settings:
         default=1,
         metadata={"doc": "Replication factor of the stats stage's changelog topics."},
     )
+    stats_linger_ms: int = field(
+        default=50,
+        metadata={
+            "doc": "Milliseconds the stats stage's producer holds table writes to send them "
+            "together (every write is a changelog record; 0: each goes out at once)."
+        },
+    )
 
     @property
     def mongo_status_collection(self) -> str:

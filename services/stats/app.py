@@ -119,6 +119,7 @@ class StatsApp:
             topic_replication_factor=settings.stats_replication,
             consumer_auto_offset_reset="earliest",
             broker_commit_interval=1.0,
+            producer_linger=settings.stats_linger_ms / 1000,
             # A restarted worker waits for its crashed predecessor's session to expire
             # before it gets the partitions: keep that short.
             broker_session_timeout=10.0,
