@@ -15,7 +15,7 @@ and ``docs`` (Debian's python3.11-doc HTML, as is). Systems, all with per-host c
   obeyed, no delay, no autothrottle, no HTTP cache
 - fetcher: ``streamcrawl run fetcher`` on a crawl.fetch topic filled beforehand with one
   record per page URL, until crawl.fetched holds one record per URL
-- e2e: ``streamcrawl crawl URL``, all six stages
+- e2e: ``streamcrawl crawl URL``, every stage (nine processes)
 
 Pages are the 2xx HTML requests in nginx's access log; pages/s is over the log's window
 (first to last request), and the wall time of each process is shown beside it. CPU is every
@@ -350,13 +350,13 @@ def render(report: dict[str, Any]) -> str:
 _HOW = """How to read it: HTML pages are the 2xx requests for .html (or directory) paths in
 nginx's access log. wall s runs from the process's start to its exit (the fetcher alone: to
 the moment crawl.fetched held one record per URL), start-up and shutdown included (for the
-end-to-end crawl: topic creation, six stage processes starting, three quiet 1 s polls to
+end-to-end crawl: topic creation, the stage processes starting, two quiet polls 0.25 s apart to
 see it drained, the stages stopping); pages/s and vs ceiling divide the pages by it.
 "pages/s while fetching" divides them by nginx's window (first to last request) instead: it
 shows how fast the site was fetched, not when the work was done (the end-to-end crawl goes
 on parsing, storing and sifting links after its last request). Client CPU is every process
 but nginx: the Python process of the ceiling, bare and Scrapy runs; the fetcher and the
-Kafka JVM for the fetcher alone; for the end-to-end run the crawl command, its six stage
+Kafka JVM for the fetcher alone; for the end-to-end run the crawl command, its stage
 processes, the Kafka JVM and FerretDB. Client peak RSS adds each process's peak (VmHWM; for
 Kafka, FerretDB and nginx the largest VmRSS sampled during the run). Kafka bytes are the
 record segments (*.log) of the run's own topics in the broker's data directory after the

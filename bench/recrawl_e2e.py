@@ -4,7 +4,7 @@
 
 One private local stack (Kafka + the project's FerretDB build, as ``streamcrawl stack up``
 starts them) and a generated site served by nginx (``_site.generate``, as ``bench/compare``).
-Runs ``streamcrawl crawl`` (all six stages as processes) three times, each with its own
+Runs ``streamcrawl crawl`` (every stage as a process) three times, each with its own
 topics, so every page is fetched, parsed and stored each time:
 1. fresh: into the empty collection ``fresh``;
 2. first: into the collection ``big`` after ``--preload`` page documents of other sites were
