@@ -20,11 +20,19 @@ from typing import Any
 import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import CommitFailedError, RebalanceInProgressError
 from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient
 from streamcrawl.core.config import Settings
-from streamcrawl.core.kafka import OffsetProbe, create_topics, make_producer, stop_consumer
+from streamcrawl.core.kafka import (
+    OffsetProbe,
+    create_topics,
+    make_admin,
+    make_producer,
+    stop_consumer,
+)
 from streamcrawl.core.messages import DeadLetterRecord, Tally, encode
 from streamcrawl.core.topics import FETCHED, topic_name
 from streamcrawl.crawl.local import running_pipeline
@@ -33,7 +41,7 @@ from streamcrawl.crawl.seeds import SeedOptions, produce_seeds, seed_payloads
 from streamcrawl.crawl.status import StatsClient, StatsUnavailable, final_numbers, stats_url
 from streamcrawl.crawl.watch import watch_until_drained
 from streamcrawl.localstack.stack import StackConfig
-from streamcrawl.stats.app import app_id
+from streamcrawl.stats.app import CHANGELOG_CONFIG, app_id
 
 from ..conftest import free_port, isolated_settings
 from ..support.crawl import Site, served_sites
@@ -338,3 +346,53 @@ async def test_a_worker_that_stopped_committing_is_started_again(
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+async def topic_configs(settings: Settings, topic: str, names: list[str]) -> dict[str, str]:
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, dict.fromkeys(names))]
+        )
+        ((_, _, _, _, entries),) = response.resources
+        return {entry[0]: entry[1] for entry in entries}
+    finally:
+        await admin.close()
+
+
+async def test_changelogs_made_before_get_their_compaction_settings(
+    stack: StackConfig, tmp_path: Path
+) -> None:
+    """Changelog topics that exist already with compaction alone (as faust made them before
+    CHANGELOG_CONFIG, never cleaned while their one segment stays open) get the rolling and
+    cleaning settings when the worker starts."""
+    settings = isolated_settings(
+        stack, stats_port=str(free_port()), state_dir=str(tmp_path / "state")
+    )
+    await create_topics(settings)
+    changelogs = [f"{app_id(settings)}-{table}-changelog" for table in ("crawls", "hosts")]
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [
+                NewTopic(name, 12, 1, topic_configs={"cleanup.policy": "compact"})
+                for name in changelogs
+            ]
+        )
+    finally:
+        await admin.close()
+    names = list(CHANGELOG_CONFIG)
+    before = await topic_configs(settings, changelogs[0], names)
+    assert before["segment.ms"] != CHANGELOG_CONFIG["segment.ms"]
+    stages = StageProcesses(child_env(settings), tmp_path / "logs")
+    stages.start(["stats"])
+    try:
+        deadline = time.monotonic() + 90
+        for topic in changelogs:
+            while await topic_configs(settings, topic, names) != CHANGELOG_CONFIG:
+                assert time.monotonic() < deadline, await topic_configs(settings, topic, names)
+                await asyncio.sleep(1.0)
+    finally:
+        stages.stop()
