@@ -19,6 +19,7 @@ Deployment of one replica; locally :mod:`.service` makes a second one wait).
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import tempfile
 import time
@@ -31,7 +32,6 @@ import faust
 import mode
 import msgspec
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -174,10 +174,11 @@ class StatsApp:
                 for code, message, _, name in response.resources:
                     if code:
                         log.warning("stats: changelog %s keeps its settings: %s", name, message)
-        except KafkaError as exc:
+        except Exception as exc:  # a task's exception would stop the worker: never for this
             log.warning("stats: changelog settings of %s not applied: %r", topics, exc)
         finally:
-            await admin.close()
+            with contextlib.suppress(Exception):
+                await admin.close()
 
     def topic(self, suffix: str) -> Any:
         return self.app.topic(

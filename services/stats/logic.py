@@ -434,3 +434,7 @@ class CommitWatch:
             self._committed, self._since = committed, now
             return False
         return now - self._since >= self.after_s
+
+    def reset(self, now: float) -> None:
+        """Start the grace again (the offsets could not be read: no verdict)."""
+        self._committed, self._since = None, now

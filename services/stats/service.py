@@ -13,6 +13,7 @@ when the first stops, recovering the tables from their changelogs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -27,7 +28,7 @@ from typing import IO, Any
 from aiokafka.errors import KafkaError
 
 from ..core.config import Settings
-from ..core.kafka import OffsetProbe
+from ..core.kafka import OffsetProbe, PartitionLag
 from ..core.topics import STATS_GROUP, STATS_INPUTS, topic_name
 from . import logic
 from .app import StatsApp, app_id
@@ -118,15 +119,13 @@ def watch_commits(stats: StatsApp, settings: Settings) -> None:
     probes: list[OffsetProbe] = []  # made in faust's loop (aiokafka clients bind to one)
 
     async def check_commits() -> None:
-        if not probes:
-            probe = OffsetProbe(settings)
-            await probe.start()
-            probes.append(probe)
-        probe = probes[0]
+        # A watch must never stop what it watches: faust crashes the worker on a timer's
+        # exception, and a broker outage (a start or a read refused) is no stall.
         try:
-            rows = await probe.lag(STATS_GROUP, inputs)
-        except KafkaError as exc:
+            rows = await read_lag()
+        except Exception as exc:
             log.info("stats: commit watch could not read offsets (%r)", exc)
+            watch.reset(time.monotonic())  # commits wait on the broker too: grace anew
             return
         committed = tuple(sorted((row.topic, row.partition, row.committed) for row in rows))
         lag = sum(max(row.lag, 0) for row in rows)
@@ -140,6 +139,18 @@ def watch_commits(stats: StatsApp, settings: Settings) -> None:
                 task_stacks(),
             )
             restart_this_process()
+
+    async def read_lag() -> list[PartitionLag]:
+        if not probes:
+            probe = OffsetProbe(settings)
+            try:
+                await probe.start()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await probe.stop()
+                raise
+            probes.append(probe)
+        return await probes[0].lag(STATS_GROUP, inputs)
 
     stats.app.timer(STALL_CHECK_S)(check_commits)
 

@@ -271,3 +271,13 @@ def test_a_moving_commit_an_empty_backlog_or_a_recovery_restart_the_grace() -> N
     assert not watch.stalled(AT_9, lag=3, now=280.0, recovering=True)  # recovering
     assert not watch.stalled(AT_9, lag=3, now=320.0, recovering=False)
     assert watch.stalled(AT_9, lag=3, now=325.0, recovering=False)
+
+
+def test_offsets_that_could_not_be_read_restart_the_grace() -> None:
+    """A broker outage stops commits too: the first reading after it is no stall."""
+    watch = logic.CommitWatch(after_s=45.0)
+    watch.stalled(AT_5, lag=10, now=100.0, recovering=False)
+    watch.reset(now=130.0)  # the broker did not answer
+    assert not watch.stalled(AT_5, lag=10, now=160.0, recovering=False)
+    assert not watch.stalled(AT_5, lag=10, now=204.0, recovering=False)
+    assert watch.stalled(AT_5, lag=10, now=205.0, recovering=False)
