@@ -21,8 +21,7 @@ from pathlib import Path
 
 from _procs import cpu_seconds
 from stats_recovery import Variant
-from streamcrawl.core.kafka import OffsetProbe, create_topics, make_producer
-from streamcrawl.core.topics import FETCHED, STATS_GROUP, STATS_INPUTS
+from streamcrawl.core.kafka import create_topics
 from streamcrawl.localstack.stack import LocalStack, StackConfig
 
 
@@ -31,45 +30,17 @@ async def measure(linger: int, records: int, root: Path, broker: int) -> tuple[f
     variant = Variant(f"linger-{linger}", True, root)
     await create_topics(variant.settings)
     # Records first: the worker then reads a backlog, as after a crawl's burst.
-    await produce(variant, records)
+    await variant.produce(records, 20)
     await variant.start()
     assert variant.process is not None
     pid = variant.process.pid
     cpu0, broker0, started = cpu_seconds(pid) or 0.0, cpu_seconds(broker) or 0.0, time.monotonic()
-    probe = OffsetProbe(variant.settings)
-    await probe.start()
-    try:
-        topics = [variant.settings.topic_prefix + suffix for suffix in STATS_INPUTS]
-        while True:
-            rows = await probe.lag(STATS_GROUP, topics)
-            if rows and sum(row.lag for row in rows) == 0:
-                break
-            await asyncio.sleep(0.2)
-    finally:
-        await probe.stop()
+    await variant.counted()
     wall = time.monotonic() - started
     cpu, broker_cpu = (cpu_seconds(pid) or 0.0) - cpu0, (cpu_seconds(broker) or 0.0) - broker0
     variant.stop()
     per_1k = 1000 / records
     return wall, cpu * per_1k, broker_cpu * per_1k
-
-
-async def produce(variant: Variant, records: int) -> None:
-    producer = make_producer(variant.settings)
-    await producer.start()
-    try:
-        topic = variant.settings.topic_prefix + FETCHED
-        for n in range(records):
-            host = f"h{n % 20}.example"
-            value = (
-                f'{{"crawl_id": "bench", "host": "{host}", "status": 200, '
-                f'"fetched_at": {time.time()}, "body_bytes": 1000, '
-                f'"timings": {{"total_s": 0.01}}}}'
-            )
-            await producer.send(topic, value.encode(), key=host.encode())
-        await producer.flush()
-    finally:
-        await producer.stop()
 
 
 async def main_async(records: int, lingers: list[int], broker: int) -> None:

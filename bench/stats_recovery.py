@@ -104,6 +104,11 @@ class Variant:
             await admin.close()
 
     async def feed(self, count: int, hosts: int) -> None:
+        await self.produce(count, hosts)
+        await self.counted()
+
+    async def produce(self, count: int, hosts: int) -> None:
+        """``count`` crawl.fetched records of crawl "bench", over ``hosts`` hosts."""
         producer = make_producer(self.settings)
         await producer.start()
         try:
@@ -119,12 +124,18 @@ class Variant:
             await producer.flush()
         finally:
             await producer.stop()
+
+    async def counted(self) -> None:
+        """Until the stats group has committed every record of its inputs."""
         probe = OffsetProbe(self.settings)
         await probe.start()
         try:
             topics = [self.settings.topic_prefix + suffix for suffix in STATS_INPUTS]
-            while sum(row.lag for row in await probe.lag(STATS_GROUP, topics)) > 0:
-                await asyncio.sleep(0.5)
+            while True:
+                rows = await probe.lag(STATS_GROUP, topics)
+                if rows and sum(row.lag for row in rows) == 0:
+                    return
+                await asyncio.sleep(0.2)
         finally:
             await probe.stop()
 

@@ -88,7 +88,8 @@ GROUP_INPUTS: dict[str, tuple[str, ...]] = {
     WARC_GROUP: (FETCHED,),
 }
 
-# The stats stage (a faust app, outside the drain check) counts from these.
+# What the stats stage (a faust app, outside the drain check) counts from: when its group
+# has committed all of it, its numbers are final.
 STATS_INPUTS: tuple[str, ...] = (EVENTS, FETCHED, RETRY, DLQ)
 
 

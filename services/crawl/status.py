@@ -19,8 +19,6 @@ from ..core.topics import STATS_GROUP, STATS_INPUTS
 
 log = logging.getLogger(__name__)
 
-# What the stats stage reads: when its group has committed all of it, its numbers are final.
-
 
 class StatsUnavailable(Exception):
     """The stats stage did not answer (not running, starting, or recovering)."""
