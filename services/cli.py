@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     recrawl = commands.add_parser(
         "recrawl",
         help="revisit a crawl's stored pages with conditional requests (If-None-Match, "
-        "If-Modified-Since): unchanged pages only get checked_at, changed ones are rewritten",
+        "If-Modified-Since): unchanged pages only get checked_at on their status documents, "
+        "changed ones are rewritten",
     )
     recrawl.add_argument("crawl_id", metavar="CRAWL_ID")
     recrawl.add_argument(

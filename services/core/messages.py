@@ -263,7 +263,7 @@ class Page(Message, kw_only=True, omit_defaults=False):
         bool,
         Meta(
             description="A revisit found the stored page unchanged (a 304, or the same "
-            "content_hash): the sink updates its checked_at only."
+            "content_hash): the sink updates its status document's checked_at only."
         ),
     ] = False
     revisit: Revisit | None = None

@@ -75,7 +75,7 @@ DELAY_HELD = Gauge("streamcrawl_delay_held", "Retries the delay service holds un
 PAGES_STORED = Counter("streamcrawl_pages_stored_total", "Pages upserted into MongoDB.")
 PAGES_UNCHANGED = Counter(
     "streamcrawl_pages_unchanged_total",
-    "Revisited pages found unchanged (304 or same content): checked_at updated only.",
+    "Revisited pages found unchanged (304 or same content): only their status documents updated.",
 )
 BLOOM_FILL = Gauge(
     "streamcrawl_bloom_fill_ratio",

@@ -8,8 +8,8 @@ carrying a :class:`~streamcrawl.core.messages.Revisit`: the round, and the store
 crawl.discovered, keyed by host like the frontier's candidates (the stored URL is already
 canonical and in scope), so dedup admits each once in this round, and the fetcher sends
 ``If-None-Match`` / ``If-Modified-Since``. A 304, or a 200 with the stored digest, only
-moves the document's ``checked_at``; a changed page is parsed, its links followed (in the
-same round) and its document rewritten.
+moves its status document's ``checked_at`` (and schedule); a changed page is parsed, its
+links followed (in the same round) and its document rewritten.
 
 Dedup keys a revisit by crawl id and round, so each stored URL passes once per round; the
 links of a changed page are plain candidates of the crawl, keyed by crawl id alone, so only
@@ -176,8 +176,8 @@ async def queue_revisits(
 
 async def revisit_counts(settings: Settings, crawl_id: str, since: float) -> tuple[int, int]:
     """(documents rewritten, documents only checked) for ``crawl_id`` since ``since``,
-    counted on the status documents (each carries its page's ``stored_at`` and
-    ``checked_at``)."""
+    counted on the status documents (each carries its page's ``stored_at`` and when the
+    URL was last ``checked_at``)."""
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_client_uri(settings))
     try:
         collection = client[settings.mongo_database][settings.mongo_status_collection]
@@ -211,7 +211,7 @@ def recrawl_command(args: argparse.Namespace) -> int:
         f"\nrecrawl {args.crawl_id} round {queued.round} drained in {elapsed:.1f}s\n"
         f"  queued     {queued.queued} stored pages ({queued.with_validators} with validators)\n"
         f"  fetched    {fetched} responses (304s included)\n"
-        f"  unchanged  {checked} documents: checked_at updated, content kept\n"
+        f"  unchanged  {checked} documents: content kept, status checked_at updated\n"
         f"  rewritten  {rewritten} documents (changed or new pages)\n"
         f"  logs       {log_dir}"
     )

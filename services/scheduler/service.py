@@ -1,15 +1,15 @@
 """The scheduler: continuous crawling on the adaptive revisit schedule.
 
-Every stored page carries ``next_visit`` (the sink writes it with ``revisit_interval`` at
-each visit, see :mod:`streamcrawl.core.schedule`), and so does its status document (the
-small copy in ``<collection>_status`` the sink keeps beside it). The scheduler reads and
-leases the status documents, not the pages: the local FerretDB decodes every document a
-query reads, and a page carries its text and links. It reads those due
+Every stored page has a status document (``<collection>_status``, beside the page) that
+carries ``next_visit``: the sink writes it with ``revisit_interval`` at each visit (see
+:mod:`streamcrawl.core.schedule`); the page document itself holds the content as stored.
+The scheduler reads and leases the status documents (small: no text, no links). It reads
+those due
 (``next_visit <= now``, oldest first, ``SCHEDULE_BATCH`` at a time, at most
 ``SCHEDULE_PER_HOST`` of one host per batch) and puts a revisit of each on
 crawl.discovered, like ``streamcrawl recrawl`` does for a whole crawl: dedup, the
 fetcher's per-host politeness and its conditional requests apply as to any revisit, and the
-sink then sets the page's next ``next_visit``.
+sink then sets the next ``next_visit`` on the status document.
 
 Never twice for one due time, across restarts: a batch is first *leased* in MongoDB (its
 status documents' ``next_visit`` moved to now + ``SCHEDULE_LEASE``, ``queued_at`` set),

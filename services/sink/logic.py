@@ -42,23 +42,32 @@ def document_for(page: Page, stored_at: float, settings: Settings) -> dict[str, 
     return document_under(storage_id(page, settings), page, stored_at)
 
 
-def document_under(
-    document_id: str, page: Page, stored_at: float, settings: Settings | None = None
-) -> dict[str, Any]:
-    """The document of ``page`` under an ``_id`` already worked out by :func:`storage_id`:
-    the page (its validators ``etag``/``last_modified`` and digest ``content_hash``
-    included, for a later revisit) with ``stored_at`` and ``checked_at`` (when it was
-    last found current). What only travels (``revisit``, ``unchanged``) is left out.
-    With ``settings``, the adaptive schedule too: ``revisit_interval`` and ``next_visit``
-    (a new page gets the initial interval, a changed one a shorter interval)."""
+def document_under(document_id: str, page: Page, stored_at: float) -> dict[str, Any]:
+    """The page document of ``page`` under an ``_id`` already worked out by
+    :func:`storage_id`: the content as stored, with the validators and digest of the
+    response that brought it (``etag``, ``last_modified``, ``content_hash``) and
+    ``stored_at``. What only travels (``revisit``, ``unchanged``) is left out. When the
+    URL was last checked and when it is due again live on its status document
+    (:func:`written_status`), which a revisit moves without rewriting the page."""
     fields = to_dict(page)
     fields.pop("revisit", None)
     fields.pop("unchanged", None)
-    document = {"_id": document_id, **fields, "stored_at": stored_at, "checked_at": stored_at}
+    return {"_id": document_id, **fields, "stored_at": stored_at}
+
+
+def written_status(
+    document: dict[str, Any], page: Page, stored_at: float, settings: Settings | None = None
+) -> dict[str, Any]:
+    """The status document of a page document just written: its fields of
+    :data:`STATUS_FIELDS`, ``checked_at`` (now) and, with ``settings``, the adaptive
+    schedule: ``revisit_interval`` and ``next_visit`` (a new page gets the initial
+    interval, a changed one a shorter interval)."""
+    status = status_document(document)
+    status["checked_at"] = stored_at
     if settings is not None:
         changed = content_changed(page)
-        document.update(schedule_fields(previous_interval(page), changed, stored_at, settings))
-    return document
+        status.update(schedule_fields(previous_interval(page), changed, stored_at, settings))
+    return status
 
 
 def content_changed(page: Page) -> bool:
@@ -82,7 +91,7 @@ def checked_id(page: Page, settings: Settings) -> str:
 
 
 def check_update(page: Page, checked_at: float, settings: Settings | None = None) -> dict[str, Any]:
-    """The ``$set`` that records an unchanged page on its stored document: ``checked_at``,
+    """The ``$set`` that records an unchanged page on its status document: ``checked_at``,
     and the validators the server sent now (a touched file has a new ETag over the same
     content, which the next revisit should send). The content is left as it is. With
     ``settings``, the adaptive schedule too: the interval grows (a 304 and a 200 with the
@@ -97,7 +106,8 @@ def check_update(page: Page, checked_at: float, settings: Settings | None = None
 
 
 # What a revisit needs of a stored page (``recrawl`` reads these, not the page with its
-# text and links): the crawl.discovered fields, the validators and digest, and the schedule.
+# text and links): the crawl.discovered fields, the validators and digest, and the schedule
+# (which only status documents carry; pages stored before them may have it too).
 STATUS_FIELDS = (
     "url",
     "host",
@@ -118,7 +128,7 @@ STATUS_FIELDS = (
 
 
 def status_document(document: dict[str, Any]) -> dict[str, Any]:
-    """The status document of a stored page document: same ``_id``, the fields of
+    """A status document from a stored page document: same ``_id``, the fields of
     :data:`STATUS_FIELDS` it has."""
     status = {"_id": document["_id"]}
     status.update({name: document[name] for name in STATUS_FIELDS if name in document})
@@ -127,7 +137,7 @@ def status_document(document: dict[str, Any]) -> dict[str, Any]:
 
 def split_unchanged(pages: list[Page], latest: dict[str, int]) -> tuple[dict[str, int], list[int]]:
     """The latest pages to write in full (by ``_id``) and the positions of the unchanged
-    ones, whose stored documents only get ``checked_at``."""
+    ones, whose status documents only get ``checked_at``."""
     changed = {_id: index for _id, index in latest.items() if not pages[index].unchanged}
     return changed, [index for index in latest.values() if pages[index].unchanged]
 

@@ -16,9 +16,11 @@ between the delete and the insert loses nothing: the offsets are not committed, 
 batch is written again. Documents whose insert still fails as duplicates (their URL is
 stored under another ``_id``) are replaced one by one. Offsets are committed only after
 the database acknowledged the batch; while it is down the sink retries and the pipeline
-backs up behind it in Kafka, where nothing is lost. A page a revisit found
-unchanged (``unchanged``: a 304, or the stored digest) is not rewritten: its stored document
-gets ``checked_at`` (and the validators of a 200), see "Keeping a crawl fresh" in the README.
+backs up behind it in Kafka, where nothing is lost. Beside each page the sink keeps its
+status document (``<collection>_status``): when the URL was last checked, its validators
+and its revisit schedule. A page a revisit found unchanged (``unchanged``: a 304, or the
+stored digest) is not rewritten: only its status document gets ``checked_at`` (and the
+validators of a 200), see "Keeping a crawl fresh" in the README.
 A page the database refuses is
 dead-lettered: by its write error, or before writing when it is known to be refused (a `$`
 field name) or the driver cannot encode it; a failure of anything else is left to the
@@ -58,6 +60,7 @@ from .logic import (
     status_document,
     stored_tallies,
     unencodable,
+    written_status,
 )
 
 log = logging.getLogger(__name__)
@@ -111,7 +114,7 @@ class SinkStage(BatchStage):
         pages: list[Page] = [item.message for item in batch]
         latest, unchanged = split_unchanged(pages, latest_documents(pages, self.settings))
         if unchanged:
-            # A revisit found these current: their documents get checked_at, no rewrite.
+            # A revisit found these current: their status documents get checked_at, no rewrite.
             checks = [(checked_id(pages[i], self.settings), pages[i]) for i in unchanged]
             began = time.monotonic()
             await self._retry(
@@ -124,9 +127,7 @@ class SinkStage(BatchStage):
         if not latest:
             return self._tallies(batch, [], stored_at, unchanged) if unchanged else []
         chosen = list(latest.values())
-        documents = [
-            document_under(_id, pages[i], stored_at, self.settings) for _id, i in latest.items()
-        ]
+        documents = [document_under(_id, pages[i], stored_at) for _id, i in latest.items()]
         rejected: dict[int, str] = await self._retry(
             f"writing {len(documents)} pages", lambda: self._store(documents)
         )
@@ -135,7 +136,11 @@ class SinkStage(BatchStage):
             for index, reason in rejected.items()
         ]
         metrics.PAGES_STORED.inc(len(documents) - len(rejected))
-        statuses = [status_document(doc) for i, doc in enumerate(documents) if i not in rejected]
+        statuses = [
+            written_status(doc, pages[chosen[i]], stored_at, self.settings)
+            for i, doc in enumerate(documents)
+            if i not in rejected
+        ]
         if statuses:
             await self._retry(
                 f"writing {len(statuses)} status documents", lambda: self._write_status(statuses)
@@ -144,9 +149,11 @@ class SinkStage(BatchStage):
         return [*dead, *self._tallies(batch, written, stored_at, unchanged)]
 
     async def _check(self, checks: list[tuple[str, Page]], checked_at: float) -> None:
-        """Record unchanged pages on their stored documents and status documents:
-        ``checked_at`` for each (one update for all the 304s), and the validators a 200
-        with the same content brought."""
+        """Record unchanged pages on their status documents: ``checked_at`` for each (one
+        update for all the 304s), the validators a 200 with the same content brought, and
+        the next visit. The page documents are not touched: their content, and the
+        response it came with, did not change (and rewriting a page document to move one
+        field costs the local FerretDB about what storing it did)."""
         # The 304s share their $set but for the previous interval: one update per interval
         # (a round's pages mostly share one).
         not_modified: dict[float | None, list[str]] = {}
@@ -160,25 +167,30 @@ class SinkStage(BatchStage):
             }
             for start in range(0, len(ids_of), DELETE_CHUNK):
                 ids = ids_of[start : start + DELETE_CHUNK]
-                await self.collection.update_many({"_id": {"$in": ids}}, {"$set": fields})
                 found = await self.status.update_many({"_id": {"$in": ids}}, {"$set": fields})
                 if found.matched_count < len(ids):
-                    await self._add_missing_status(ids)
+                    added = await self._add_missing_status(ids)
+                    if added:
+                        await self.status.update_many({"_id": {"$in": added}}, {"$set": fields})
         touched = [(_id, page) for _id, page in checks if page.status != 304]
         for start in range(0, len(touched), UPDATE_CHUNK):
             chunk = touched[start : start + UPDATE_CHUNK]
-            updates = [
-                UpdateOne({"_id": _id}, {"$set": check_update(page, checked_at, self.settings)})
+            updates = {
+                _id: UpdateOne(
+                    {"_id": _id}, {"$set": check_update(page, checked_at, self.settings)}
+                )
                 for _id, page in chunk
-            ]
-            await self.collection.bulk_write(updates, ordered=False)
-            written = await self.status.bulk_write(updates, ordered=False)
+            }
+            written = await self.status.bulk_write(list(updates.values()), ordered=False)
             if written.matched_count < len(updates):
-                await self._add_missing_status([_id for _id, _ in chunk])
+                added = await self._add_missing_status(list(updates))
+                if added:
+                    again = [updates[_id] for _id in added]
+                    await self.status.bulk_write(again, ordered=False)
 
-    async def _add_missing_status(self, ids: list[str]) -> None:
+    async def _add_missing_status(self, ids: list[str]) -> list[str]:
         """Status documents for those of these stored pages that have none (pages stored
-        before status documents were written), from the pages as they now are."""
+        before status documents were written), from the pages; their ``_id``s."""
         having = {doc["_id"] async for doc in self.status.find({"_id": {"$in": ids}}, {"_id": 1})}
         missing = [_id for _id in ids if _id not in having]
         projection = dict.fromkeys(STATUS_FIELDS, 1)
@@ -186,6 +198,7 @@ class SinkStage(BatchStage):
         statuses = [status_document(page) async for page in pages]
         if statuses:
             await self._write_status(statuses)
+        return [status["_id"] for status in statuses]
 
     async def _write_status(self, statuses: list[dict[str, Any]]) -> None:
         """Write the status documents of pages just stored (delete by ``_id``, insert, as

@@ -272,8 +272,9 @@ async def test_the_local_server_finds_stored_pages_by_id_through_its_index(
 
 
 async def test_status_documents_follow_their_pages(settings: Settings) -> None:
-    """Each page the stage stores gets a status document with the same fields; a 304 moves
-    both; a stale document dropped when its URL declares a canonical takes its status."""
+    """Each page the stage stores gets a status document with its fields, checked_at and
+    schedule; a 304 moves the status document and leaves the page as stored; a stale
+    document dropped when its URL declares a canonical takes its status."""
     sink = SinkStage(settings)
     (spec,) = sink.inputs()
     b = "http://a.example/b"
@@ -289,9 +290,27 @@ async def test_status_documents_follow_their_pages(settings: Settings) -> None:
         await process(page(b + "?x=1", "b?x=1", canonical=b))  # the stale /b?x=1 goes
         revisit = Revisit(round=2, stored_id="http://a.example/a", interval=86400.0)
         not_modified = page("http://a.example/a", "", status=304, unchanged=True, revisit=revisit)
+        before = await stored(settings)
         await process(not_modified)
     finally:
         await sink.stop()
+    pages, statuses = await stored(settings)
+    assert set(pages) == {"http://a.example/a", b}
+    assert set(statuses) == set(pages)
+    moved = {"checked_at", "revisit_interval", "next_visit"}
+    for _id, doc in pages.items():
+        status = statuses[_id]
+        assert {k: v for k, v in status.items() if k not in moved} == status_document(doc)
+        assert moved <= set(status) and moved.isdisjoint(doc)
+    checked = statuses["http://a.example/a"]
+    assert checked["checked_at"] > checked["stored_at"] == pages["http://a.example/a"]["stored_at"]
+    assert checked["revisit_interval"] == 1.5 * 86400.0
+    assert pages == before[0]  # the page document is not rewritten by a 304
+    assert statuses[b] == before[1][b]
+
+
+async def stored(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The page documents and the status documents, by ``_id``."""
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongo_uri)
     try:
         database = client[settings.mongo_database]
@@ -301,10 +320,7 @@ async def test_status_documents_follow_their_pages(settings: Settings) -> None:
         }
     finally:
         await client.close()
-    assert set(pages) == {"http://a.example/a", b}
-    assert statuses == {_id: status_document(doc) for _id, doc in pages.items()}
-    checked = pages["http://a.example/a"]
-    assert checked["checked_at"] > checked["stored_at"] and checked["title"] == "a"
+    return pages, statuses
 
 
 async def test_the_local_server_updates_many_documents_in_batches(settings: Settings) -> None:

@@ -26,12 +26,14 @@ from streamcrawl.fetcher.retry import Deliver, RetryPolicy, decide
 from streamcrawl.frontier.logic import candidates_from_page, seed_candidate
 from streamcrawl.parser.logic import page_from_fetched, read_body
 from streamcrawl.sink.logic import (
+    STATUS_FIELDS,
     check_update,
     checked_id,
     document_under,
     latest_documents,
     split_unchanged,
     stored_tallies,
+    written_status,
 )
 
 from .test_stages import (
@@ -229,12 +231,19 @@ async def test_dedup_replay_keeps_rounds_apart() -> None:
 # -- the sink: rewrite changed pages, only check unchanged ones ---------------------------
 
 
-def test_a_stored_document_has_validators_digest_and_checked_at_but_no_revisit() -> None:
-    document = document_under("id", page(etag=ETAG, content_hash="h", revisit=revisit()), 9.0)
+def test_a_stored_document_has_validators_and_digest_and_its_status_checked_at() -> None:
+    stored = page(etag=ETAG, content_hash="h", revisit=revisit())
+    document = document_under("id", stored, 9.0)
     assert document["etag"] == ETAG and document["content_hash"] == "h"
     assert document["last_modified"] is None
-    assert document["stored_at"] == document["checked_at"] == 9.0
+    assert document["stored_at"] == 9.0 and "checked_at" not in document
     assert "revisit" not in document and "unchanged" not in document
+    status = written_status(document, stored, 9.0)
+    assert status == {
+        "_id": "id",
+        **{name: document[name] for name in STATUS_FIELDS if name in document},
+        "checked_at": 9.0,
+    }
 
 
 def test_unchanged_pages_are_only_checked() -> None:

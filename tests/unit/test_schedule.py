@@ -12,12 +12,12 @@ from typing import Any
 import msgspec
 import pytest
 from streamcrawl.core.config import Settings
-from streamcrawl.core.messages import Discovered, Revisit, encode
+from streamcrawl.core.messages import Discovered, Page, Revisit, encode
 from streamcrawl.core.schedule import next_interval, schedule_fields
 from streamcrawl.crawl.recrawl import revisit_candidate
 from streamcrawl.parser.logic import page_from_fetched
 from streamcrawl.scheduler.logic import due_round, polite_batch
-from streamcrawl.sink.logic import check_update, document_under
+from streamcrawl.sink.logic import check_update, document_under, written_status
 
 from .test_recrawl import ETAG, HTML, MODIFIED, parsed_digest, revisit
 from .test_stages import SCOPE, fetched, page
@@ -71,22 +71,37 @@ def test_settings_refuse_bounds_the_wrong_way_round() -> None:
 # -- the sink: every visit moves next_visit ---------------------------------------------------
 
 
+def status_written(stored: Page, at: float, settings: Settings | None = S) -> dict[str, Any]:
+    """The status document the sink writes beside ``stored`` stored at ``at``."""
+    return written_status(document_under("id", stored, at), stored, at, settings)
+
+
 def test_a_new_page_is_stored_with_the_initial_interval() -> None:
-    document = document_under("id", page(), 100.0, S)
-    assert document["revisit_interval"] == DAY
-    assert document["next_visit"] == 100.0 + DAY
+    status = status_written(page(), 100.0)
+    assert status["revisit_interval"] == DAY
+    assert status["next_visit"] == 100.0 + DAY
+    assert status["checked_at"] == status["stored_at"] == 100.0
 
 
-def test_without_settings_the_document_is_as_before() -> None:
-    assert "next_visit" not in document_under("id", page(), 100.0)
+def test_the_schedule_lives_on_the_status_document_only() -> None:
+    """The page document is the content as stored: a revisit that finds it unchanged moves
+    the status document and leaves the page as it is, so nothing on it goes stale."""
+    document = document_under("id", page(), 100.0)
+    assert {"checked_at", "revisit_interval", "next_visit"}.isdisjoint(document)
+    assert document["stored_at"] == 100.0
+
+
+def test_without_settings_the_status_document_has_no_schedule() -> None:
+    assert "next_visit" not in status_written(page(), 100.0, settings=None)
     assert check_update(page(status=304, unchanged=True), 5.0) == {"checked_at": 5.0}
 
 
 def test_a_changed_page_is_stored_with_a_shorter_interval() -> None:
-    document = document_under("id", page(revisit=revisit(interval=DAY)), 100.0, S)
-    assert document["revisit_interval"] == DAY / 2
-    assert document["next_visit"] == 100.0 + DAY / 2
-    assert "revisit" not in document
+    changed = page(revisit=revisit(interval=DAY))
+    status = status_written(changed, 100.0)
+    assert status["revisit_interval"] == DAY / 2
+    assert status["next_visit"] == 100.0 + DAY / 2
+    assert "revisit" not in document_under("id", changed, 100.0)
 
 
 def test_a_304_counts_as_unchanged_and_grows_the_interval() -> None:
@@ -115,7 +130,7 @@ def test_a_changed_body_without_last_modified_shrinks_the_interval() -> None:
     body = HTML.replace(b"hello", b"hello again")
     changed = page_from_fetched(fetched(body, revisit=stored), body)
     assert not changed.unchanged
-    assert document_under("id", changed, 100.0, S)["revisit_interval"] == DAY
+    assert status_written(changed, 100.0)["revisit_interval"] == DAY
 
 
 def test_intervals_move_the_right_way_over_several_rounds() -> None:
@@ -127,9 +142,9 @@ def test_intervals_move_the_right_way_over_several_rounds() -> None:
     for visit in range(20):
         at = 1000.0 * visit
         changing_page = page(revisit=None if changing is None else revisit(interval=changing))
-        changing = document_under("id", changing_page, at, S)["revisit_interval"]
+        changing = status_written(changing_page, at)["revisit_interval"]
         if steady is None:
-            steady = document_under("id", page(), at, S)["revisit_interval"]
+            steady = status_written(page(), at)["revisit_interval"]
         else:
             steady_page = page(status=304, unchanged=True, revisit=revisit(interval=steady))
             steady = check_update(steady_page, at, S)["revisit_interval"]
@@ -195,7 +210,7 @@ def test_a_batch_takes_at_most_per_host_pages_of_one_host_in_due_order() -> None
 
 def test_an_error_page_answered_again_as_before_is_not_a_change() -> None:
     again = page(status=404, content_hash=None, revisit=revisit(digest=None, interval=DAY))
-    assert document_under("id", again, 0.0, S)["revisit_interval"] == 1.5 * DAY
+    assert status_written(again, 0.0)["revisit_interval"] == 1.5 * DAY
 
 
 # -- dedup: a round per due time, counted under one key per crawl -----------------------------
