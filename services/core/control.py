@@ -134,7 +134,11 @@ def decode_control(key: bytes | None, value: bytes | None) -> Control | None:
 class ControlFollower:
     """Keeps a :class:`CrawlStates` table current from crawl.control."""
 
-    POLL_MS = 100  # a command reaches every stage within about this (plus the broker's wait)
+    # How long the broker holds an empty fetch: a command produced meanwhile is answered at
+    # once (the fetch completes on the first byte), so this sets only how often an idle
+    # follower asks. At 100 ms, nine stages' followers cost the broker 0.07 of a core idle
+    # (bench/RESULTS.md, "idle pipeline").
+    POLL_MS = 500
 
     def __init__(self, settings: Settings, states: CrawlStates | None = None) -> None:
         self.settings = settings
