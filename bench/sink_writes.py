@@ -11,6 +11,7 @@ ReplaceOne(upsert) of existing documents in chunks of 50 (the sink's redelivery 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
 import subprocess
@@ -46,11 +47,12 @@ def page(n: int, version: int) -> dict[str, Any]:
 
 
 def start_ferretdb(root: Path, port: int) -> subprocess.Popen[bytes]:
-    """The project's cached FerretDB build (SQLite backend) on 127.0.0.1:``port``."""
+    """The project's cached FerretDB build (SQLite backend) on 127.0.0.1:``port``; the
+    binary at ``$FERRETDB_BINARY`` instead when set (to compare two builds side by side)."""
     (root / "data").mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
         [
-            str(ensure_ferretdb()),
+            os.environ.get("FERRETDB_BINARY") or str(ensure_ferretdb()),
             "--handler=sqlite",
             f"--sqlite-url=file:{root / 'data'}/",
             f"--listen-addr=127.0.0.1:{port}",
