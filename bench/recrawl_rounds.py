@@ -38,7 +38,7 @@ from streamcrawl.crawl.local import free_port, running_pipeline
 from streamcrawl.crawl.recrawl import queue_revisits
 from streamcrawl.crawl.seeds import SeedOptions, produce_seeds, seed_payloads
 from streamcrawl.crawl.watch import watch_until_drained
-from streamcrawl.demo.nginx import AccessEntry, NginxSite
+from streamcrawl.demo.nginx import NginxSite, page_requests
 from streamcrawl.demo.revision import pad_pages, revise_site
 from streamcrawl.demo.site import generate_site
 from streamcrawl.localstack.stack import LocalStack, StackConfig
@@ -94,10 +94,6 @@ def server_pids() -> dict[str, int]:
 
 def cpu_of(pids: dict[str, int]) -> dict[str, float]:
     return {name: cpu_seconds(pid) or 0.0 for name, pid in pids.items()}
-
-
-def page_requests(entries: list[AccessEntry]) -> list[AccessEntry]:
-    return [entry for entry in entries if entry.path != "/robots.txt"]
 
 
 Step = Callable[[], Awaitable[Any]]

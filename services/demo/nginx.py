@@ -40,6 +40,11 @@ class AccessEntry:
     user_agent: str
 
 
+def page_requests(entries: list[AccessEntry]) -> list[AccessEntry]:
+    """The entries of pages: all but robots.txt (which each crawl asks for once)."""
+    return [entry for entry in entries if entry.path != "/robots.txt"]
+
+
 def nginx_binary() -> str:
     """Path of the nginx executable; raises NginxError when it is not installed."""
     found = NGINX if Path(NGINX).exists() else shutil.which("nginx")

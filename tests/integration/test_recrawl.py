@@ -29,7 +29,7 @@ from streamcrawl.crawl.local import free_port, running_pipeline
 from streamcrawl.crawl.recrawl import queue_revisits
 from streamcrawl.crawl.seeds import SeedOptions, produce_seeds, seed_payloads
 from streamcrawl.crawl.watch import watch_until_drained
-from streamcrawl.demo.nginx import AccessEntry
+from streamcrawl.demo.nginx import page_requests
 from streamcrawl.demo.revision import pad_pages, request_path, revise_site
 from streamcrawl.localstack.stack import StackConfig
 from streamcrawl.sink.logic import status_document
@@ -63,14 +63,6 @@ def cpu_seconds(stages: Any) -> dict[str, float]:
             fields = stat.read().rsplit(")", 1)[1].split()
         used[name] = (int(fields[11]) + int(fields[12])) / ticks
     return used
-
-
-def cpu_used(before: dict[str, float], after: dict[str, float]) -> str:
-    return " ".join(f"{name} {after[name] - before[name]:.1f}" for name in sorted(after))
-
-
-def page_requests(entries: list[AccessEntry]) -> list[AccessEntry]:
-    return [e for e in entries if e.path != "/robots.txt"]
 
 
 async def documents(settings: Any, collection_name: str = "") -> dict[str, dict[str, Any]]:

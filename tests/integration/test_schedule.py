@@ -30,12 +30,12 @@ from streamcrawl.core.messages import Discovered, Fetch
 from streamcrawl.crawl.local import free_port, running_pipeline
 from streamcrawl.crawl.seeds import SeedOptions, produce_seeds, seed_payloads
 from streamcrawl.crawl.watch import watch_until_drained
+from streamcrawl.demo.nginx import page_requests
 from streamcrawl.demo.revision import file_of, request_path
 from streamcrawl.localstack.stack import StackConfig
 from streamcrawl.scheduler.service import Scheduler
 
 from ..support.crawl import KCAT, crawl_settings, kcat_consume, served_site, stored_documents
-from .test_recrawl import page_requests
 
 pytestmark = pytest.mark.integration
 
