@@ -412,15 +412,22 @@ def top_hosts(rows: list[dict[str, Any]], sort: str, top: int) -> list[dict[str,
 
 @dataclass
 class CommitWatch:
-    """Whether the worker has stopped committing while records wait for it: its committed
-    offsets unchanged for ``after_s`` seconds with lag left, out of changelog recovery.
+    """Whether the worker has all but stopped committing while records wait for it: fewer
+    than ``min_records`` offsets committed in ``after_s`` seconds with lag left, out of
+    changelog recovery.
 
     faust can stop a worker without stopping its process (seen after a burst that filled
-    its producer buffer: no record committed, no log line); counted from the broker's
-    side, that covers a stopped stream and a stopped commit alike."""
+    its producer buffer: no record committed, no log line), and can leave one crawling: seen
+    after a restart onto a backlog, one partition committed at 1-2 records a second for
+    minutes, its queues empty, nothing logged. Counted from the broker's side, that covers
+    a stopped stream, a crawling one and a stopped commit alike; a healthy worker commits
+    thousands of records a second, so a restart (a few seconds, tables recovered from
+    compacted changelogs) costs little where the verdict is wrong."""
 
     after_s: float
-    _committed: tuple[tuple[str, int, int | None], ...] | None = None
+    min_records: int = 100
+    _base: int | None = None  # offsets committed, summed, when the grace started
+    _waiting: int = 0  # the lag then
     _since: float = 0.0
 
     def stalled(
@@ -430,11 +437,17 @@ class CommitWatch:
         now: float,
         recovering: bool,
     ) -> bool:
-        if recovering or lag <= 0 or committed != self._committed:
-            self._committed, self._since = committed, now
+        total = sum(offset or 0 for _, _, offset in committed)
+        if self._base is None or recovering or lag <= 0 or self._progressed(total):
+            self._base, self._waiting, self._since = total, lag, now
             return False
         return now - self._since >= self.after_s
 
+    def _progressed(self, total: int) -> bool:
+        """Committed enough since the grace started: ``min_records``, or all that waited."""
+        assert self._base is not None
+        return total - self._base >= min(self.min_records, max(1, self._waiting))
+
     def reset(self, now: float) -> None:
         """Start the grace again (the offsets could not be read: no verdict)."""
-        self._committed, self._since = None, now
+        self._base, self._since = None, now

@@ -131,9 +131,11 @@ def watch_commits(stats: StatsApp, settings: Settings) -> None:
         lag = sum(max(row.lag, 0) for row in rows)
         if watch.stalled(committed, lag, time.monotonic(), stats.recovering()):
             log.error(
-                "stats: no offset committed for %.0f s with %d records waiting; the faust "
-                "worker is stuck: starting this process again (tables recovered from their "
-                "changelogs, records read again from the last commit). Its tasks:\n%s",
+                "stats: fewer than %d offsets committed in %.0f s with %d records waiting; "
+                "the faust worker is stuck: starting this process again (tables recovered "
+                "from their changelogs, records read again from the last commit). Its "
+                "tasks:\n%s",
+                watch.min_records,
                 STALL_AFTER_S,
                 lag,
                 task_stacks(),

@@ -254,6 +254,10 @@ AT_5 = (("crawl.fetched", 0, 5),)
 AT_9 = (("crawl.fetched", 0, 9),)
 
 
+def at(*offsets: int | None) -> tuple[tuple[str, int, int | None], ...]:
+    return tuple(("crawl.fetched", partition, offset) for partition, offset in enumerate(offsets))
+
+
 def test_commits_frozen_with_records_waiting_is_a_stall_only_after_the_grace() -> None:
     watch = logic.CommitWatch(after_s=45.0)
     assert not watch.stalled(AT_5, lag=10, now=100.0, recovering=False)
@@ -261,11 +265,31 @@ def test_commits_frozen_with_records_waiting_is_a_stall_only_after_the_grace() -
     assert watch.stalled(AT_5, lag=10, now=145.0, recovering=False)
 
 
-def test_a_moving_commit_an_empty_backlog_or_a_recovery_restart_the_grace() -> None:
+def test_a_worker_crawling_through_a_backlog_is_a_stall() -> None:
+    """Seen after a restart onto a backlog: one partition committed 1-2 records a second."""
+    watch = logic.CommitWatch(after_s=45.0, min_records=100)
+    assert not watch.stalled(at(1000, 300), lag=700, now=100.0, recovering=False)
+    assert not watch.stalled(at(1000, 340), lag=660, now=120.0, recovering=False)
+    assert watch.stalled(at(1000, 390), lag=610, now=145.0, recovering=False)
+
+
+def test_committing_enough_or_all_that_waited_restarts_the_grace() -> None:
+    watch = logic.CommitWatch(after_s=45.0, min_records=100)
+    watch.stalled(at(1000, 300), lag=700, now=100.0, recovering=False)
+    assert not watch.stalled(at(1000, 400), lag=900, now=140.0, recovering=False)  # 100 more
+    assert not watch.stalled(at(1050, 400), lag=850, now=184.0, recovering=False)
+    assert watch.stalled(at(1050, 440), lag=810, now=185.0, recovering=False)  # 90 in 45 s
+    few = logic.CommitWatch(after_s=45.0, min_records=100)
+    few.stalled(AT_5, lag=4, now=100.0, recovering=False)
+    assert not few.stalled(AT_9, lag=3, now=140.0, recovering=False)  # the 4 that waited
+    assert not few.stalled(AT_9, lag=3, now=184.0, recovering=False)
+    assert few.stalled(AT_9, lag=3, now=185.0, recovering=False)
+
+
+def test_an_empty_backlog_or_a_recovery_restart_the_grace() -> None:
     watch = logic.CommitWatch(after_s=45.0)
-    watch.stalled(AT_5, lag=10, now=100.0, recovering=False)
-    assert not watch.stalled(AT_9, lag=10, now=140.0, recovering=False)  # committed moved
-    assert not watch.stalled(AT_9, lag=10, now=180.0, recovering=False)  # 40 s since
+    watch.stalled(AT_9, lag=10, now=100.0, recovering=False)
+    assert not watch.stalled(AT_9, lag=10, now=140.0, recovering=False)  # 40 s since
     assert not watch.stalled(AT_9, lag=0, now=190.0, recovering=False)  # nothing waits
     assert not watch.stalled(AT_9, lag=3, now=230.0, recovering=False)  # 40 s since
     assert not watch.stalled(AT_9, lag=3, now=280.0, recovering=True)  # recovering
