@@ -181,6 +181,7 @@ class Bench:
         sampler = Sampler(fixed, root=lambda: child[0] if child else None, label=_stage_label)
         sampler.start()
         started = time.monotonic()
+        started_epoch = time.time()  # nginx logs wall-clock times
         with open(out, "wb") as sink:
             process = subprocess.Popen(
                 command, env=env, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
@@ -200,6 +201,7 @@ class Bench:
         elif poll is not None and done_at is None:
             result.error = "did not finish"
         self._read_log(result, mark)
+        self._phases(result, started_epoch)
         self._account(result, process.pid, usage, sampler, fixed, before, after)
         if prefix is not None and self.stack is not None:
             topics = kafka_log_bytes(self.stack.kafka_data, prefix)
@@ -220,6 +222,19 @@ class Bench:
         result.duplicate_examples = sorted(twice)[:5]
         if entries:
             result.window_s = max(e.ts for e in entries) - min(e.ts for e in entries)
+            result.detail["first_request_ts"] = min(e.ts for e in entries)
+
+    @staticmethod
+    def _phases(result: RunResult, started_epoch: float) -> None:
+        """Before the first request (start-up) and after the last one (the tail of parsing,
+        storing and seeing the drain): where wall time goes that the fetch window leaves out."""
+        first = result.detail.pop("first_request_ts", None)
+        if first is None:
+            return
+        result.detail["before_first_request_s"] = first - started_epoch
+        result.detail["after_last_request_s"] = (
+            result.wall_s - result.detail["before_first_request_s"] - result.window_s
+        )
 
     def _account(
         self,

@@ -304,6 +304,12 @@ def checks(results: list[Any]) -> list[str]:
             notes.append(f"{r.system}: Kafka bytes per page by topic: {per_page}")
         if r.system == "scrapy" and "reported" in d:
             notes.append(f"scrapy stats: {json.dumps(d['reported'])}")
+        if "before_first_request_s" in d:
+            notes.append(
+                f"{r.system}: wall {r.wall_s:.1f} s = {d['before_first_request_s']:.1f} s to the "
+                f"first request + {r.window_s:.1f} s of requests + "
+                f"{d['after_last_request_s']:.1f} s after the last"
+            )
         statuses = ", ".join(f"{k}: {v:,}" for k, v in sorted(r.statuses.items()))
         notes.append(f"{r.system}: responses by status: {statuses}")
     return notes

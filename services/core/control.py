@@ -173,7 +173,11 @@ class ControlFollower:
     async def _catch_up(self, partitions: list[TopicPartition], timeout: float) -> None:
         assert self._consumer is not None
         self._consumer.assign(partitions)
-        await self._consumer.seek_to_beginning(*partitions)
+        # Explicit offsets, not seek_to_beginning: a position to reset is only resolved by
+        # aiokafka's next fetch cycle (fetch_max_wait_ms, 0.5 s at every stage's start).
+        beginnings = await self._consumer.beginning_offsets(partitions)
+        for tp, offset in beginnings.items():
+            self._consumer.seek(tp, offset)
         ends = await self._consumer.end_offsets(partitions)
         deadline = time.monotonic() + timeout
         while not await self._at(ends):

@@ -62,9 +62,13 @@ async def running_pipeline(
     await create_topics(settings)
     settings = dataclasses.replace(settings, stats_port=await stats_port_for(settings))
     stages = StageProcesses(child_env(settings), log_dir)
+    stages.start()  # they import and join while the watch reads its baseline (before any seed)
     watch = PipelineWatch(settings, crawl_id)
-    await watch.start()
-    stages.start()
+    try:
+        await watch.start()
+    except BaseException:
+        await asyncio.to_thread(stages.stop)
+        raise
     try:
         yield stages, watch
     finally:
