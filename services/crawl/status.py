@@ -78,6 +78,11 @@ async def stats_caught_up(probe: OffsetProbe, settings: Settings) -> bool:
     return bool(rows) and all(row.lag == 0 for row in rows)
 
 
+# How often final_numbers asks whether the stats stage has caught up: a crawl's end waits
+# on it, and a poll is two small broker requests.
+FINAL_POLL_S = 0.1
+
+
 async def final_numbers(
     settings: Settings, crawl_id: str, probe: OffsetProbe, timeout: float = 60.0
 ) -> dict[str, Any] | None:
@@ -91,7 +96,7 @@ async def final_numbers(
                     return await client.crawl(crawl_id)
                 except StatsUnavailable:
                     pass
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(FINAL_POLL_S)
     return None
 
 

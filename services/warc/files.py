@@ -42,6 +42,7 @@ from .logic import (
     FileState,
     Original,
     RevisitIndex,
+    RevisitSnapshot,
     WrittenOffsets,
     exchange_records,
     warc_name,
@@ -53,6 +54,9 @@ log = logging.getLogger(__name__)
 # After a start the revisit index is refilled from this many of the newest completed files
 # at most, in the background, so a start never waits for gigabytes read back.
 REBUILD_FILES = 2
+
+# The revisit index a clean stop leaves beside the files (logic.RevisitSnapshot).
+SNAPSHOT_NAME = "revisits.snapshot"
 
 
 @dataclass(frozen=True)
@@ -221,11 +225,46 @@ class Archive:
         files = sorted(
             self.directory.glob(f"*{WARC_SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True
         )
+        snapshot = self._snapshot()
+        if snapshot is not None and files and snapshot.newest == files[0].name:
+            if stop is not None and stop.is_set():
+                return index
+            snapshot.fill(index)
+            return index
         for path in files[:REBUILD_FILES]:
             if index.full or (stop is not None and stop.is_set()):
                 break
             _read_originals(path, index, stop)
         return index
+
+    def _snapshot(self) -> RevisitSnapshot | None:
+        path = self.directory / SNAPSHOT_NAME
+        try:
+            return RevisitSnapshot.decode(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:  # msgspec's DecodeError is a ValueError
+            log.warning("warc: %s unreadable (%s); reading the files back instead", path, exc)
+            return None
+
+    def _save_snapshot(self, newest: Path) -> None:
+        """The index, atomically (a crash mid-write keeps the previous file, which names
+        an older file and is then ignored)."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.revisits.merge_older(self._read_back.get_nowait())
+        snapshot = RevisitSnapshot(newest.name, self.revisits.entries())
+        path = self.directory / SNAPSHOT_NAME
+        partial = path.with_name(f"{SNAPSHOT_NAME}.{self.instance}.partial")
+        try:
+            with open(partial, "wb") as out:
+                out.write(snapshot.encode())
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(partial, path)
+        except OSError as exc:  # the next start reads the files back instead
+            log.warning("warc: revisit index not saved to %s: %s", path, exc)
+            partial.unlink(missing_ok=True)
 
     def adopt(self, older: RevisitIndex) -> None:
         """Hand the digests :meth:`read_back` found to the writer (from any thread)."""
@@ -310,6 +349,8 @@ class Archive:
         with contextlib.suppress(FileNotFoundError):
             final = current.complete()
             metrics.WARC_FILES.inc()
+            if self.revisits.capacity > 0:
+                self._save_snapshot(final)
             return final
         return None
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
+import msgspec
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
@@ -278,11 +279,39 @@ class RevisitIndex:
         self._seen[digest] = original
         self._seen.move_to_end(digest, last=False)
 
+    def entries(self) -> list[tuple[str, str, str]]:
+        """(digest, uri, date) of every entry, least recently used first."""
+        return [(digest, found.uri, found.date) for digest, found in self._seen.items()]
+
     def merge_older(self, older: RevisitIndex) -> None:
         """Take in an index read back from older files: its entries rank below every
         entry here (what was archived since the start is newer), in their own order."""
         for digest, original in reversed(older._seen.items()):
             self.remember_older(digest, original)
+
+
+class RevisitSnapshot(msgspec.Struct, frozen=True):
+    """The revisit index as a clean stop left it, beside the files: the next start loads it
+    instead of reading digests back out of gzipped WARC files (seconds of CPU per 100,000
+    records). Valid only while ``newest`` is still the newest completed file: after a crash,
+    or another writer's file, the files are read back as before."""
+
+    newest: str
+    entries: list[tuple[str, str, str]]  # (digest, uri, date), least recently used first
+
+    def encode(self) -> bytes:
+        return msgspec.msgpack.encode(self)
+
+    @classmethod
+    def decode(cls, data: bytes) -> RevisitSnapshot:
+        return msgspec.msgpack.decode(data, type=cls)
+
+    def fill(self, index: RevisitIndex) -> None:
+        """Its entries into ``index`` as older ones (newest first, up to its capacity)."""
+        for digest, uri, date in reversed(self.entries):
+            if index.full:
+                return
+            index.remember_older(digest, Original(uri, date))
 
 
 # -- files and their state ----------------------------------------------------------------

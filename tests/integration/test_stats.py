@@ -135,7 +135,7 @@ async def test_two_crawls_at_once_each_counted_exactly_across_a_stats_sigkill(
         stages.kill("stats")
         stored_at_kill = await documents_by_crawl(settings)
         # A crash between applying records and committing their offsets, made certain
-        # (the gap of a 1 s commit interval is too narrow to hit by timing): the group
+        # (the gap of a 0.25 s commit interval is too narrow to hit by timing): the group
         # is rewound to the start of crawl.fetched, so the restarted worker reads every
         # fetch record again, most of them applied before the kill.
         rewound = await rewind_group(

@@ -18,7 +18,7 @@ import msgspec
 import pytest
 from streamcrawl.core.config import Settings
 from streamcrawl.core.messages import Fetched, Scope, Timings
-from streamcrawl.warc.files import Archive, Pending
+from streamcrawl.warc.files import REBUILD_FILES, SNAPSHOT_NAME, Archive, Pending
 from streamcrawl.warc.logic import (
     FileState,
     Original,
@@ -311,6 +311,56 @@ def test_files_rotate_by_size_and_revisits_survive_a_restart(tmp_path: Path) -> 
     report = again.write([pending(7, body=same)])
     again.close()
     assert (report.revisits, report.responses) == (1, 0)
+
+
+def archive_in_small_files(directory: Path, count: int) -> None:
+    """``count`` distinct payloads, a few per file, then a clean stop."""
+    archive = Archive(directory, 2_000, {}, RevisitIndex(100))
+    archive.recover()
+    for offset in range(count):
+        archive.write([pending(offset)])
+    archive.close()
+
+
+def test_a_clean_stop_leaves_the_index_and_the_next_start_loads_it(tmp_path: Path) -> None:
+    archive_in_small_files(tmp_path, 8)
+    files = list(tmp_path.glob("*.warc.gz"))
+    assert len(files) > REBUILD_FILES  # read back from files, only the newest would count
+    from_files = sum(len(archived_urls(tmp_path, path.name)) for path in newest(files))
+    assert from_files < 8
+    index = Archive(tmp_path, 2_000, {}, RevisitIndex(100)).read_back()
+    assert len(index) == 8
+    # The order survives: the least recently used is the first to go in a smaller index.
+    small = Archive(tmp_path, 2_000, {}, RevisitIndex(3)).read_back()
+    assert [uri for _, uri, _ in small.entries()] == [f"http://a.example/0/{n}" for n in (5, 6, 7)]
+
+
+def test_an_index_that_does_not_name_the_newest_file_is_not_loaded(tmp_path: Path) -> None:
+    archive_in_small_files(tmp_path, 8)
+    crashed = Archive(tmp_path, 2_000, {}, RevisitIndex(100))
+    crashed.recover()
+    for offset in range(8, 12):
+        crashed.write([pending(offset)])  # files completed as they fill, after the index
+    die(crashed)
+    restarted = Archive(tmp_path, 2_000, {}, RevisitIndex(100))
+    restarted.recover()
+    files = list(tmp_path.glob("*.warc.gz"))
+    expected = {url for path in newest(files) for url in archived_urls(tmp_path, path.name)}
+    index = restarted.read_back()
+    assert {uri for _, uri, _ in index.entries()} == expected
+    assert "http://a.example/0/0" not in expected  # the saved index had it
+
+
+def test_an_unreadable_index_means_reading_the_files_back(tmp_path: Path) -> None:
+    archive_in_small_files(tmp_path, 8)
+    (tmp_path / SNAPSHOT_NAME).write_bytes(b"not msgpack at all")
+    files = list(tmp_path.glob("*.warc.gz"))
+    expected = sum(len(archived_urls(tmp_path, path.name)) for path in newest(files))
+    assert len(Archive(tmp_path, 2_000, {}, RevisitIndex(100)).read_back()) == expected
+
+
+def newest(files: list[Path]) -> list[Path]:
+    return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)[:REBUILD_FILES]
 
 
 def test_reading_back_stops_when_asked(tmp_path: Path) -> None:
