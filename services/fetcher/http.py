@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 import time
@@ -70,12 +71,19 @@ class FetchLimits:
 def check_literal_address(url: str, allowed: tuple[IPNetwork, ...]) -> None:
     """aiohttp skips the resolver for IP literals, so they are checked here."""
     host = urlsplit(url).hostname or ""
+    if literal_allowed(host, allowed) is False:
+        raise FetchFailed("forbidden_address", f"{host} is not a public address")
+
+
+@functools.lru_cache(maxsize=4096)
+def literal_allowed(host: str, allowed: tuple[IPNetwork, ...]) -> bool | None:
+    """Whether an IP literal may be fetched; None for a name (the resolver checks it).
+    Cached: parsing the host (a ValueError for every name) ran for every request."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        return
-    if not is_allowed(host, allowed):
-        raise FetchFailed("forbidden_address", f"{host} is not a public address")
+        return None
+    return is_allowed(host, allowed)
 
 
 async def check_through_proxy(url: str, resolver: AbstractResolver) -> None:
