@@ -71,7 +71,7 @@ class StatsClient:
 
 
 async def stats_caught_up(probe: OffsetProbe, settings: Settings) -> bool:
-    """The stats group has committed every record of its inputs (faust commits each second
+    """The stats group has committed every record of its inputs (faust commits every 0.25 s
     and only after the changelog holds what those records changed)."""
     topics = [settings.topic_prefix + suffix for suffix in STATS_INPUTS]
     rows = await probe.lag(STATS_GROUP, topics)
