@@ -289,9 +289,10 @@ class Settings:
     warc_revisit_cache: int = field(
         default=100_000,
         metadata={
-            "doc": "Payload digests the warc stage remembers (most recent first, read back "
-            "from its newest files after a start) to write a `revisit` record instead of a payload "
-            "seen before (0: always the full response)."
+            "doc": "Payload digests the warc stage remembers (most recent first, saved at a "
+            "clean stop and loaded at the next start, else read back from its newest files) "
+            "to write a `revisit` record instead of a payload seen before (0: always the full "
+            "response)."
         },
     )
     revisit_initial: float = field(
