@@ -15,7 +15,8 @@ and ``docs`` (Debian's python3.11-doc HTML, as is). Systems, all with per-host c
   obeyed, no delay, no autothrottle, no HTTP cache
 - fetcher: ``streamcrawl run fetcher`` on a crawl.fetch topic filled beforehand with one
   record per page URL, until crawl.fetched holds one record per URL
-- e2e: ``streamcrawl crawl URL``, every stage (nine processes)
+- e2e: ``streamcrawl crawl URL``, every stage it runs (eight processes; the scheduler too
+  with STREAMCRAWL_SCHEDULE_ENABLED=1)
 
 Pages are the 2xx HTML requests in nginx's access log; pages/s is over the log's window
 (first to last request), and the wall time of each process is shown beside it. CPU is every

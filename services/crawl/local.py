@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,7 @@ from ..core.config import PREFIX, Settings
 from ..core.kafka import check_kafka_access, create_topics
 from ..core.topics import STATS_GROUP, group_id
 from ..localstack.stack import LocalStack, StackConfig
+from ..registry import STAGE_NAMES
 from .autoscale import Autoscaler, ScalingPolicy
 from .processes import StageProcesses, child_env
 from .seeds import SeedOptions, produce_seeds, seed_payloads
@@ -54,15 +55,18 @@ class CrawlRequest:
 
 @asynccontextmanager
 async def running_pipeline(
-    settings: Settings, log_dir: Path, crawl_id: str | None = None
+    settings: Settings,
+    log_dir: Path,
+    crawl_id: str | None = None,
+    stage_names: Iterable[str] = STAGE_NAMES,
 ) -> AsyncIterator[tuple[StageProcesses, PipelineWatch]]:
-    """Topics created, every stage running as a process and a progress watch (of
-    ``crawl_id``'s numbers when given), for a block; the stages are stopped (drained,
-    committed) when it ends."""
+    """Topics created, the stages (every one by default) running as processes and a
+    progress watch (of ``crawl_id``'s numbers when given), for a block; the stages are
+    stopped (drained, committed) when it ends."""
     await create_topics(settings)
     settings = dataclasses.replace(settings, stats_port=await stats_port_for(settings))
     stages = StageProcesses(child_env(settings), log_dir)
-    stages.start()  # they import and join while the watch reads its baseline (before any seed)
+    stages.start(stage_names)  # they import and join while the watch reads its baseline
     watch = PipelineWatch(settings, crawl_id)
     try:
         await watch.start()
@@ -178,7 +182,10 @@ async def _crawl(
     timeout: float | None,
     autoscaler: Autoscaler | None = None,
 ) -> Progress:
-    async with running_pipeline(settings, log_dir, request.crawl_id) as (stages, watch):
+    async with running_pipeline(settings, log_dir, request.crawl_id, crawl_stages(settings)) as (
+        stages,
+        watch,
+    ):
         print(
             f"crawl {request.crawl_id}: {len(request.urls)} seed(s); stage logs in {log_dir}",
             file=sys.stderr,
@@ -190,6 +197,13 @@ async def _crawl(
             watch, stages, sys.stderr, timeout=timeout, autoscaler=autoscaler
         )
         return await watch.final_progress(progress)
+
+
+def crawl_stages(settings: Settings) -> list[str]:
+    """The stages a crawl runs: all but the scheduler while continuous crawling is off
+    (``SCHEDULE_ENABLED`` 0, the default), where it would only idle (a process, its imports
+    and ~70 MB for nothing)."""
+    return [name for name in STAGE_NAMES if name != "scheduler" or settings.schedule_enabled]
 
 
 def _serve_demo_site(cleanup: ExitStack, pages: int) -> tuple[tuple[str, ...], dict[str, str]]:

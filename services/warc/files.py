@@ -230,6 +230,9 @@ class Archive:
             if stop is not None and stop.is_set():
                 return index
             snapshot.fill(index)
+            log.info(
+                "warc: revisit index loaded from %s (saved at the last clean stop)", SNAPSHOT_NAME
+            )
             return index
         for path in files[:REBUILD_FILES]:
             if index.full or (stop is not None and stop.is_set()):

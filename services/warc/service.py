@@ -87,7 +87,7 @@ class WarcStage(BatchStage):
         self.archive.adopt(older)
         if len(older):
             log.info(
-                "warc: %d payload digests read back for revisits in %.1fs",
+                "warc: %d payload digests ready for revisits in %.1fs",
                 len(older),
                 time.monotonic() - began,
             )

@@ -8,9 +8,11 @@ from typing import Any
 import msgspec
 import pytest
 from streamcrawl.cli import build_parser
+from streamcrawl.core.config import Settings
 from streamcrawl.core.messages import Seed, SeedScope, decoder
-from streamcrawl.crawl.local import CrawlRequest
+from streamcrawl.crawl.local import CrawlRequest, crawl_stages
 from streamcrawl.crawl.seeds import SeedOptions, build_seed, seed_payloads
+from streamcrawl.registry import STAGE_NAMES
 
 URL = "https://example.com/"
 
@@ -129,3 +131,9 @@ def test_crawl_request_seeds_share_its_crawl_id_and_scope() -> None:
         seed.scope == SeedScope(allow_domains=["b.example"], max_depth=0, max_pages=0)
         for seed in seeds
     )
+
+
+def test_a_crawl_runs_the_scheduler_only_while_continuous_crawling_is_on() -> None:
+    off = crawl_stages(Settings())
+    assert "scheduler" not in off and set(off) == set(STAGE_NAMES) - {"scheduler"}
+    assert crawl_stages(Settings(schedule_enabled=1)) == list(STAGE_NAMES)
