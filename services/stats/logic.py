@@ -438,7 +438,13 @@ class CommitWatch:
         recovering: bool,
     ) -> bool:
         total = sum(offset or 0 for _, _, offset in committed)
-        if self._base is None or recovering or lag <= 0 or self._progressed(total):
+        if (
+            self._base is None
+            or recovering
+            or lag <= 0
+            or total < self._base  # offsets moved back (a rewind): a new grace
+            or self._progressed(total)
+        ):
             self._base, self._waiting, self._since = total, lag, now
             return False
         return now - self._since >= self.after_s

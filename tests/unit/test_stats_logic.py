@@ -286,6 +286,14 @@ def test_committing_enough_or_all_that_waited_restarts_the_grace() -> None:
     assert few.stalled(AT_9, lag=3, now=185.0, recovering=False)
 
 
+def test_offsets_moved_back_restart_the_grace() -> None:
+    watch = logic.CommitWatch(after_s=45.0, min_records=100)
+    watch.stalled(at(1000, 300), lag=700, now=100.0, recovering=False)
+    assert not watch.stalled(at(0, 300), lag=1700, now=140.0, recovering=False)  # rewound
+    assert not watch.stalled(at(60, 300), lag=1640, now=184.0, recovering=False)
+    assert watch.stalled(at(60, 300), lag=1640, now=185.0, recovering=False)
+
+
 def test_an_empty_backlog_or_a_recovery_restart_the_grace() -> None:
     watch = logic.CommitWatch(after_s=45.0)
     watch.stalled(AT_9, lag=10, now=100.0, recovering=False)
