@@ -21,7 +21,10 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -39,6 +42,10 @@ log = logging.getLogger(__name__)
 # stopped inside faust (logic.CommitWatch): the process starts again, its tables recovered.
 STALL_AFTER_S = 45.0
 STALL_CHECK_S = 5.0
+
+# An event loop that has not turned for this long is blocked (LoopWatchdog): the process
+# starts again. Longer than any synchronous step of a healthy worker on a loaded machine.
+LOOP_STALL_S = 30.0
 
 # faust gives up on the first Kafka error of its start-up (a broker restarting, a
 # coordinator moving) and stops the worker: the process starts it again after this long.
@@ -95,6 +102,11 @@ class StatsWorker:
                 redirect_stdouts=False,
                 quiet=True,
             )
+
+            def on_blocked(stack: str) -> None:
+                on_blocked_loop(stack, getattr(worker, "_signal_stop_time", None) is not None)
+
+            LoopWatchdog(worker.loop, LOOP_STALL_S, on_blocked).start()
             try:
                 worker.execute_from_commandline()
             except SystemExit as stopped:
@@ -114,6 +126,68 @@ class StatsWorker:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a stop while waiting: stop at once
         time.sleep(RESTART_DELAY_S)
         restart_this_process()
+
+
+class LoopWatchdog:
+    """A thread that sees the event loop stop turning: a callback on the loop stamps the
+    time every second; ``after_s`` seconds without a stamp (once there was one) calls
+    ``on_blocked`` from the thread, with the main thread's stack.
+
+    The commit watch is a timer on that loop: a worker whose loop is blocked (seen once in
+    CI: no log line, no HTTP answer, no SIGTERM handled, for minutes, right after catching
+    up) needs a watcher outside it."""
+
+    TICK_S = 1.0
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        after_s: float,
+        on_blocked: Callable[[str], None],
+    ) -> None:
+        self.loop = loop
+        self.after_s = after_s
+        self.on_blocked = on_blocked
+        self.last_tick: float | None = None
+        self._thread = threading.Thread(target=self._watch, name="loop-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self.loop.call_soon_threadsafe(self._tick)
+        self._thread.start()
+
+    def _tick(self) -> None:
+        self.last_tick = time.monotonic()
+        self.loop.call_later(self.TICK_S, self._tick)
+
+    def blocked_for(self, now: float) -> float:
+        return 0.0 if self.last_tick is None else now - self.last_tick
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.TICK_S)
+            if self.blocked_for(time.monotonic()) >= self.after_s:
+                self.on_blocked(main_thread_stack())
+                return
+
+
+def main_thread_stack() -> str:
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    return "".join(traceback.format_stack(frame)) if frame is not None else "(not found)"
+
+
+def on_blocked_loop(stack: str, stopping: bool) -> None:
+    """Start this process again (or exit, if it was asked to stop): nothing runs on a
+    blocked loop, and only a new process recovers the tables and reads on."""
+    log.error(
+        "stats: the event loop has not turned for %.0f s (the worker answers nothing); %s. "
+        "The main thread was at:\n%s",
+        LOOP_STALL_S,
+        "exiting (a stop was asked)" if stopping else "starting this process again",
+        stack,
+    )
+    if stopping:
+        os._exit(1)
+    restart_this_process()
 
 
 def quick_exit_worker(worker_class: type[Any]) -> type[Any]:
