@@ -29,7 +29,7 @@ from streamcrawl.core.messages import Fetch, Scope, encode
 from streamcrawl.core.scope import canonical_url
 from streamcrawl.core.topics import DLQ, FETCH, FETCHED, HOST_PARTITIONS, RETRY
 from streamcrawl.core.urls import host_of, hostname_of
-from streamcrawl.crawl.processes import STAGE_NAMES
+from streamcrawl.crawl.local import crawl_stages
 from streamcrawl.demo.nginx import NginxSite
 from streamcrawl.localstack.stack import LocalStack, StackConfig
 
@@ -40,7 +40,7 @@ LABELS = {
     "bare": "bare aiohttp crawl loop (selectolax, set of seen URLs)",
     "scrapy": "Scrapy CrawlSpider",
     "fetcher": "streamcrawl fetcher alone (prepared crawl.fetch)",
-    "e2e": f"streamcrawl crawl, end to end ({len(STAGE_NAMES)} stages)",
+    "e2e": f"streamcrawl crawl, end to end ({len(crawl_stages(Settings()))} stages)",
 }
 T = TypeVar("T")
 
