@@ -40,6 +40,14 @@ def status_kib(pid: int, key: str) -> int | None:
     return None
 
 
+def comm(pid: int) -> str:
+    """The process's name (a stage forked by a local crawl is named after its stage)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def cmdline(pid: int) -> list[str]:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -102,12 +110,15 @@ class Sampler(threading.Thread):
         if root is not None:
             for pid in [root, *descendants(root)]:
                 if pid not in pids:
-                    pids[pid] = self.seen[pid].label if pid in self.seen else self.label(pid)
+                    # Read each time: a process forked from a fork server names itself
+                    # (prctl) a moment after it appears.
+                    pids[pid] = self.label(pid)
         for pid, name in pids.items():
             cpu = cpu_seconds(pid)
             if cpu is None:
                 continue
             seen = self.seen.setdefault(pid, Seen(name))
+            seen.label = name
             if seen.cpu_first < 0:
                 seen.cpu_first = cpu
             seen.cpu_last = cpu

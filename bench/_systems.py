@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from _procs import Sampler, cmdline, cpu_seconds, descendants, kafka_log_bytes, wait_child
+from _procs import Sampler, cmdline, comm, cpu_seconds, descendants, kafka_log_bytes, wait_child
 from _site import SiteInfo, is_html_path
 from aiokafka.partitioner import DefaultPartitioner
 from streamcrawl.core.config import Settings
@@ -32,6 +32,7 @@ from streamcrawl.core.urls import host_of, hostname_of
 from streamcrawl.crawl.local import crawl_stages
 from streamcrawl.demo.nginx import NginxSite
 from streamcrawl.localstack.stack import LocalStack, StackConfig
+from streamcrawl.registry import STAGES
 
 BENCH = Path(__file__).resolve().parent
 SYSTEMS = ("ceiling", "bare", "scrapy", "fetcher", "e2e")
@@ -424,7 +425,15 @@ def _stage_label(pid: int) -> str:
     args = cmdline(pid)
     if "run" in args and args.index("run") + 1 < len(args):
         return args[args.index("run") + 1]
-    return " ".join(args)[:60] or str(pid)
+    name = comm(pid)  # a forked stage: named after its stage (fetcher-1: a replica)
+    if name.split("-")[0] in STAGES:
+        return name
+    joined = " ".join(args)
+    if "multiprocessing.forkserver" in joined:
+        return "fork server (stage imports)"
+    if "multiprocessing.resource_tracker" in joined:
+        return "multiprocessing resource tracker"
+    return joined[:60] or str(pid)
 
 
 def _stage_order(label: str) -> tuple[int, str]:

@@ -28,7 +28,12 @@ from ..core.topics import STATS_GROUP, group_id
 from ..localstack.stack import LocalStack, StackConfig
 from ..registry import STAGE_NAMES
 from .autoscale import Autoscaler, ScalingPolicy
-from .processes import StageProcesses, child_env
+from .processes import (
+    StageProcesses,
+    child_env,
+    stop_stage_processes_server,
+    warm_up_stage_processes,
+)
 from .seeds import SeedOptions, produce_seeds, seed_payloads
 from .status import StatsClient, StatsUnavailable
 from .watch import PipelineWatch, Progress, count_stored, watch_until_drained
@@ -63,6 +68,7 @@ async def running_pipeline(
     """Topics created, the stages (every one by default) running as processes and a
     progress watch (of ``crawl_id``'s numbers when given), for a block; the stages are
     stopped (drained, committed) when it ends."""
+    warm_up_stage_processes()  # the fork server imports while the topics are created
     await create_topics(settings)
     settings = dataclasses.replace(settings, stats_port=await stats_port_for(settings))
     stages = StageProcesses(child_env(settings), log_dir)
@@ -138,6 +144,7 @@ def _connection_env() -> dict[str, str]:
 
 
 def crawl_command(args: argparse.Namespace) -> int:
+    warm_up_stage_processes()  # imports in the background from here on
     extra = _connection_env()
     with ExitStack() as cleanup:
         urls = tuple(args.urls)
@@ -168,6 +175,7 @@ def crawl_command(args: argparse.Namespace) -> int:
                 )
             )
         progress = asyncio.run(_crawl(settings, request, log_dir, args.timeout, autoscaler))
+        stop_stage_processes_server()
         counted = None
         if args.count_stored:
             counted = asyncio.run(count_stored(settings, request.crawl_id))

@@ -1,5 +1,7 @@
-"""Every stage as its own child process, started exactly as a pod runs it
-(``streamcrawl run <stage>``), so a local crawl exercises the production code paths."""
+"""Every stage as its own process, running exactly what a pod runs
+(``streamcrawl run <stage>``), so a local crawl exercises the production code paths.
+Where the platform has a fork server the processes are forked from it, pre-loaded
+(:mod:`.forked`); elsewhere each is a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 from ..core.config import Settings
 from ..registry import STAGE_NAMES
+from . import forked
 
 
 def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -29,6 +33,37 @@ def instance_id(env: dict[str, str], name: str) -> str:
     return env.get("STREAMCRAWL_TOPIC_PREFIX", "crawl.") + name
 
 
+def warm_up_stage_processes() -> None:
+    """Get ready to start stages: the fork server imports while the caller goes on."""
+    if forked.available():
+        forked.warm_up()
+
+
+def stop_stage_processes_server() -> None:
+    """No fork server outlives the crawl (its exit also hands its stages' CPU time to
+    this process's wait4 accounting)."""
+    if forked.available():
+        forked.stop_server()
+
+
+class StageProcess(Protocol):
+    """What the stage set uses of a process (a :class:`subprocess.Popen` has it)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def send_signal(self, signal: int) -> None: ...
+
+    def kill(self) -> None: ...
+
+
 class StageProcesses:
     """The stages as child processes, each logging to ``<log_dir>/<name>.log``.
 
@@ -36,22 +71,29 @@ class StageProcesses:
     static group membership (:func:`instance_id`).
     """
 
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, env: dict[str, str], log_dir: Path, fork: bool | None = None) -> None:
         self._env = env
         self._log_dir = log_dir
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self._retiring: dict[str, subprocess.Popen[bytes]] = {}
+        self._fork = forked.available() if fork is None else fork
+        self.processes: dict[str, StageProcess] = {}
+        self._retiring: dict[str, StageProcess] = {}
 
     def start(self, stages: Iterable[str] = STAGE_NAMES) -> None:
         for stage in stages:
             self.start_one(stage)
 
-    def start_one(self, stage: str, name: str | None = None) -> subprocess.Popen[bytes]:
+    def start_one(self, stage: str, name: str | None = None) -> StageProcess:
         name = name or stage
         self._wait_retired(name)
         env = {**self._env, "STREAMCRAWL_INSTANCE_ID": instance_id(self._env, name)}
         self._log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self._log_dir / f"{name}.log", "ab") as log_file:
+        log_path = self._log_dir / f"{name}.log"
+        process: StageProcess
+        if self._fork:
+            process = forked.launch(stage, name, env, log_path)
+            self.processes[name] = process
+            return process
+        with open(log_path, "ab") as log_file:
             process = subprocess.Popen(
                 [sys.executable, "-m", "streamcrawl.cli", "run", stage],
                 env=env,
