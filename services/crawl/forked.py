@@ -82,8 +82,10 @@ def run_stage(stage: str, name: str, env: dict[str, str], log_path: str, cwd: st
     os.environ.update(env)
     _name_process(name)
     _log_to(log_path)
-    # What a restart of this command runs again (the stats worker execs it).
+    # The command this process runs, as if started by it: a worker that runs itself
+    # again (the stats stage's restart) execs sys.orig_argv.
     sys.argv = ["streamcrawl", "run", stage]
+    sys.orig_argv = [sys.executable, "-m", "streamcrawl.cli", "run", stage]
     from ..cli import main
 
     try:

@@ -299,6 +299,5 @@ def restart_this_process() -> None:
     closed its event loop and keeps module state, so a fresh interpreter is the clean way."""
     sys.stdout.flush()
     sys.stderr.flush()
-    # Not sys.orig_argv: a stage forked by a local crawl (crawl.forked) has the fork
-    # server's; sys.argv[1:] are the command's arguments however it was started.
-    os.execv(sys.executable, [sys.executable, "-m", "streamcrawl.cli", *sys.argv[1:]])
+    # A stage forked by a local crawl has the command it runs there too (crawl.forked).
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

@@ -19,6 +19,12 @@ from streamcrawl.crawl.processes import StageProcesses
 pytestmark = pytest.mark.skipif(not forked.available(), reason="no fork server here")
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def stage_env(bootstrap: str) -> dict[str, str]:
     return {**os.environ, "STREAMCRAWL_KAFKA_BOOTSTRAP": bootstrap, "PYTHONUNBUFFERED": "1"}
 
@@ -79,3 +85,29 @@ def test_the_fork_server_stops_when_asked_and_a_later_stage_starts_another(
     assert not Path(f"/proc/{server_pid}").exists()  # exited and reaped
     assert stages.start_one("parser", "parser-1").wait(60) == 2
     assert forkserver._forkserver._forkserver_pid not in (None, server_pid)
+
+
+def test_a_forked_stats_worker_that_runs_itself_again_execs_its_own_command(
+    tmp_path: Path,
+) -> None:
+    """The stats worker restarts itself (same pid) after faust gave up on a Kafka error:
+    in a forked process it must exec ``streamcrawl run stats``, not the fork server."""
+    env = {
+        **stage_env("127.0.0.1:1"),
+        "STREAMCRAWL_STATE_DIR": str(tmp_path / "state"),
+        "STREAMCRAWL_STATS_PORT": str(free_port()),
+        "STREAMCRAWL_METRICS_PORT": "0",
+    }
+    stages = StageProcesses(env, tmp_path / "logs", fork=True)
+    process = stages.start_one("stats")
+    command: list[bytes] = []
+    deadline = time.monotonic() + 60
+    try:
+        while command[1:5] != [b"-m", b"streamcrawl.cli", b"run", b"stats"]:
+            assert process.poll() is None, (tmp_path / "logs" / "stats.log").read_text()
+            assert time.monotonic() < deadline, command
+            time.sleep(0.2)
+            command = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")
+    finally:
+        stages.stop(timeout=20)
+    assert "starting it again" in (tmp_path / "logs" / "stats.log").read_text()
