@@ -15,6 +15,7 @@ import ctypes
 import io
 import multiprocessing
 import os
+import runpy
 import subprocess
 import sys
 import threading
@@ -86,14 +87,12 @@ def run_stage(stage: str, name: str, env: dict[str, str], log_path: str, cwd: st
     # again (the stats stage's restart) execs sys.orig_argv.
     sys.argv = ["streamcrawl", "run", stage]
     sys.orig_argv = [sys.executable, "-m", "streamcrawl.cli", "run", stage]
-    from ..cli import main
-
     try:
-        code = main(["run", stage])
+        # What `python -m streamcrawl.cli run <stage>` runs (it ends in sys.exit).
+        runpy.run_module("streamcrawl.cli", run_name="__main__", alter_sys=True)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-    sys.exit(code)
 
 
 def _name_process(name: str) -> None:
