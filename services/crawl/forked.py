@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
 import io
 import multiprocessing
 import os
-import runpy
 import subprocess
 import sys
 import threading
@@ -87,12 +87,15 @@ def run_stage(stage: str, name: str, env: dict[str, str], log_path: str, cwd: st
     # again (the stats stage's restart) execs sys.orig_argv.
     sys.argv = ["streamcrawl", "run", stage]
     sys.orig_argv = [sys.executable, "-m", "streamcrawl.cli", "run", stage]
+    # What `python -m streamcrawl.cli run <stage>` runs, the module already loaded here
+    # (named, not imported: crawl must not import cli, which imports crawl).
+    command = importlib.import_module("streamcrawl.cli")
     try:
-        # What `python -m streamcrawl.cli run <stage>` runs (it ends in sys.exit).
-        runpy.run_module("streamcrawl.cli", run_name="__main__", alter_sys=True)
+        code = command.main()
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+    sys.exit(code)
 
 
 def _name_process(name: str) -> None:

@@ -69,3 +69,29 @@ async def test_the_flush_before_a_commit_waits_for_a_table_change_still_unsent(
     assert stats.app.changelog_acks.pending == 0
     both_tables = {stats.crawls.acks, stats.hosts.acks}
     assert both_tables == {stats.app.changelog_acks}
+
+
+async def test_table_changes_are_written_once_per_key_with_the_latest_value_before_a_commit(
+    stats: StatsApp,
+) -> None:
+    producer: Any = stats.app.producer
+    for offset in range(5):  # five records applied to one key, one to another
+        stats.hosts["crawl-a|example.org|crawl.fetched|0"] = {"o": offset, "c": {"fetched": 1}}
+    stats.crawls["crawl-a|crawl.fetched|0"] = {"o": 4, "c": {"fetched": 5}}
+    assert producer.buffer.size == 0 and stats.app.changelog_acks.pending == 0
+    for write in stats.app.before_commit:  # what the flush before a commit does first
+        write()
+    sent = [producer.buffer.pending.get_nowait() for _ in range(producer.buffer.size)]
+    assert sorted(future.message.key for future in sent) == sorted(
+        [b'"crawl-a|example.org|crawl.fetched|0"', b'"crawl-a|crawl.fetched|0"']
+    )
+    assert any(b'"o":4' in future.message.value.replace(b" ", b"") for future in sent)
+    assert stats.app.changelog_acks.pending == 2
+    flushing = asyncio.ensure_future(producer.flush())
+    await settle()
+    assert not flushing.done()  # the commit waits for the two records
+    for future in sent:
+        future.set_result(None)
+    await asyncio.wait_for(flushing, 1.0)
+    assert producer.buffer.size == 0  # nothing changed since: nothing more written
+    assert stats.hosts["crawl-a|example.org|crawl.fetched|0"]["o"] == 4
