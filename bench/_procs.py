@@ -40,6 +40,19 @@ def status_kib(pid: int, key: str) -> int | None:
     return None
 
 
+def pss_kib(pid: int) -> int | None:
+    """Proportional set size in KiB: each page shared by n processes counts 1/n here (the
+    stages forked from one fork server share its imported modules; VmHWM counts them in
+    full in every one of them)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def comm(pid: int) -> str:
     """The process's name (a stage forked by a local crawl is named after its stage)."""
     try:
@@ -83,6 +96,7 @@ class Seen:
     cpu_last: float = 0.0
     hwm_kib: int = 0
     rss_max_kib: int = 0
+    pss_max_kib: int = 0
 
 
 class Sampler(threading.Thread):
@@ -124,6 +138,7 @@ class Sampler(threading.Thread):
             seen.cpu_last = cpu
             seen.hwm_kib = max(seen.hwm_kib, status_kib(pid, "VmHWM") or 0)
             seen.rss_max_kib = max(seen.rss_max_kib, status_kib(pid, "VmRSS") or 0)
+            seen.pss_max_kib = max(seen.pss_max_kib, pss_kib(pid) or 0)
 
     def run(self) -> None:
         while not self._halt.is_set():

@@ -271,6 +271,9 @@ class Bench:
                 ProcUse("exit tails the sampler missed", max(0.0, rest), 0, "wait4 total - sampled")
             )
             result.detail["cpu_total_wait4"] = total
+            ours = [own, *(s for _, s in below)] if own else [s for _, s in below]
+            result.detail["client_pss_peak_kib"] = sum(s.pss_max_kib for s in ours)
+            result.detail["client_hwm_kib"] = sum(s.hwm_kib for s in ours)
         for p, name in fixed.items():
             seen = sampler.seen.get(p)
             rss = seen.rss_max_kib if seen else 0

@@ -303,6 +303,15 @@ def checks(results: list[Any]) -> list[str]:
                 if size
             )
             notes.append(f"{r.system}: Kafka bytes per page by topic: {per_page}")
+        if d.get("client_pss_peak_kib"):
+            pss_mib = d["client_pss_peak_kib"] / 1024
+            hwm_mib = d.get("client_hwm_kib", 0) / 1024
+            notes.append(
+                f"{r.system}: the crawl command and its stage processes: peak PSS {pss_mib:,.0f}"
+                f" MiB summed (a page shared by n processes, as the modules of the fork server "
+                f"the stages are forked from, counts 1/n in each), peak RSS {hwm_mib:,.0f} MiB "
+                "summed (counted in full in every process)"
+            )
         if r.system == "scrapy" and "reported" in d:
             notes.append(f"scrapy stats: {json.dumps(d['reported'])}")
         if "before_first_request_s" in d:
