@@ -168,13 +168,17 @@ class AckedCommitsApp(faust.App):
         flush_buffer = producer.flush
 
         async def flush() -> None:
-            for write in self.before_commit:
-                write()
+            self.write_changed()
             await flush_buffer()
             await self.changelog_acks.wait()
 
         producer.flush = flush  # type: ignore[method-assign]
         return producer
+
+    def write_changed(self) -> None:
+        """Every table's keys changed since they were last written, to the changelogs."""
+        for write in self.before_commit:
+            write()
 
 
 class StatsApp:
@@ -237,9 +241,7 @@ class StatsApp:
         return self.app.tables.add(table)
 
     async def write_changed(self) -> None:
-        """Every table's keys changed since they were last written, to the changelogs."""
-        for write in self.app.before_commit:
-            write()
+        self.app.write_changed()
 
     def changelog_topics(self) -> list[str]:
         return [table.changelog_topic.get_topic_name() for table in (self.crawls, self.hosts)]

@@ -79,8 +79,7 @@ async def test_table_changes_are_written_once_per_key_with_the_latest_value_befo
         stats.hosts["crawl-a|example.org|crawl.fetched|0"] = {"o": offset, "c": {"fetched": 1}}
     stats.crawls["crawl-a|crawl.fetched|0"] = {"o": 4, "c": {"fetched": 5}}
     assert producer.buffer.size == 0 and stats.app.changelog_acks.pending == 0
-    for write in stats.app.before_commit:  # what the flush before a commit does first
-        write()
+    stats.app.write_changed()  # what the flush before a commit does first
     sent = [producer.buffer.pending.get_nowait() for _ in range(producer.buffer.size)]
     assert sorted(future.message.key for future in sent) == sorted(
         [b'"crawl-a|example.org|crawl.fetched|0"', b'"crawl-a|crawl.fetched|0"']
