@@ -81,3 +81,18 @@ def _inflate(data: bytes, wbits: int, limit: int) -> tuple[bytes, bool]:
             break  # cut short on the wire: what inflated is all there is
         rest = inflater.unused_data
     return b"".join(parts), False
+
+
+# -- the body as crawl.fetched carries it -------------------------------------------------
+
+# Level 1: on HTML, 3 to 4 times as fast as zlib's default for files ~13 % larger.
+CARRIED_LEVEL = 1
+
+
+def carried_body_stream(body: bytes) -> bytes:
+    """``body`` as crawl.fetched carries it: a zlib stream whose deflate blocks end on a
+    sync flush, before the final (empty) block. Any zlib reader inflates it as usual; the
+    warc stage lifts the blocks out and puts them into a record's gzip member as they are,
+    instead of compressing the body a second time."""
+    deflater = zlib.compressobj(CARRIED_LEVEL)
+    return deflater.compress(body) + deflater.flush(zlib.Z_SYNC_FLUSH) + deflater.flush()

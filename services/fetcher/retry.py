@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import random
 import time
-import zlib
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
+from ..core.content import carried_body_stream
 from ..core.messages import (
     Attempt,
     Fetch,
@@ -158,7 +158,8 @@ def retry_or_give_up(
 
 
 def fetched_from(request: Fetch, result: FetchResult, now: float) -> Fetched:
-    """The crawl.fetched record of one response: the body as received, zlib-compressed,
+    """The crawl.fetched record of one response: the body as received, zlib-compressed
+    (spliceable into a WARC record's gzip member: ``carried_body_stream``),
     with what an archive needs (status line, headers as received, the request's headers)."""
     return Fetched(
         url=request.url,
@@ -172,7 +173,7 @@ def fetched_from(request: Fetch, result: FetchResult, now: float) -> Fetched:
         status=result.status,
         headers=result.headers,
         content_type=result.content_type,
-        body=zlib.compress(result.body, 1),
+        body=carried_body_stream(result.body),
         body_bytes=len(result.body),
         truncated=result.truncated,
         fetched_at=now,

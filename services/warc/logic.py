@@ -12,13 +12,16 @@ the valid HTTP message its ``Transfer-Encoding: chunked`` header announces.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import io
 import json
+import struct
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
@@ -42,6 +45,16 @@ class Unarchivable(ReasonedError):
 
 
 @dataclass(frozen=True)
+class Spliced:
+    """Deflate blocks, byte-aligned and none of them final, that inflate to
+    ``payload[start:end]``: a record's gzip member carries them as they are."""
+
+    blocks: bytes
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
 class Exchange:
     """One request and its response, ready to be written."""
 
@@ -53,6 +66,7 @@ class Exchange:
     payload: bytes
     payload_digest: str
     truncated: bool
+    spliced: Spliced | None = None
 
     @property
     def revisitable(self) -> bool:
@@ -71,14 +85,21 @@ class Original:
 # -- one response -----------------------------------------------------------------------
 
 
-def exchange_from(fetched: Fetched, limit: int) -> Exchange:
-    """What is archived for one crawl.fetched record; ``limit`` bounds the body."""
+def exchange_from(fetched: Fetched, limit: int, splice: bool = True) -> Exchange:
+    """What is archived for one crawl.fetched record; ``limit`` bounds the body. With
+    ``splice``, a body the fetcher deflated spliceably is archived in the fetcher's deflate
+    blocks instead of being compressed again."""
     if not fetched.body_as_received:
         raise Unarchivable(
             "body_not_as_received", f"{fetched.url}: written by a fetcher that inflated bodies"
         )
-    body = carried_body(fetched, limit)
+    blocks = spliceable_blocks(fetched.body) if splice else None
+    body = inflated_blocks(fetched, blocks, limit) if blocks is not None else None
+    if body is None:
+        blocks = None
+        body = carried_body(fetched, limit)
     payload = stored_payload(fetched, body)
+    start = len(payload) - len(body) - len(_CHUNKED_END) if is_chunked(fetched) and body else 0
     return Exchange(
         target_uri=fetched.final_url,
         date=warc_date(fetched.fetched_at),
@@ -88,6 +109,7 @@ def exchange_from(fetched: Fetched, limit: int) -> Exchange:
         payload=payload,
         payload_digest=payload_digest(payload),
         truncated=fetched.truncated,
+        spliced=None if blocks is None else Spliced(blocks, start, start + len(body)),
     )
 
 
@@ -99,6 +121,44 @@ def carried_body(fetched: Fetched, limit: int) -> bytes:
         raise Unarchivable("corrupt_body", f"{fetched.url}: {exc}") from exc
     if len(body) > limit:
         raise Unarchivable("body_too_large", f"{fetched.url}: inflates past {limit} bytes")
+    return body
+
+
+# What ``core.content.carried_body_stream`` ends its deflate data with: an empty stored
+# block (a sync flush), then an empty final block; the zlib stream's Adler-32 follows.
+_SYNC_THEN_FINAL = b"\x00\x00\xff\xff\x03\x00"
+# An empty final block of another kind (stored), byte-aligned: see ``inflated_blocks``.
+_STORED_FINAL = b"\x01\x00\x00\xff\xff"
+
+
+def spliceable_blocks(stream: bytes) -> bytes | None:
+    """The deflate blocks of a carried zlib stream that ends on a sync flush, without its
+    final block (None for any other stream: an older fetcher's, another producer's)."""
+    if len(stream) < 2 + len(_SYNC_THEN_FINAL) + 4:
+        return None
+    method, flags = stream[0], stream[1]
+    if method & 0x0F != 8 or (method * 256 + flags) % 31 or flags & 0x20:
+        return None  # not deflate, not a zlib header, or a preset dictionary
+    if stream[-10:-4] != _SYNC_THEN_FINAL:
+        return None
+    return stream[2:-6]
+
+
+def inflated_blocks(fetched: Fetched, blocks: bytes, limit: int) -> bytes | None:
+    """The body the blocks hold, or None unless they stand alone as a splice needs: ended
+    by a final block of another kind they still inflate to the body whose Adler-32 the
+    stream carries, which holds only if they end on a byte-aligned block boundary."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        body = inflater.decompress(blocks + _STORED_FINAL, limit + 1)
+    except zlib.error:
+        return None
+    if len(body) > limit:
+        raise Unarchivable("body_too_large", f"{fetched.url}: inflates past {limit} bytes")
+    if not inflater.eof or inflater.unused_data:
+        return None
+    if zlib.adler32(body) != int.from_bytes(fetched.body[-4:], "big"):
+        return None
     return body
 
 
@@ -140,8 +200,11 @@ def stored_payload(fetched: Fetched, body: bytes) -> bytes:
     if not is_chunked(fetched):
         return body
     if not body:
-        return b"0\r\n\r\n"
-    return b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        return _CHUNKED_END[2:]
+    return b"%x\r\n%s%s" % (len(body), body, _CHUNKED_END)
+
+
+_CHUNKED_END = b"\r\n0\r\n\r\n"
 
 
 def payload_digest(payload: bytes) -> str:
@@ -178,23 +241,70 @@ class _ExactHead(StatusAndHeaders):  # type: ignore[misc]
 
 
 class _Writer(WARCWriter):  # type: ignore[misc]
-    """warcio's writer, each record gzipped as a member of its own at ``GZIP_LEVEL``."""
+    """warcio's writer, each record gzipped as a member of its own at ``GZIP_LEVEL``; a
+    response whose payload has a ``Spliced`` part (with the payload's length) carries
+    that part in its deflate blocks as they are."""
 
-    def __init__(self, out: io.BytesIO) -> None:
+    def __init__(self, out: io.BytesIO, spliced: tuple[int, Spliced] | None = None) -> None:
         super().__init__(out, gzip=False, warc_version=WARC_VERSION)
+        self.spliced = spliced
 
-    def _write_warc_record(self, out: io.BytesIO, record: object) -> None:
+    def _write_warc_record(self, out: io.BytesIO, record: Any) -> None:
         plain = io.BytesIO()
         super()._write_warc_record(plain, record)
+        data = plain.getvalue()
+        if record.rec_type != "response" or self.spliced is None:
+            out.write(gzip_member(data))
+            return
+        payload_length, spliced = self.spliced
+        payload_start = len(data) - len(_RECORD_END) - payload_length
+        if not data.endswith(_RECORD_END) or payload_start < 0:
+            out.write(gzip_member(data))  # not warcio's layout as known: compress it all
+            return
+        out.write(
+            gzip_member(data, payload_start + spliced.start, payload_start + spliced.end, spliced)
+        )
+
+
+# warcio ends every record with this, after its payload.
+_RECORD_END = b"\r\n\r\n"
+# What zlib writes for a gzip member of its own (no name, no time, made on Unix).
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03"
+
+
+def gzip_member(data: bytes, start: int = 0, end: int = 0, spliced: Spliced | None = None) -> bytes:
+    """``data`` as one gzip member; with ``spliced``, ``data[start:end]`` is carried in
+    its blocks and only what comes before and after is compressed here."""
+    if spliced is None:
         member = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, zlib.MAX_WBITS | 16)
-        out.write(member.compress(plain.getvalue()) + member.flush())
+        return member.compress(data) + member.flush()
+    before = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return b"".join(
+        (
+            _GZIP_HEADER,
+            before.compress(data[:start]),
+            before.flush(zlib.Z_SYNC_FLUSH),  # byte-aligned, not final: the blocks follow
+            spliced.blocks,
+            _final_blocks(data[end:]),
+            struct.pack("<II", zlib.crc32(data), len(data) & 0xFFFFFFFF),
+        )
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _final_blocks(tail: bytes) -> bytes:
+    # What follows a spliced body is one of very few byte strings (the record's end, a
+    # chunked body's last chunk): compressed once each, not once per record.
+    deflater = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return deflater.compress(tail) + deflater.flush()
 
 
 def exchange_records(exchange: Exchange, original: Original | None) -> bytes:
     """The response (or, when ``original`` holds the same payload, a revisit) and its
     request, as WARC/1.1 records each in its own gzip member."""
     out = io.BytesIO()
-    writer = _Writer(out)
+    spliced = exchange.spliced if original is None else None
+    writer = _Writer(out, None if spliced is None else (len(exchange.payload), spliced))
     head = _ExactHead(exchange.response_head, is_request=False)
     fields = {"WARC-Date": exchange.date}
     if original is not None:
@@ -209,6 +319,7 @@ def exchange_records(exchange: Exchange, original: Original | None) -> bytes:
     else:
         if exchange.truncated:
             fields["WARC-Truncated"] = "length"
+        fields["WARC-Payload-Digest"] = exchange.payload_digest  # warcio's would be the same
         response = writer.create_warc_record(
             exchange.target_uri,
             "response",

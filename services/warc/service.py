@@ -105,10 +105,11 @@ class WarcStage(BatchStage):
         pending: list[Pending] = []
         dead: list[Output] = []
         limit = self.settings.max_body_bytes
+        splice = self.settings.warc_splice_bodies
         for item in batch:
             record = item.record
             try:
-                exchange = exchange_from(item.message, limit)
+                exchange = exchange_from(item.message, limit, splice)
             except Unarchivable as exc:
                 dead.append(self.dead_letter(record, exc.reason, exc.detail))
                 continue

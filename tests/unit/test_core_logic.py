@@ -84,15 +84,21 @@ def test_settings_from_env_are_typed_and_validated() -> None:
             "STREAMCRAWL_MAX_DEPTH": "3",
             "STREAMCRAWL_ALLOW_NETWORKS": "127.0.0.1/32, 10.0.0.0/8",
             "STREAMCRAWL_BLOOM_ERROR_RATE": "0.001",
+            "STREAMCRAWL_WARC_SPLICE_BODIES": "false",
         }
     )
     assert settings.max_depth == 3
+    assert settings.warc_splice_bodies is False
+    assert Settings.from_env({"STREAMCRAWL_WARC_SPLICE_BODIES": " Yes"}).warc_splice_bodies
+    assert Settings().warc_splice_bodies is True
     assert settings.allow_networks == ("127.0.0.1/32", "10.0.0.0/8")
     assert Settings.from_env(settings.as_env()) == settings
     with pytest.raises(ValueError, match="MAX_DEPTH"):
         Settings.from_env({"STREAMCRAWL_MAX_DEPTH": "deep"})
     with pytest.raises(ValueError, match="ALLOW_NETWORKS"):
         Settings.from_env({"STREAMCRAWL_ALLOW_NETWORKS": "localhost"})
+    with pytest.raises(ValueError, match="WARC_SPLICE_BODIES='maybe': expected bool"):
+        Settings.from_env({"STREAMCRAWL_WARC_SPLICE_BODIES": "maybe"})
     assert "STREAMCRAWL_KAFKA_BOOTSTRAP" in settings_doc()
 
 

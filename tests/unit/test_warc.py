@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gzip
 import io
+import random
+import re
 import shutil
 import subprocess
 import sys
@@ -17,17 +19,21 @@ from typing import Any
 import msgspec
 import pytest
 from streamcrawl.core.config import Settings
+from streamcrawl.core.content import carried_body_stream
 from streamcrawl.core.messages import Fetched, Scope, Timings
 from streamcrawl.warc.files import REBUILD_FILES, SNAPSHOT_NAME, Archive, Pending
 from streamcrawl.warc.logic import (
     FileState,
     Original,
     RevisitIndex,
+    Spliced,
     Unarchivable,
     WrittenOffsets,
     exchange_from,
     exchange_records,
+    gzip_member,
     payload_digest,
+    spliceable_blocks,
     warc_date,
     warc_name,
 )
@@ -56,7 +62,7 @@ def fetched(body: bytes, **changes: Any) -> Fetched:
         "status": 200,
         "headers": {"content-type": "text/html; charset=utf-8", "content-encoding": "gzip"},
         "content_type": "text/html; charset=utf-8",
-        "body": zlib.compress(body),
+        "body": carried_body_stream(body),  # as the fetcher carries it: spliceable
         "body_bytes": len(body),
         "truncated": False,
         "fetched_at": 1_764_000_000.25,
@@ -147,6 +153,87 @@ def test_records_it_cannot_archive_as_received_say_why() -> None:
         "corrupt_body",
         "body_too_large",
     ]
+
+
+# -- bodies spliced into the gzip member ---------------------------------------------------
+
+RECORD_ID = re.compile(rb"<urn:uuid:[0-9a-f-]+>")
+
+
+def same_records(spliced: bytes, compressed: bytes) -> bool:
+    """Both inflate to the same records, record ids aside."""
+    return RECORD_ID.sub(b"", inflated(spliced)) == RECORD_ID.sub(b"", inflated(compressed))
+
+
+BODIES = {
+    "html": HTML * 50,
+    "empty": b"",
+    "random": random.Random(3).randbytes(70_000),  # stored blocks, a window's worth and more
+}
+
+
+@pytest.mark.parametrize("name", sorted(BODIES))
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_spliced_body_makes_the_same_records_as_a_compressed_one(
+    name: str, chunked: bool, tmp_path: Path
+) -> None:
+    body = BODIES[name]
+    raw_headers = [("Transfer-Encoding", "chunked")] if chunked else [("Content-Type", "a/b")]
+    carried = fetched(body, raw_headers=raw_headers)
+    spliced = exchange_from(carried, LIMIT)
+    compressed = exchange_from(carried, LIMIT, splice=False)
+    assert spliced.spliced is not None and compressed.spliced is None
+    assert spliced.payload == compressed.payload
+    part = spliced.payload[spliced.spliced.start : spliced.spliced.end]
+    assert part == body
+    data = exchange_records(spliced, None)
+    assert same_records(data, exchange_records(compressed, None))
+    (response, _) = records(data)
+    assert response[2] == body and response[1]["WARC-Payload-Digest"] == spliced.payload_digest
+    path = tmp_path / "spliced.warc.gz"
+    path.write_bytes(data)
+    result = warcio_check(path)
+    assert result.returncode == 0 and result.stdout.count("digest pass") == 2, result.stdout
+
+
+def test_only_a_stream_ending_on_a_sync_flush_is_spliced() -> None:
+    body = HTML * 20
+    assert spliceable_blocks(carried_body_stream(body)) is not None
+    for stream in (b"x" * 20, b""):
+        assert spliceable_blocks(stream) is None
+    for stream in (zlib.compress(body), zlib.compress(body, 1)):
+        assert spliceable_blocks(stream) is None
+        # An older fetcher's record: compressed here, as before.
+        exchange = exchange_from(msgspec.structs.replace(fetched(body), body=stream), LIMIT)
+        assert exchange.spliced is None and exchange.payload == body
+    # A preset dictionary cannot be spliced, even when the tail looks right.
+    with_dictionary = bytearray(carried_body_stream(body))
+    with_dictionary[1] |= 0x20
+    with_dictionary[1] += (31 - (with_dictionary[0] * 256 + with_dictionary[1]) % 31) % 31
+    assert spliceable_blocks(bytes(with_dictionary)) is None
+
+
+def test_a_spliceable_stream_that_does_not_check_out_is_not_spliced() -> None:
+    body = HTML * 20
+    stream = carried_body_stream(body)
+    wrong_sum = stream[:-1] + bytes([stream[-1] ^ 1])
+    assert spliceable_blocks(wrong_sum) is not None
+    with pytest.raises(Unarchivable) as corrupt:  # the check the full inflate does, too
+        exchange_from(msgspec.structs.replace(fetched(body), body=wrong_sum), LIMIT)
+    assert corrupt.value.reason == "corrupt_body"
+    with pytest.raises(Unarchivable) as large:
+        exchange_from(fetched(body), len(body) - 1)
+    assert large.value.reason == "body_too_large"
+
+
+def test_gzip_member_carries_the_blocks_between_what_it_compresses() -> None:
+    data = b"head " * 40 + BODIES["html"] + b"tail\r\n\r\n"
+    start, end = 200, 200 + len(BODIES["html"])
+    blocks = spliceable_blocks(carried_body_stream(data[start:end]))
+    assert blocks is not None
+    member = gzip_member(data, start, end, Spliced(blocks, 0, 0))
+    assert gzip.decompress(member) == data
+    assert blocks in member
 
 
 def test_a_revisit_refers_to_the_original_and_keeps_the_headers_only() -> None:
