@@ -113,6 +113,8 @@ class Stack:
             controller_port=ports[1],
             mongo_port=ports[2],
             kafka_heap=kafka_heap,
+            # The default, or what STREAMCRAWL_STACK_KAFKA_JVM_OPTIONS says.
+            kafka_jvm_options=StackConfig.from_env().kafka_jvm_options,
         )
         self.stack = LocalStack(self.config)
         self.pids: dict[str, int] = {}

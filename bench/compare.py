@@ -147,6 +147,7 @@ def machine() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[package] = "-"
     from streamcrawl.localstack.provision import FERRETDB_VERSION, KAFKA_VERSION
+    from streamcrawl.localstack.stack import StackConfig
 
     return {
         "nproc": os.cpu_count(),
@@ -155,6 +156,7 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "nginx": nginx.split("/", 1)[-1],
         "kafka": KAFKA_VERSION,
+        "kafka_jvm_options": " ".join(StackConfig.from_env().kafka_jvm_options),
         "ferretdb": FERRETDB_VERSION,
         **versions,
     }
@@ -335,7 +337,8 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"Commit: {meta['commit']} ({meta['tree']}). Machine: {m['nproc']} cores "
         f"({m['model']}), Linux {m['kernel']}, Python {m['python']}; nginx {m['nginx']} "
-        f"(1 worker), Kafka {m['kafka']}, FerretDB {m['ferretdb']}, Scrapy {m['scrapy']} "
+        f"(1 worker), Kafka {m['kafka']} (JVM options `{m.get('kafka_jvm_options') or 'none'}`), "
+        f"FerretDB {m['ferretdb']}, Scrapy {m['scrapy']} "
         f"(Twisted {m['twisted']}), aiohttp {m['aiohttp']}, uvloop {m['uvloop']}, "
         f"selectolax {m['selectolax']}, aiokafka {m['aiokafka']}. Per-host concurrency "
         f"C = {meta['concurrency']}. Load average {meta['load_before']} before, "

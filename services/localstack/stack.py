@@ -104,6 +104,10 @@ class StackConfig:
     controller_port: int = 19093
     mongo_port: int = 27027
     kafka_heap: str = "512m"
+    # The local broker compiles with C1 only: in crawls of 5,000 to 20,000 pages, C2's
+    # compiler threads cost more CPU than its faster code saves (bench/RESULTS.md "Kafka's
+    # JIT"). A long-lived broker may prefer C2: STREAMCRAWL_STACK_KAFKA_JVM_OPTIONS="".
+    kafka_jvm_options: tuple[str, ...] = ("-XX:TieredStopAtLevel=1",)
     # None: as many as the data directory's cluster was formatted with, else one.
     brokers: int | None = None
     # (client, controller) ports of nodes 2..n; by default the next pairs after node 1's.
@@ -120,6 +124,11 @@ class StackConfig:
             controller_port=_env_int("STREAMCRAWL_STACK_CONTROLLER_PORT", kafka_port + 1),
             mongo_port=_env_int("STREAMCRAWL_STACK_MONGO_PORT", 27027),
             kafka_heap=os.environ.get("STREAMCRAWL_STACK_KAFKA_HEAP", "512m"),
+            kafka_jvm_options=tuple(
+                os.environ.get(
+                    "STREAMCRAWL_STACK_KAFKA_JVM_OPTIONS", " ".join(cls.kafka_jvm_options)
+                ).split()
+            ),
             brokers=_env_int("STREAMCRAWL_STACK_BROKERS", 1) if brokers else None,
         )
 
@@ -364,6 +373,7 @@ class LocalStack:
             # less CPU than G1's concurrent threads (bench/RESULTS.md: 2.2-2.5 against
             # 2.7-3.6 CPU-s per 1,000 pages, RSS 390 against 470-480 MiB).
             "-XX:+UseSerialGC",
+            *self.config.kafka_jvm_options,
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={log4j}",
             "-cp",

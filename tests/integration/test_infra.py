@@ -206,12 +206,17 @@ def _our_processes(data_dir: Path) -> list[int]:
     return pids
 
 
+def _cmdline(pid: int) -> bytes:
+    return (Path("/proc") / str(pid) / "cmdline").read_bytes()
+
+
 def test_stack_up_twice_reuses_down_stops_and_taken_port_is_one_line(
     stack: StackConfig, tmp_path: Path
 ) -> None:
     # 'up' against the running session stack reuses it: same PIDs, no second server.
     before = sorted(_our_processes(stack.data_dir))
     assert len(before) == 2
+    assert any(b"\0-XX:TieredStopAtLevel=1\0" in _cmdline(pid) for pid in before)  # C1 only
     result = _cli(_stack_env(stack), "stack", "up")
     assert result.returncode == 0, result.stderr
     assert f"STREAMCRAWL_KAFKA_BOOTSTRAP={stack.bootstrap}" in result.stdout
@@ -240,10 +245,13 @@ def test_stack_up_twice_reuses_down_stops_and_taken_port_is_one_line(
         controller_port=free_port(),
         mongo_port=free_port(),
     )
-    env = _stack_env(own)
+    env = _stack_env(own) | {"STREAMCRAWL_STACK_KAFKA_JVM_OPTIONS": "-Dstreamcrawl.probe=1"}
     try:
         assert _cli(env, "stack", "up").returncode == 0
         first = sorted(_our_processes(own.data_dir))
+        kafka = [pid for pid in first if b"kafka.Kafka" in _cmdline(pid)]
+        assert len(kafka) == 1 and b"\0-Dstreamcrawl.probe=1\0" in _cmdline(kafka[0])
+        assert b"TieredStopAtLevel" not in _cmdline(kafka[0])  # the options replace the default
         assert _cli(env, "stack", "up").returncode == 0
         assert sorted(_our_processes(own.data_dir)) == first and len(first) == 2
         status = _cli(env, "stack", "status")
