@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
@@ -401,6 +402,21 @@ _RESOLVED_MAX = 50_000
 _MISSING = object()
 
 
+# An http(s) URL with a non-empty authority and none of the characters urlsplit deletes
+# (after which the authority could be empty, and the base's would be taken).
+_WITH_AUTHORITY = re.compile(r"https?://[^/?#\t\r\n][^\t\r\n]*")
+
+
+def _remembered(key: tuple[str, str], resolve: Callable[[], str | None]) -> str | None:
+    found = _RESOLVED.get(key, _MISSING)
+    if found is _MISSING:
+        found = resolve()
+        if len(_RESOLVED) >= _RESOLVED_MAX:
+            _RESOLVED.clear()
+        _RESOLVED[key] = found
+    return found  # type: ignore[return-value]
+
+
 class LinkResolver:
     """Resolves a page's hrefs against its base URL exactly as ``_absolute`` does.
 
@@ -414,8 +430,10 @@ class LinkResolver:
         self.base = base
         self._prefix: str | None = None
         self._directory: list[str] = []
+        self._scheme: str | None = None
         try:
             parts = urlsplit(base)
+            self._scheme = parts.scheme
             plain = (
                 parts.scheme in ("http", "https")
                 and parts.hostname is not None
@@ -436,12 +454,14 @@ class LinkResolver:
 
     def resolve(self, href: str) -> str | None:
         reference = href.partition("#")[0]
-        if self._cache_key is None or len(href) > MAX_LINK_CHARS:
+        if len(href) > MAX_LINK_CHARS:
+            return None
+        if self._scheme is not None and _WITH_AUTHORITY.fullmatch(reference):
+            # An http(s) URL with a host resolves to itself, whatever the base's path: only
+            # the base's scheme enters urljoin (an equal scheme round-trips the URL).
+            return _remembered((self._scheme, reference), lambda: _absolute(self.base, reference))
+        if self._cache_key is None:
             return _absolute(self.base, href)
-        key = (self._cache_key, reference)
-        found = _RESOLVED.get(key, _MISSING)
-        if found is not _MISSING:
-            return found  # type: ignore[return-value]
         if (
             not reference
             or reference[0] == "?"
@@ -449,11 +469,7 @@ class LinkResolver:
             or _PLAIN_REFERENCE.fullmatch(reference) is None
         ):
             return _absolute(self.base, href)  # depends on the whole base: not cached
-        found = self._resolve_plain(reference)
-        if len(_RESOLVED) >= _RESOLVED_MAX:
-            _RESOLVED.clear()
-        _RESOLVED[key] = found
-        return found
+        return _remembered((self._cache_key, reference), lambda: self._resolve_plain(reference))
 
     def _resolve_plain(self, reference: str) -> str | None:
         assert self._prefix is not None

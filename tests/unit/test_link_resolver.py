@@ -40,6 +40,10 @@ PIECES = [
     "é",
     " ",
     "\t",
+    "http://",
+    "https://",
+    "HTTP://",
+    "http:",
 ]
 
 
@@ -72,6 +76,10 @@ def test_resolver_agrees_with_urljoin_on_random_references(base: str) -> None:
         "//other.example/x",
         "mailto:x@example.com",
         "https://other.example/y",
+        "https://other.example/a/../b/./c#frag",
+        "http://other.example",
+        "http://[::1/x",
+        "https://" + "x" * MAX_LINK_CHARS,
         "x" * (MAX_LINK_CHARS + 1),
     ],
 )
