@@ -3,6 +3,7 @@ and the ``streamcrawl stack`` command's process management."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from pymongo import AsyncMongoClient
 from pymongo.errors import DuplicateKeyError
 from streamcrawl.core.config import Settings
-from streamcrawl.core.kafka import OffsetProbe, create_topics, group_lag
+from streamcrawl.core.kafka import OffsetProbe, create_topics, group_lag, make_producer
 from streamcrawl.core.topics import TOPIC_SPECS, group_id
 from streamcrawl.localstack.stack import LocalStack, StackConfig
 
@@ -100,6 +101,27 @@ async def test_group_commits_and_lag_is_end_minus_committed(settings: Settings) 
 
 
 @pytest.mark.skipif(KCAT is None, reason="Debian's kcat is not installed")
+async def test_a_topic_sent_to_keeps_its_metadata_when_a_new_one_is_added(
+    settings: Settings,
+) -> None:
+    """aiokafka replaces what it knows with each metadata answer, and asks only for the
+    topics it tracks once one was added: a topic known from its first (all topics) answer
+    dropped out, and a batch queued for it waited, the sender asking for metadata
+    thousands of times a second, until it expired (core/kafka_transport.py)."""
+    known = await _new_topic(settings)
+    producer = make_producer(settings, linger_ms=1000)
+    await producer.start()
+    try:
+        queued = await producer.send(known, b"queued for a second")
+        added = await _new_topic(settings)  # unknown to the producer's first metadata
+        second = await producer.send(added, b"to a topic created after the start")
+        done = await asyncio.wait_for(asyncio.gather(queued, second), timeout=15)
+        assert [record.topic for record in done] == [known, added]
+        assert {known, added} <= producer.client._topics
+    finally:
+        await producer.stop()
+
+
 async def test_kcat_and_aiokafka_interoperate(settings: Settings) -> None:
     assert KCAT is not None
     topic = await _new_topic(settings, partitions=1)
