@@ -217,10 +217,10 @@ class StatsApp:
         self.hosts: Table = self._table("hosts")
         self._agents()
         self.app.task(self.compact_changelogs)
-        # Written behind every 0.1 s, and what changed since, before each commit. (Only
-        # before commits, the first writes to a changelog were sent from inside faust's
-        # commit, whose producer flush then hung for good in 3 of 5 runs of test_stats'
-        # SIGKILL test: a commit stalled until the commit watch restarted the worker.)
+        # Written behind every 0.1 s, and what changed since, before each commit: the
+        # changelogs trail the tables by 0.1 s, and a commit rarely has anything left to
+        # write. (The flush that once hung on a fresh worker's first writes was aiokafka
+        # dropping a changelog topic from its producer's metadata: core/kafka_transport.py.)
         self.app.timer(0.1)(self.write_changed)
         self._pages()
         self._metrics_port()
